@@ -1,0 +1,368 @@
+//! The command line: `lameduck proxy` and `lameduck drain`.
+//!
+//! Every flag also reads the environment variable `LAMEDUCK_<FLAG>` (`--drain-max` →
+//! `LAMEDUCK_DRAIN_MAX`); the flag wins. Durations accept `500ms`, `10s`, `2m`. A bad value
+//! exits 2 with one line saying which flag and why, before anything is served.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::drain::DrainPolicy;
+use crate::upstream::Protocol;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lameduck",
+    version,
+    about = "A sidecar reverse proxy that keeps a terminating pod serving until its load \
+             balancer has really stopped sending, and only then lets the app be stopped.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
+pub enum Command {
+    /// Run the draining reverse proxy in front of the app (the sidecar).
+    Proxy(ProxyArgs),
+    /// Ask a running proxy to drain (for exec hooks and operators); exits 0 once drained.
+    Drain(DrainArgs),
+}
+
+/// `lameduck proxy`.
+#[derive(Args, Debug, Clone)]
+#[command(after_long_help = GRACE_HELP)]
+pub struct ProxyArgs {
+    /// Traffic port: the address the load balancer targets.
+    #[arg(
+        long,
+        env = "LAMEDUCK_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8080",
+        help_heading = "Ports"
+    )]
+    pub listen: SocketAddr,
+
+    /// The app, as host:port (resolved once at start).
+    #[arg(long, env = "LAMEDUCK_UPSTREAM", value_name = "ADDR", default_value = "127.0.0.1:3000",
+          value_parser = parse_upstream, help_heading = "Ports")]
+    pub upstream: SocketAddr,
+
+    /// Admin port: /livez /readyz /drain /status /metrics. Must be reachable on the pod IP:
+    /// the kubelet's preStop httpGet goes there, not to loopback.
+    #[arg(
+        long,
+        env = "LAMEDUCK_ADMIN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9901",
+        help_heading = "Ports"
+    )]
+    pub admin: SocketAddr,
+
+    /// Protocol spoken to the app: http1 (keep-alive pool) or h2c (HTTP/2 prior knowledge,
+    /// for gRPC apps).
+    #[arg(
+        long,
+        env = "LAMEDUCK_UPSTREAM_PROTOCOL",
+        value_enum,
+        default_value = "http1",
+        help_heading = "Ports"
+    )]
+    pub upstream_protocol: Protocol,
+
+    /// Keep serving at least this long once draining starts, whatever the traffic: the load
+    /// balancer may not have noticed the pod is terminating yet.
+    #[arg(long, env = "LAMEDUCK_DRAIN_MIN", value_name = "DUR", default_value = "5s",
+          value_parser = parse_duration, help_heading = "Drain")]
+    pub drain_min: Duration,
+
+    /// Draining may end once no request (health checks included) has started on the traffic
+    /// port for this long. Must exceed the load balancer's health-check interval (ALB
+    /// default 15s): while the target is registered those checks keep arriving, so silence
+    /// means deregistered.
+    #[arg(long, env = "LAMEDUCK_QUIET", value_name = "DUR", default_value = "20s",
+          value_parser = parse_duration, help_heading = "Drain")]
+    pub quiet: Duration,
+
+    /// Hard cap on draining. Covers the AWS Load Balancer Controller's deregistration lag
+    /// (70s seen in production). drain-max plus the app's own shutdown time must fit inside
+    /// the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "LAMEDUCK_DRAIN_MAX", value_name = "DUR", default_value = "120s",
+          value_parser = parse_duration, help_heading = "Drain")]
+    pub drain_max: Duration,
+
+    /// While draining, answer requests to PATH on the traffic port with 503 (the load
+    /// balancer marks the target unhealthy sooner); while serving they go to the app.
+    #[arg(long, env = "LAMEDUCK_HEALTH_PATH", value_name = "PATH", value_parser = parse_path,
+          help_heading = "Drain")]
+    pub health_path: Option<String>,
+
+    /// Readiness also needs GET PATH on the app to answer 2xx (default: a TCP connect).
+    #[arg(long, env = "LAMEDUCK_UPSTREAM_HEALTH", value_name = "PATH", value_parser = parse_path,
+          help_heading = "Drain")]
+    pub upstream_health: Option<String>,
+
+    /// When set, /drain requires the header X-Lameduck-Token with this value (403
+    /// otherwise): the admin port is reachable from the cluster network.
+    #[arg(
+        long,
+        env = "LAMEDUCK_DRAIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        help_heading = "Drain"
+    )]
+    pub drain_token: Option<String>,
+
+    /// Give up connecting to the app after this long and answer 504. The app is on loopback
+    /// in the same pod: a connect that has not completed in 1s will not.
+    #[arg(long, env = "LAMEDUCK_UPSTREAM_CONNECT_TIMEOUT", value_name = "DUR", default_value = "1s",
+          value_parser = parse_duration, help_heading = "Timeouts")]
+    pub upstream_connect_timeout: Duration,
+
+    /// Never reuse an app connection idle longer than this. Below every common app
+    /// keep-alive timeout (gunicorn 2s, Node.js and uvicorn 5s), so lameduck never sends on
+    /// a connection the app is closing; a new loopback connection costs ~100µs.
+    #[arg(long, env = "LAMEDUCK_UPSTREAM_IDLE_TIMEOUT", value_name = "DUR", default_value = "1s",
+          value_parser = parse_duration, help_heading = "Timeouts")]
+    pub upstream_idle_timeout: Duration,
+
+    /// Close a downstream keep-alive connection idle this long. Above the ALB's default 60s
+    /// idle timeout, so the load balancer always closes first (a close racing its reuse of
+    /// the connection is a 502). Raise it above a raised ALB idle timeout.
+    #[arg(long, env = "LAMEDUCK_IDLE_TIMEOUT", value_name = "DUR", default_value = "75s",
+          value_parser = parse_duration, help_heading = "Timeouts")]
+    pub idle_timeout: Duration,
+
+    /// Once a request's first byte arrives, its headers must be complete within this long,
+    /// or the connection is closed (slowloris). Does not shorten the idle window: the clock
+    /// starts at the first byte, not when the connection goes idle.
+    #[arg(long, env = "LAMEDUCK_HEADER_READ_TIMEOUT", value_name = "DUR", default_value = "10s",
+          value_parser = parse_duration, help_heading = "Timeouts")]
+    pub header_read_timeout: Duration,
+
+    /// Worker threads. 1 (default) runs everything on one thread, the cheapest for a sidecar
+    /// with a fractional CPU limit; raise it only for a pod given several cores.
+    #[arg(long, env = "LAMEDUCK_THREADS", value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Runtime")]
+    pub threads: u16,
+
+    /// Log format on stderr.
+    #[arg(
+        long,
+        env = "LAMEDUCK_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        help_heading = "Runtime"
+    )]
+    pub log_format: LogFormat,
+
+    /// Log level.
+    #[arg(
+        long,
+        env = "LAMEDUCK_LOG_LEVEL",
+        value_enum,
+        default_value = "info",
+        help_heading = "Runtime"
+    )]
+    pub log_level: LogLevel,
+}
+
+const GRACE_HELP: &str = "\
+Wiring it into a pod:
+  The app container's preStop hook is an httpGet on the admin port, path /drain: the kubelet
+  sends the app SIGTERM only after /drain answers, i.e. once traffic has stopped.
+  Set terminationGracePeriodSeconds >= drain-max + the app's own shutdown time (lameduck
+  inject uses drain-max + 30s). If the grace period runs out first, the kubelet abandons the
+  hook and the app is signalled while traffic may still arrive.";
+
+impl ProxyArgs {
+    /// Checks that the flags make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.drain_min > self.drain_max {
+            return Err(format!(
+                "--drain-min ({}) must not exceed --drain-max ({})",
+                fmt_dur(self.drain_min),
+                fmt_dur(self.drain_max)
+            ));
+        }
+        if self.quiet > self.drain_max {
+            return Err(format!(
+                "--quiet ({}) must not exceed --drain-max ({}): every drain would end at the cap",
+                fmt_dur(self.quiet),
+                fmt_dur(self.drain_max)
+            ));
+        }
+        if self.drain_max.is_zero() {
+            return Err("--drain-max must be greater than 0".into());
+        }
+        for (flag, d) in [
+            ("--upstream-connect-timeout", self.upstream_connect_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--header-read-timeout", self.header_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{flag} must be greater than 0"));
+            }
+        }
+        if self.listen == self.admin {
+            return Err(format!(
+                "--listen and --admin are both {}: they must differ",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn policy(&self) -> DrainPolicy {
+        DrainPolicy {
+            min: self.drain_min,
+            quiet: self.quiet,
+            max: self.drain_max,
+        }
+    }
+}
+
+/// `lameduck drain`.
+#[derive(Args, Debug, Clone)]
+pub struct DrainArgs {
+    /// The proxy's admin address.
+    #[arg(long, env = "LAMEDUCK_ADMIN", value_name = "ADDR", default_value = "127.0.0.1:9901",
+          value_parser = parse_upstream)]
+    pub admin: SocketAddr,
+
+    /// Return as soon as draining has started (202) instead of waiting until drained.
+    #[arg(long, env = "LAMEDUCK_NO_WAIT")]
+    pub no_wait: bool,
+
+    /// The proxy's --drain-token, sent as X-Lameduck-Token.
+    #[arg(
+        long,
+        env = "LAMEDUCK_DRAIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; expected a duration like 500ms, 10s or 2m"))
+}
+
+fn fmt_dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// `host:port`, resolved now, so a typo fails at start rather than on the first request.
+pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    let mut addrs = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{e}; expected host:port such as 127.0.0.1:3000"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{s} resolved to no address"))
+}
+
+/// An absolute request path.
+pub fn parse_path(s: &str) -> Result<String, String> {
+    if s.starts_with('/') && !s.contains(char::is_whitespace) {
+        Ok(s.to_owned())
+    } else {
+        Err("expected an absolute path such as /healthz".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(args: &[&str]) -> Result<ProxyArgs, String> {
+        let mut argv = vec!["lameduck", "proxy"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv) {
+            Ok(Cli {
+                command: Command::Proxy(p),
+            }) => p.validate().map(|_| p),
+            Ok(_) => unreachable!(),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let p = proxy(&[]).unwrap();
+        assert_eq!(p.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(p.upstream.to_string(), "127.0.0.1:3000");
+        assert_eq!(p.admin.to_string(), "0.0.0.0:9901");
+        assert_eq!(p.drain_min, Duration::from_secs(5));
+        assert_eq!(p.quiet, Duration::from_secs(20));
+        assert_eq!(p.drain_max, Duration::from_secs(120));
+        assert!(
+            p.idle_timeout > Duration::from_secs(60),
+            "must outlast the ALB's idle timeout"
+        );
+        assert_eq!(p.upstream_protocol, Protocol::Http1);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn bad_combinations_are_rejected() {
+        let e = proxy(&["--drain-min", "10s", "--drain-max", "5s"]).unwrap_err();
+        assert!(
+            e.contains("--drain-min (10s) must not exceed --drain-max (5s)"),
+            "{e}"
+        );
+        let e = proxy(&["--quiet", "3m"]).unwrap_err();
+        assert!(e.contains("--quiet"), "{e}");
+        assert!(proxy(&["--listen", "nonsense"]).is_err());
+        assert!(proxy(&["--health-path", "healthz"]).is_err());
+        assert!(proxy(&["--upstream-protocol", "spdy"]).is_err());
+        let e = proxy(&["--listen", "127.0.0.1:9901", "--admin", "127.0.0.1:9901"]).unwrap_err();
+        assert!(e.contains("must differ"), "{e}");
+    }
+
+    #[test]
+    fn drain_client_flags() {
+        let cli = Cli::try_parse_from(["lameduck", "drain", "--no-wait", "--admin", "127.0.0.1:1"])
+            .unwrap();
+        let Command::Drain(d) = cli.command else {
+            unreachable!()
+        };
+        assert!(d.no_wait);
+        assert_eq!(d.admin.to_string(), "127.0.0.1:1");
+    }
+}

@@ -1,0 +1,603 @@
+//! The pod's lifecycle: the one `State` every other part observes.
+//!
+//! `Serving → Draining → Drained`, never backwards. A signal or the admin `/drain` endpoint
+//! starts a drain ([`Lifecycle::start_drain`]); from then on readiness fails, but the traffic
+//! port keeps accepting and serving. The drain ends when [`check`] says so: the load balancer
+//! has gone quiet (no request started for `quiet`, nothing in flight, at least `min` elapsed),
+//! or the hard cap `max` is reached.
+//!
+//! This module also owns the counters that decision reads (requests in flight, open
+//! connections, when the last request started) and the RAII guards that keep them right
+//! whatever happens to a request: completion, error, or a client that disconnects.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+// tokio's clock, so tests can pause and advance it; the same as std's in a release build.
+use tokio::time::Instant;
+
+/// Nanoseconds on the process's monotonic clock. Stored in atomics so the hot path never locks.
+pub fn now_nanos() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Where in its life the proxy is; the `phase` label of the request metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Serving = 0,
+    Draining = 1,
+    Drained = 2,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 3] = [Phase::Serving, Phase::Draining, Phase::Drained];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::Draining => "draining",
+            Phase::Drained => "drained",
+        }
+    }
+
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Drained,
+        }
+    }
+}
+
+/// What started the drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// `GET|POST /drain` on the admin port (the app container's preStop hook).
+    Admin,
+}
+
+/// Why the drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainReason {
+    /// Traffic stopped: nothing started for the quiet window and nothing in flight.
+    Quiet,
+    /// The hard cap (`--drain-max`) was reached, or a second signal cut the drain short.
+    Max,
+}
+
+impl DrainReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainReason::Quiet => "quiet",
+            DrainReason::Max => "max",
+        }
+    }
+}
+
+/// The lifecycle value. Only [`Lifecycle`] changes it; everything else observes it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum State {
+    Serving,
+    Draining {
+        since: Instant,
+        started_at: SystemTime,
+        trigger: Trigger,
+    },
+    Drained {
+        since: Instant,
+        started_at: SystemTime,
+        trigger: Trigger,
+        reason: DrainReason,
+        took: Duration,
+        requests_during_drain: u64,
+    },
+}
+
+impl State {
+    pub fn phase(&self) -> Phase {
+        match self {
+            State::Serving => Phase::Serving,
+            State::Draining { .. } => Phase::Draining,
+            State::Drained { .. } => Phase::Drained,
+        }
+    }
+
+    pub fn is_drained(&self) -> bool {
+        matches!(self, State::Drained { .. })
+    }
+}
+
+/// How long a drain lasts. Validated by the CLI: `min <= max`, `quiet <= max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainPolicy {
+    /// Keep serving at least this long once draining starts.
+    pub min: Duration,
+    /// Drained once no request has started for this long (and nothing is in flight).
+    pub quiet: Duration,
+    /// Hard cap on draining.
+    pub max: Duration,
+}
+
+/// The drain decision for one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Drained(DrainReason),
+    /// Nothing can change the verdict for this long unless a request starts or ends.
+    Wait(Duration),
+}
+
+/// The drain decision, pure and clock-free.
+///
+/// `elapsed` is the time since draining started, `idle` the time since the last request
+/// started on the traffic port, `in_flight` the requests (and tunnels) not yet finished.
+pub fn check(policy: &DrainPolicy, elapsed: Duration, idle: Duration, in_flight: usize) -> Verdict {
+    if elapsed >= policy.max {
+        return Verdict::Drained(DrainReason::Max);
+    }
+    if elapsed >= policy.min && idle >= policy.quiet && in_flight == 0 {
+        return Verdict::Drained(DrainReason::Quiet);
+    }
+    let until_max = policy.max - elapsed;
+    if in_flight > 0 {
+        // Woken early when the last request finishes.
+        return Verdict::Wait(until_max);
+    }
+    let until_quiet = policy
+        .min
+        .saturating_sub(elapsed)
+        .max(policy.quiet.saturating_sub(idle));
+    Verdict::Wait(until_quiet.min(until_max))
+}
+
+/// A point-in-time view for `/status` and the metrics.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub state: State,
+    pub in_flight: usize,
+    pub connections: usize,
+    pub since_last_request: Option<Duration>,
+    pub requests_during_drain: u64,
+}
+
+/// Cheap, cloneable handle on the lifecycle.
+#[derive(Clone)]
+pub struct Lifecycle(Arc<Inner>);
+
+struct Inner {
+    state: watch::Sender<State>,
+    /// Mirror of `state.phase()`, written only inside `state`'s modify closures, so the hot
+    /// path reads the phase with one atomic load instead of the watch's lock.
+    phase: AtomicU8,
+    policy: DrainPolicy,
+    in_flight: AtomicUsize,
+    connections: AtomicUsize,
+    /// `now_nanos() + 1` when the last request started; 0 = none yet.
+    last_request: AtomicU64,
+    requests_during_drain: AtomicU64,
+    /// Woken each time `in_flight` drops to zero.
+    idle: Notify,
+}
+
+// === impl Lifecycle ===
+
+impl Lifecycle {
+    pub fn new(policy: DrainPolicy) -> Self {
+        let (state, _) = watch::channel(State::Serving);
+        Lifecycle(Arc::new(Inner {
+            state,
+            phase: AtomicU8::new(Phase::Serving as u8),
+            policy,
+            in_flight: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            last_request: AtomicU64::new(0),
+            requests_during_drain: AtomicU64::new(0),
+            idle: Notify::new(),
+        }))
+    }
+
+    pub fn policy(&self) -> &DrainPolicy {
+        &self.0.policy
+    }
+
+    pub fn state(&self) -> State {
+        self.0.state.borrow().clone()
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.0.phase.load(Ordering::Acquire))
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<State> {
+        self.0.state.subscribe()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.0.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Starts draining. Idempotent: returns `true` only for the call that started it.
+    /// Must be called inside the tokio runtime (it spawns the drain clock).
+    pub fn start_drain(&self, trigger: Trigger) -> bool {
+        let started = self.0.state.send_if_modified(|s| {
+            if *s != State::Serving {
+                return false;
+            }
+            *s = State::Draining {
+                since: Instant::now(),
+                started_at: SystemTime::now(),
+                trigger,
+            };
+            self.0.phase.store(Phase::Draining as u8, Ordering::Release);
+            true
+        });
+        if started {
+            tracing::info!(
+                trigger = ?trigger,
+                min = ?self.0.policy.min,
+                quiet = ?self.0.policy.quiet,
+                max = ?self.0.policy.max,
+                in_flight = self.in_flight(),
+                "draining: readiness now fails; still serving until traffic stops"
+            );
+            tokio::spawn(self.clone().run_drain_clock());
+        }
+        started
+    }
+
+    /// Ends a drain at once, as if `--drain-max` had been reached (a second signal).
+    pub fn cut_short(&self) {
+        if self.phase() == Phase::Serving {
+            self.start_drain(Trigger::Signal);
+        }
+        self.finish(DrainReason::Max);
+    }
+
+    /// Resolves with the `Drained` state once the drain is over.
+    pub async fn drained(&self) -> State {
+        let mut rx = self.subscribe();
+        let state = rx
+            .wait_for(State::is_drained)
+            .await
+            .expect("the lifecycle owns the sender for as long as a handle exists");
+        state.clone()
+    }
+
+    /// Resolves once nothing is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let last = self.0.last_request.load(Ordering::Acquire);
+        Snapshot {
+            state: self.state(),
+            in_flight: self.in_flight(),
+            connections: self.0.connections.load(Ordering::Acquire),
+            since_last_request: (last != 0)
+                .then(|| Duration::from_nanos(now_nanos().saturating_sub(last - 1))),
+            requests_during_drain: self.0.requests_during_drain.load(Ordering::Acquire),
+        }
+    }
+
+    /// Counts a request that has started on the traffic port. Hold the guard until its
+    /// response (body included) is finished or abandoned.
+    pub fn request(&self) -> RequestGuard {
+        let now = now_nanos();
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.0.last_request.store(now + 1, Ordering::Release);
+        let phase = self.phase();
+        if phase != Phase::Serving {
+            self.0.requests_during_drain.fetch_add(1, Ordering::Relaxed);
+        }
+        RequestGuard {
+            lifecycle: self.clone(),
+            phase,
+            started: now,
+        }
+    }
+
+    /// Holds off the end of the drain without counting as a new request: an upgraded
+    /// (WebSocket) tunnel that outlives its HTTP exchange.
+    pub fn hold(&self) -> HoldGuard {
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        HoldGuard(self.clone())
+    }
+
+    /// Counts an open downstream connection.
+    pub fn connection(&self) -> ConnectionGuard {
+        self.0.connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard(self.clone())
+    }
+
+    fn release(&self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+
+    fn idle_for(&self, now: u64) -> Duration {
+        let last = self.0.last_request.load(Ordering::Acquire);
+        // No request ever: idle since the process started.
+        Duration::from_nanos(now.saturating_sub(last.saturating_sub(1)))
+    }
+
+    /// The drain clock: sleeps until the next moment the verdict could change, or until the
+    /// last in-flight request ends, and ends the drain when [`check`] says so.
+    async fn run_drain_clock(self) {
+        let since = match *self.0.state.borrow() {
+            State::Draining { since, .. } => since,
+            _ => return,
+        };
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.phase() != Phase::Draining {
+                return; // cut short
+            }
+            let verdict = check(
+                &self.0.policy,
+                since.elapsed(),
+                self.idle_for(now_nanos()),
+                self.in_flight(),
+            );
+            match verdict {
+                Verdict::Drained(reason) => {
+                    self.finish(reason);
+                    return;
+                }
+                Verdict::Wait(d) => {
+                    // A new request only pushes the deadline later, so sleeping until this
+                    // deadline and re-checking is enough; an ending request can make it
+                    // earlier, hence the notification.
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = &mut notified => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&self, reason: DrainReason) {
+        let requests_during_drain = self.0.requests_during_drain.load(Ordering::Acquire);
+        let mut done = None;
+        self.0.state.send_if_modified(|s| {
+            let State::Draining {
+                since,
+                started_at,
+                trigger,
+            } = *s
+            else {
+                return false;
+            };
+            let took = since.elapsed();
+            *s = State::Drained {
+                since,
+                started_at,
+                trigger,
+                reason,
+                took,
+                requests_during_drain,
+            };
+            self.0.phase.store(Phase::Drained as u8, Ordering::Release);
+            done = Some(took);
+            true
+        });
+        let Some(took) = done else { return };
+        let in_flight = self.in_flight();
+        let connections = self.0.connections.load(Ordering::Acquire);
+        let idle = self.idle_for(now_nanos());
+        match reason {
+            DrainReason::Quiet => tracing::info!(
+                reason = "quiet",
+                drain_seconds = took.as_secs_f64(),
+                requests_during_drain,
+                "drained: no request for {:?}; the app may now be stopped",
+                idle
+            ),
+            DrainReason::Max => tracing::warn!(
+                reason = "max",
+                drain_seconds = took.as_secs_f64(),
+                requests_during_drain,
+                in_flight,
+                connections,
+                last_request_ago = ?idle,
+                "drain cut short before traffic stopped: {in_flight} request(s) still in flight, \
+                 last request started {idle:?} ago (quiet window {:?})",
+                self.0.policy.quiet
+            ),
+        }
+    }
+}
+
+/// One request in flight. Dropping it ends the request.
+pub struct RequestGuard {
+    lifecycle: Lifecycle,
+    phase: Phase,
+    started: u64,
+}
+
+impl RequestGuard {
+    /// The phase the request started in.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Time since the request started.
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(now_nanos().saturating_sub(self.started))
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.lifecycle.release();
+    }
+}
+
+/// Something other than a request holding off the end of the drain.
+pub struct HoldGuard(Lifecycle);
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// One open downstream connection.
+pub struct ConnectionGuard(Lifecycle);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0 .0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn policy() -> DrainPolicy {
+        DrainPolicy {
+            min: S(5),
+            quiet: S(10),
+            max: S(60),
+        }
+    }
+
+    #[test]
+    fn check_table() {
+        use DrainReason::*;
+        use Verdict::*;
+        let p = policy();
+        // (elapsed, idle, in_flight) -> verdict
+        let cases = [
+            // Just started, traffic still arriving: wait for the quiet window.
+            ((0, 0, 0), Wait(S(10))),
+            // Quiet long ago, but drain-min not reached yet.
+            ((1, 100, 0), Wait(S(4))),
+            // drain-min reached and quiet: drained.
+            ((5, 10, 0), Drained(Quiet)),
+            ((30, 12, 0), Drained(Quiet)),
+            // Quiet but a request still in flight: wait (woken when it ends).
+            ((30, 20, 1), Wait(S(30))),
+            // Requests keep arriving: never quiet, capped by max.
+            ((59, 0, 0), Wait(S(1))),
+            ((60, 0, 0), Drained(Max)),
+            ((61, 0, 3), Drained(Max)),
+            // Quiet remaining beyond the cap: wake at the cap.
+            ((55, 0, 0), Wait(S(5))),
+        ];
+        for ((e, i, f), want) in cases {
+            assert_eq!(
+                check(&p, S(e), S(i), f),
+                want,
+                "elapsed={e} idle={i} in_flight={f}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_policy_drains_at_once() {
+        let p = DrainPolicy {
+            min: Duration::ZERO,
+            quiet: Duration::ZERO,
+            max: S(1),
+        };
+        assert_eq!(
+            check(&p, Duration::ZERO, Duration::ZERO, 0),
+            Verdict::Drained(DrainReason::Quiet)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_ends_quiet_and_is_idempotent() {
+        let lc = Lifecycle::new(DrainPolicy {
+            min: Duration::from_millis(100),
+            quiet: Duration::from_millis(500),
+            max: S(10),
+        });
+        assert!(lc.start_drain(Trigger::Admin));
+        assert!(!lc.start_drain(Trigger::Signal));
+        assert_eq!(lc.phase(), Phase::Draining);
+        let State::Drained { reason, .. } = lc.drained().await else {
+            unreachable!()
+        };
+        assert_eq!(reason, DrainReason::Quiet);
+        assert_eq!(lc.phase(), Phase::Drained);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_request_holds_until_max() {
+        let lc = Lifecycle::new(DrainPolicy {
+            min: Duration::ZERO,
+            quiet: Duration::from_millis(100),
+            max: S(2),
+        });
+        let guard = lc.request();
+        lc.start_drain(Trigger::Signal);
+        let State::Drained { reason, took, .. } = lc.drained().await else {
+            unreachable!()
+        };
+        assert_eq!(reason, DrainReason::Max);
+        assert!(took >= S(2));
+        assert_eq!(lc.in_flight(), 1);
+        drop(guard);
+        lc.idle().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_end_wakes_the_clock() {
+        let lc = Lifecycle::new(DrainPolicy {
+            min: Duration::ZERO,
+            quiet: Duration::ZERO,
+            max: S(3600),
+        });
+        let guard = lc.request();
+        lc.start_drain(Trigger::Admin);
+        tokio::time::sleep(S(1)).await;
+        assert_eq!(lc.phase(), Phase::Draining);
+        let during = lc.request();
+        assert_eq!(during.phase(), Phase::Draining);
+        drop(during);
+        drop(guard);
+        let State::Drained {
+            reason,
+            requests_during_drain,
+            ..
+        } = lc.drained().await
+        else {
+            unreachable!()
+        };
+        assert_eq!(reason, DrainReason::Quiet);
+        assert_eq!(requests_during_drain, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cut_short_ends_a_drain() {
+        let lc = Lifecycle::new(policy());
+        lc.start_drain(Trigger::Signal);
+        lc.cut_short();
+        assert!(lc.state().is_drained());
+    }
+}

@@ -1,0 +1,26 @@
+//! lameduck: a sidecar reverse proxy that keeps a terminating pod serving until its load
+//! balancer has really stopped sending, and only then lets the app be stopped.
+//!
+//! Data flows one way through these modules:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`cli`] | flags and their environment variables, validation |
+//! | [`drain`] | the lifecycle `State`, the pure drain decision, in-flight/connection guards |
+//! | [`signal`] | SIGTERM/SIGINT as a stream of triggers |
+//! | [`listener`] | the traffic port: accept loop, per-connection idle/header watchdog, close at Drained |
+//! | [`proxy`] | the tower stack: tracking, drain awareness, forwarding, hop-by-hop headers |
+//! | [`upstream`] | the pooled connection to the app, timeouts, safe retry, error classes |
+//! | [`admin`] | `/livez` `/readyz` `/drain` `/status` `/metrics`, and the `lameduck drain` client |
+//! | [`metrics`] | the Prometheus registry |
+//! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
+
+pub mod admin;
+pub mod cli;
+pub mod drain;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod sidecar;
+pub mod signal;
+pub mod upstream;

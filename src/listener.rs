@@ -1,0 +1,387 @@
+//! The traffic port: accept loop and one task per downstream connection.
+//!
+//! Each connection speaks HTTP/1.1 or h2c (prior knowledge), detected per connection, and
+//! has a small watchdog with two timeouts that hyper cannot express separately:
+//!
+//! - **idle** (`--idle-timeout`, default 75 s): a keep-alive connection with nothing in
+//!   flight is closed after this long. It must stay above the load balancer's idle timeout
+//!   (ALB: 60 s), so it is the ALB that closes idle connections, never lameduck — a close
+//!   racing the ALB's reuse of the connection is a 502.
+//! - **header read** (`--header-read-timeout`, default 10 s, HTTP/1 only): once the first
+//!   byte of a request arrives, its head must be complete within this long (slowloris).
+//!
+//! hyper's own `header_read_timeout` is disabled: since hyper 1.6 it also times the idle
+//! gap between keep-alive requests, which would close idle connections at 30 s, before
+//! the ALB's 60 s.
+//!
+//! Connections are *not* closed when draining starts: they keep being served. When the
+//! lifecycle reaches `Drained`, each is shut down gracefully (HTTP/1: closed once idle;
+//! h2: GOAWAY). Connections accepted after that are still served, one request each.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::drain::{now_nanos, Lifecycle, Phase, State};
+use crate::proxy::Proxy;
+
+/// Largest request head (request line and headers) accepted; larger gets 431. Matches the
+/// ALB's own 64 KiB limit on request headers.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Downstream connection timeouts.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub idle: Duration,
+    pub header_read: Duration,
+}
+
+/// Serves the traffic port until the process exits.
+pub async fn serve(listener: TcpListener, lifecycle: Lifecycle, proxy: Proxy, timeouts: Timeouts) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD_BYTES);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) if is_per_connection(&e) => continue,
+            Err(e) => {
+                // Out of file descriptors or similar: back off instead of spinning.
+                tracing::error!(error = %e, "accept failed; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let track = Arc::new(ConnTrack::new());
+        let svc = proxy.stack(track.clone());
+        tokio::spawn(serve_connection(
+            builder.clone(),
+            stream,
+            peer,
+            svc,
+            track,
+            lifecycle.clone(),
+            timeouts,
+        ));
+    }
+}
+
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+async fn serve_connection(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    svc: crate::proxy::Stack,
+    track: Arc<ConnTrack>,
+    lifecycle: Lifecycle,
+    timeouts: Timeouts,
+) {
+    let _open = lifecycle.connection();
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(TrackedIo {
+        inner: stream,
+        track: track.clone(),
+    });
+    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+
+    let mut state = lifecycle.subscribe();
+    // A connection that arrives after the drain is served (with `connection: close`), not
+    // shut down on arrival: it may carry a late request.
+    let mut watch_drain = lifecycle.phase() != Phase::Drained;
+    let mut closing = false;
+    let watchdog = tokio::time::sleep(timeouts.header_read.min(timeouts.idle));
+    tokio::pin!(watchdog);
+    loop {
+        tokio::select! {
+            biased;
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = state.wait_for(State::is_drained), if watch_drain => {
+                watch_drain = false;
+                if !closing {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            _ = &mut watchdog, if !closing => {
+                match track.verdict(now_nanos(), timeouts) {
+                    ConnVerdict::Keep(d) => {
+                        watchdog.as_mut().reset(tokio::time::Instant::now() + d);
+                    }
+                    ConnVerdict::CloseIdle => {
+                        tracing::debug!(%peer, "closing idle connection");
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    ConnVerdict::SlowHeaders => {
+                        tracing::debug!(%peer, "request head not completed in time; closing");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// === impl ConnTrack ===
+
+/// Per-connection activity, written by the IO wrapper and the request guards, read by the
+/// watchdog. Atomics only; nothing here is on a lock.
+pub struct ConnTrack {
+    in_flight: AtomicU32,
+    /// When the connection last became idle (accepted, or its last request ended).
+    idle_since: AtomicU64,
+    /// `now_nanos() + 1` when bytes of a new request head began arriving on an idle
+    /// connection; 0 when no head is pending.
+    head_since: AtomicU64,
+    /// An h2 connection: always has frames to read, so no head timeout applies.
+    h2: AtomicBool,
+    first_read: AtomicBool,
+}
+
+/// What the watchdog should do with a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnVerdict {
+    /// Look again after this long.
+    Keep(Duration),
+    /// Idle too long: close gracefully.
+    CloseIdle,
+    /// A request head has been arriving for too long: drop the connection.
+    SlowHeaders,
+}
+
+impl ConnTrack {
+    pub fn new() -> ConnTrack {
+        ConnTrack {
+            in_flight: AtomicU32::new(0),
+            idle_since: AtomicU64::new(now_nanos()),
+            head_since: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            first_read: AtomicBool::new(true),
+        }
+    }
+
+    /// A request's head has been parsed; hold the guard until the request ends.
+    pub fn request(this: &Arc<ConnTrack>) -> ConnRequest {
+        this.in_flight.fetch_add(1, Ordering::AcqRel);
+        this.head_since.store(0, Ordering::Release);
+        ConnRequest(this.clone())
+    }
+
+    fn on_read(&self, data: &[u8]) {
+        if self.first_read.swap(false, Ordering::AcqRel) {
+            const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+            let n = data.len().min(PREFACE.len());
+            if n > 0 && data[..n] == PREFACE[..n] {
+                self.h2.store(true, Ordering::Release);
+            }
+        }
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_since.load(Ordering::Acquire) == 0
+        {
+            self.head_since.store(now_nanos() + 1, Ordering::Release);
+        }
+    }
+
+    /// The watchdog's decision, from the connection's state and the current time.
+    pub fn verdict(&self, now: u64, t: Timeouts) -> ConnVerdict {
+        connection_verdict(
+            now,
+            self.in_flight.load(Ordering::Acquire),
+            self.idle_since.load(Ordering::Acquire),
+            self.head_since.load(Ordering::Acquire),
+            self.h2.load(Ordering::Acquire),
+            t,
+        )
+    }
+}
+
+impl Default for ConnTrack {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Pure watchdog decision. Times are `now_nanos()` values; `head_since` is 0 or `t + 1`.
+fn connection_verdict(
+    now: u64,
+    in_flight: u32,
+    idle_since: u64,
+    head_since: u64,
+    h2: bool,
+    t: Timeouts,
+) -> ConnVerdict {
+    if in_flight > 0 {
+        // Busy connections are never idle; look again later.
+        return ConnVerdict::Keep(t.idle.min(t.header_read));
+    }
+    if !h2 && head_since != 0 {
+        let waited = Duration::from_nanos(now.saturating_sub(head_since - 1));
+        return match t.header_read.checked_sub(waited) {
+            Some(left) if !left.is_zero() => ConnVerdict::Keep(left),
+            _ => ConnVerdict::SlowHeaders,
+        };
+    }
+    let idle = Duration::from_nanos(now.saturating_sub(idle_since));
+    match t.idle.checked_sub(idle) {
+        Some(left) if !left.is_zero() => ConnVerdict::Keep(left),
+        _ => ConnVerdict::CloseIdle,
+    }
+}
+
+/// A request in flight on one connection.
+pub struct ConnRequest(Arc<ConnTrack>);
+
+impl Drop for ConnRequest {
+    fn drop(&mut self) {
+        let t = &self.0;
+        if t.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            t.idle_since.store(now_nanos(), Ordering::Release);
+            t.head_since.store(0, Ordering::Release);
+        }
+    }
+}
+
+// === impl TrackedIo ===
+
+/// The accepted socket, noting when request bytes arrive on an idle connection.
+struct TrackedIo {
+    inner: TcpStream,
+    track: Arc<ConnTrack>,
+}
+
+impl AsyncRead for TrackedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = res {
+            let data = &buf.filled()[before..];
+            if !data.is_empty() {
+                self.track.on_read(data);
+            }
+        }
+        res
+    }
+}
+
+impl AsyncWrite for TrackedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Timeouts = Timeouts {
+        idle: Duration::from_secs(75),
+        header_read: Duration::from_secs(10),
+    };
+    const SEC: u64 = 1_000_000_000;
+
+    #[test]
+    fn watchdog_table() {
+        use ConnVerdict::*;
+        let d = Duration::from_secs;
+        // (now, in_flight, idle_since, head_since, h2) -> verdict
+        let cases = [
+            // Fresh idle connection: wait out the idle timeout.
+            ((0, 0, 0, 0, false), Keep(d(75))),
+            // Idle 60 s (the ALB's own idle timeout): still open.
+            ((60 * SEC, 0, 0, 0, false), Keep(d(15))),
+            ((75 * SEC, 0, 0, 0, false), CloseIdle),
+            // Busy for longer than both timeouts: never closed.
+            ((500 * SEC, 1, 0, 0, false), Keep(d(10))),
+            // A head started arriving 3 s ago.
+            ((50 * SEC, 0, 0, 47 * SEC + 1, false), Keep(d(7))),
+            // ... and is still incomplete after 10 s: slowloris.
+            ((57 * SEC, 0, 0, 47 * SEC + 1, false), SlowHeaders),
+            // h2 reads frames all the time: only the idle rule applies.
+            ((57 * SEC, 0, 0, 47 * SEC + 1, true), Keep(d(18))),
+        ];
+        for ((now, f, idle, head, h2), want) in cases {
+            assert_eq!(
+                connection_verdict(now, f, idle, head, h2, T),
+                want,
+                "now={now} in_flight={f} idle_since={idle} head_since={head} h2={h2}"
+            );
+        }
+    }
+
+    #[test]
+    fn idle_gap_between_requests_does_not_count_as_header_time() {
+        let t = Arc::new(ConnTrack::new());
+        t.on_read(b"GET / HTTP/1.1\r\n");
+        assert_ne!(t.head_since.load(Ordering::Acquire), 0);
+        let req = ConnTrack::request(&t);
+        t.on_read(b"body bytes");
+        assert_eq!(t.head_since.load(Ordering::Acquire), 0);
+        drop(req);
+        assert_eq!(t.head_since.load(Ordering::Acquire), 0);
+        assert!(!t.h2.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn h2_preface_is_detected() {
+        let t = ConnTrack::new();
+        t.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert!(t.h2.load(Ordering::Acquire));
+    }
+}

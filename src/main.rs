@@ -1,0 +1,106 @@
+//! The `lameduck` binary: parses the command line, sets up logging and the runtime,
+//! dispatches, and maps failures to exit codes (2: bad usage or cannot start; 1: failed).
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use lameduck::cli::{Cli, Command, DrainArgs, LogFormat, LogLevel, ProxyArgs};
+use lameduck::sidecar::Bound;
+use tracing::level_filters::LevelFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    match cli.command {
+        Command::Proxy(args) => proxy(args),
+        Command::Drain(args) => drain(args),
+    }
+}
+
+/// Help and version go to stdout with exit 0; any other parse error is one line, exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let rendered = e.render().to_string();
+            let line = rendered.lines().next().unwrap_or("invalid arguments");
+            fail(2, line.trim_start_matches("error: "))
+        }
+    }
+}
+
+fn fail(code: u8, msg: &str) -> ExitCode {
+    eprintln!("lameduck: {msg}");
+    ExitCode::from(code)
+}
+
+fn proxy(args: ProxyArgs) -> ExitCode {
+    if let Err(e) = args.validate() {
+        return fail(2, &e);
+    }
+    init_tracing(args.log_format, args.log_level);
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads.into())
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        match Bound::bind(args).await {
+            Ok(bound) => ExitCode::from(bound.run().await),
+            Err(e) => fail(2, &e.to_string()),
+        }
+    })
+}
+
+fn drain(args: DrainArgs) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime starts");
+    let result = runtime.block_on(lameduck::admin::request_drain(
+        args.admin,
+        !args.no_wait,
+        args.token.as_deref(),
+    ));
+    match result {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e.to_string()),
+    }
+}
+
+fn init_tracing(format: LogFormat, level: LogLevel) {
+    let level = match level {
+        LogLevel::Error => LevelFilter::ERROR,
+        LogLevel::Warn => LevelFilter::WARN,
+        LogLevel::Info => LevelFilter::INFO,
+        LogLevel::Debug => LevelFilter::DEBUG,
+        LogLevel::Trace => LevelFilter::TRACE,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

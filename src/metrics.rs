@@ -1,0 +1,281 @@
+//! Prometheus metrics: one registry per proxy (no globals, so parallel tests don't share
+//! counters).
+//!
+//! Request metrics are recorded by the proxy as each response finishes. The lifecycle
+//! figures (`lameduck_state`, `lameduck_in_flight_requests`, `lameduck_connections_active`,
+//! `lameduck_drain_duration_seconds`) are read from the [`Lifecycle`] at scrape time, so they
+//! cannot disagree with it.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `lameduck_requests_total` | counter | `code`, `phase` |
+//! | `lameduck_request_duration_seconds` | histogram | `phase` |
+//! | `lameduck_in_flight_requests` | gauge | |
+//! | `lameduck_connections_active` | gauge | |
+//! | `lameduck_connections_total` | counter | |
+//! | `lameduck_upstream_errors_total` | counter | `kind` |
+//! | `lameduck_upstream_retries_total` | counter | |
+//! | `lameduck_state` | gauge: 0 serving, 1 draining, 2 drained | |
+//! | `lameduck_drain_duration_seconds` | gauge | |
+//! | `lameduck_build_info` | gauge, always 1 | `version` |
+
+use std::time::Duration;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::drain::{Lifecycle, Phase, State};
+
+/// Request latency buckets, in seconds: from sub-millisecond proxy hops to the ALB's 60 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Handles for everything the proxy records.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    /// Indexed by `Phase as usize`.
+    durations: [Histogram; 3],
+    upstream_errors: IntCounterVec,
+    pub upstream_retries: IntCounter,
+    pub connections_total: IntCounter,
+}
+
+impl Metrics {
+    pub fn new(lifecycle: Lifecycle) -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "lameduck_requests_total",
+                "Requests answered on the traffic port, by status code and lifecycle phase at the request's start.",
+            ),
+            &["code", "phase"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "lameduck_request_duration_seconds",
+                "Time from request start to the end of the response body, by lifecycle phase.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("valid metric");
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "lameduck_upstream_errors_total",
+                "Failures talking to the app, by kind (connect, timeout, reset, protocol, body).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let upstream_retries = IntCounter::new(
+            "lameduck_upstream_retries_total",
+            "Requests retried once on a fresh upstream connection after a reused one failed.",
+        )
+        .expect("valid metric");
+        let connections_total = IntCounter::new(
+            "lameduck_connections_total",
+            "Downstream connections accepted on the traffic port.",
+        )
+        .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "lameduck_build_info",
+                "Always 1; the version label says which build runs.",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        for c in [
+            Box::new(requests.clone()) as Box<dyn Collector>,
+            Box::new(duration.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(upstream_retries.clone()),
+            Box::new(connections_total.clone()),
+            Box::new(build_info),
+            Box::new(LifecycleCollector::new(lifecycle)),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        let durations = Phase::ALL.map(|p| duration.with_label_values(&[p.as_str()]));
+        Metrics {
+            registry,
+            requests,
+            durations,
+            upstream_errors,
+            upstream_retries,
+            connections_total,
+        }
+    }
+
+    /// Records a finished (or abandoned) request.
+    pub fn record_request(&self, status: u16, phase: Phase, took: Duration) {
+        let mut buf = itoa_buf();
+        let code = fmt_code(status, &mut buf);
+        self.requests
+            .with_label_values(&[code, phase.as_str()])
+            .inc();
+        self.durations[phase as usize].observe(took.as_secs_f64());
+    }
+
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("writing to a Vec cannot fail");
+        out
+    }
+}
+
+fn itoa_buf() -> [u8; 3] {
+    [b'0'; 3]
+}
+
+/// Formats a status code (always three digits) without allocating.
+fn fmt_code(status: u16, buf: &mut [u8; 3]) -> &str {
+    let s = status.min(999);
+    buf[0] = b'0' + (s / 100) as u8;
+    buf[1] = b'0' + (s / 10 % 10) as u8;
+    buf[2] = b'0' + (s % 10) as u8;
+    std::str::from_utf8(buf).expect("ASCII digits")
+}
+
+// === impl LifecycleCollector ===
+
+/// Reads the lifecycle's own counters at scrape time.
+struct LifecycleCollector {
+    lifecycle: Lifecycle,
+    state: prometheus::IntGauge,
+    in_flight: prometheus::IntGauge,
+    connections: prometheus::IntGauge,
+    drain_duration: prometheus::Gauge,
+    descs: Vec<Desc>,
+}
+
+impl LifecycleCollector {
+    fn new(lifecycle: Lifecycle) -> Self {
+        let state = prometheus::IntGauge::new(
+            "lameduck_state",
+            "Lifecycle state: 0 serving, 1 draining, 2 drained.",
+        )
+        .expect("valid metric");
+        let in_flight = prometheus::IntGauge::new(
+            "lameduck_in_flight_requests",
+            "Requests (and upgraded tunnels) on the traffic port not yet finished.",
+        )
+        .expect("valid metric");
+        let connections = prometheus::IntGauge::new(
+            "lameduck_connections_active",
+            "Open downstream connections on the traffic port.",
+        )
+        .expect("valid metric");
+        let drain_duration = prometheus::Gauge::new(
+            "lameduck_drain_duration_seconds",
+            "How long the drain has lasted so far (draining) or took (drained); 0 while serving.",
+        )
+        .expect("valid metric");
+        let descs = [
+            state.desc(),
+            in_flight.desc(),
+            connections.desc(),
+            drain_duration.desc(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        LifecycleCollector {
+            lifecycle,
+            state,
+            in_flight,
+            connections,
+            drain_duration,
+            descs,
+        }
+    }
+}
+
+impl Collector for LifecycleCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snap = self.lifecycle.snapshot();
+        self.state.set(snap.state.phase() as i64);
+        self.in_flight.set(snap.in_flight as i64);
+        self.connections.set(snap.connections as i64);
+        self.drain_duration.set(match snap.state {
+            State::Serving => 0.0,
+            State::Draining { since, .. } => since.elapsed().as_secs_f64(),
+            State::Drained { took, .. } => took.as_secs_f64(),
+        });
+        [
+            self.state.collect(),
+            self.in_flight.collect(),
+            self.connections.collect(),
+            self.drain_duration.collect(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drain::DrainPolicy;
+
+    #[test]
+    fn codes_format_without_allocating() {
+        let mut b = itoa_buf();
+        assert_eq!(fmt_code(200, &mut b), "200");
+        assert_eq!(fmt_code(503, &mut b), "503");
+        assert_eq!(fmt_code(101, &mut b), "101");
+    }
+
+    #[test]
+    fn exposition_has_every_metric() {
+        let lc = Lifecycle::new(DrainPolicy {
+            min: Duration::ZERO,
+            quiet: Duration::ZERO,
+            max: Duration::from_secs(1),
+        });
+        let m = Metrics::new(lc.clone());
+        m.record_request(200, Phase::Serving, Duration::from_millis(3));
+        m.upstream_error("connect");
+        let _g = lc.request();
+        let text = String::from_utf8(m.render()).unwrap();
+        for needle in [
+            "lameduck_requests_total{code=\"200\",phase=\"serving\"} 1",
+            "lameduck_request_duration_seconds_bucket{phase=\"serving\"",
+            "lameduck_in_flight_requests 1",
+            "lameduck_connections_active 0",
+            "lameduck_connections_total 0",
+            "lameduck_upstream_errors_total{kind=\"connect\"} 1",
+            "lameduck_upstream_retries_total 0",
+            "lameduck_state 0",
+            "lameduck_drain_duration_seconds 0",
+            "lameduck_build_info{version=",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+}

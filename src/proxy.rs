@@ -1,0 +1,631 @@
+//! The traffic path: a tower stack that forwards each request to the app.
+//!
+//! ```text
+//! Track        in-flight guard, last-request instant, metrics (held until the body ends)
+//!  └ DrainAware  health path answered 503 while draining; `connection: close` once drained
+//!     └ Forward    hop-by-hop headers, URI and Host, upgrades, upstream errors → 502/504
+//! ```
+//!
+//! Nothing here decides *when* the drain ends; every layer reads the [`Lifecycle`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tower::{Layer, Service};
+
+use crate::drain::{Lifecycle, Phase, RequestGuard};
+use crate::listener::{ConnRequest, ConnTrack};
+use crate::metrics::Metrics;
+use crate::upstream::{Protocol, Upstream, UpstreamBody, UpstreamError};
+
+/// The full stack for one downstream connection.
+pub type Stack = Track<DrainAware<Forward>>;
+
+/// Builds the per-connection service stacks; cheap to clone.
+#[derive(Clone)]
+pub struct Proxy {
+    track: Arc<TrackShared>,
+    drain: DrainAwareLayer,
+    forward: Forward,
+}
+
+impl Proxy {
+    pub fn new(
+        lifecycle: Lifecycle,
+        metrics: Arc<Metrics>,
+        upstream: Arc<Upstream>,
+        health_path: Option<String>,
+    ) -> Proxy {
+        Proxy {
+            track: Arc::new(TrackShared {
+                lifecycle: lifecycle.clone(),
+                metrics: metrics.clone(),
+            }),
+            drain: DrainAwareLayer {
+                lifecycle: lifecycle.clone(),
+                health_path: health_path.map(Arc::from),
+            },
+            forward: Forward(Arc::new(ForwardShared {
+                upstream,
+                metrics,
+                lifecycle,
+            })),
+        }
+    }
+
+    /// The service for one accepted connection.
+    pub fn stack(&self, conn: Arc<ConnTrack>) -> Stack {
+        let layer = TrackLayer {
+            shared: self.track.clone(),
+            conn,
+        };
+        layer.layer(self.drain.layer(self.forward.clone()))
+    }
+}
+
+// === Response body ===
+
+/// What the proxy answers with: the app's streamed body, or a short local one.
+pub enum ResBody {
+    Upstream(UpstreamBody),
+    Local(Option<Bytes>),
+}
+
+impl ResBody {
+    fn text(s: impl Into<Bytes>) -> ResBody {
+        ResBody::Local(Some(s.into()))
+    }
+}
+
+impl Body for ResBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ResBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResBody::Upstream(b) => b.is_end_stream(),
+            ResBody::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResBody::Upstream(b) => b.size_hint(),
+            ResBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+fn local(status: StatusCode, text: impl Into<Bytes>) -> Response<ResBody> {
+    let mut resp = Response::new(ResBody::text(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+// === impl Track ===
+
+struct TrackShared {
+    lifecycle: Lifecycle,
+    metrics: Arc<Metrics>,
+}
+
+/// Counts each request from its start until its response body ends or is abandoned.
+pub struct TrackLayer {
+    shared: Arc<TrackShared>,
+    conn: Arc<ConnTrack>,
+}
+
+impl<S> Layer<S> for TrackLayer {
+    type Service = Track<S>;
+    fn layer(&self, inner: S) -> Track<S> {
+        Track {
+            inner,
+            shared: self.shared.clone(),
+            conn: self.conn.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Track<S> {
+    inner: S,
+    shared: Arc<TrackShared>,
+    conn: Arc<ConnTrack>,
+}
+
+impl<S> Service<Request<Incoming>> for Track<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ResBody>, Error = Infallible>,
+{
+    type Response = Response<Tracked>;
+    type Error = Infallible;
+    type Future = TrackFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let done = Done {
+            request: self.shared.lifecycle.request(),
+            _conn: ConnTrack::request(&self.conn),
+            shared: self.shared.clone(),
+            status: 0,
+        };
+        TrackFuture {
+            inner: self.inner.call(req),
+            done: Some(done),
+        }
+    }
+}
+
+/// Records a request when dropped: by the body at its end, or by the future if the client
+/// went away before the response (recorded as 499, as nginx does).
+struct Done {
+    request: RequestGuard,
+    _conn: ConnRequest,
+    shared: Arc<TrackShared>,
+    status: u16,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let status = if self.status == 0 { 499 } else { self.status };
+        self.shared
+            .metrics
+            .record_request(status, self.request.phase(), self.request.elapsed());
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TrackFuture<F> {
+        #[pin]
+        inner: F,
+        done: Option<Done>,
+    }
+}
+
+impl<F> Future for TrackFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, Infallible>>,
+{
+    type Output = Result<Response<Tracked>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(resp) = ready!(this.inner.poll(cx));
+        let mut done = this.done.take().expect("polled after completion");
+        done.status = resp.status().as_u16();
+        Poll::Ready(Ok(resp.map(|inner| Tracked {
+            inner,
+            done: Some(done),
+        })))
+    }
+}
+
+/// The response body as sent downstream; ends the request's tracking when it ends.
+pub struct Tracked {
+    inner: ResBody,
+    done: Option<Done>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let res = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &res {
+            None => drop(self.done.take()),
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "upstream response body failed midway");
+                if let Some(d) = &self.done {
+                    d.shared.metrics.upstream_error("body");
+                }
+                drop(self.done.take());
+            }
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// === impl DrainAware ===
+
+#[derive(Clone)]
+pub struct DrainAwareLayer {
+    lifecycle: Lifecycle,
+    health_path: Option<Arc<str>>,
+}
+
+impl<S> Layer<S> for DrainAwareLayer {
+    type Service = DrainAware<S>;
+    fn layer(&self, inner: S) -> DrainAware<S> {
+        DrainAware {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// While draining, answers the load balancer's health check itself (503, so the target is
+/// marked unhealthy quickly); once drained, asks HTTP/1 clients to close the connection.
+#[derive(Clone)]
+pub struct DrainAware<S> {
+    inner: S,
+    layer: DrainAwareLayer,
+}
+
+impl<S> Service<Request<Incoming>> for DrainAware<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ResBody>, Error = Infallible>,
+{
+    type Response = Response<ResBody>;
+    type Error = Infallible;
+    type Future = DrainAwareFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if let Some(path) = &self.layer.health_path {
+            let phase = self.layer.lifecycle.phase();
+            if phase != Phase::Serving && req.uri().path() == &**path {
+                let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, phase.as_str());
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return DrainAwareFuture::Local { resp: Some(resp) };
+            }
+        }
+        DrainAwareFuture::Inner {
+            inner: self.inner.call(req),
+            lifecycle: self.layer.lifecycle.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = DrainAwareProj]
+    pub enum DrainAwareFuture<F> {
+        Local { resp: Option<Response<ResBody>> },
+        Inner { #[pin] inner: F, lifecycle: Lifecycle },
+    }
+}
+
+impl<F> Future for DrainAwareFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, Infallible>>,
+{
+    type Output = Result<Response<ResBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            DrainAwareProj::Local { resp } => {
+                Poll::Ready(Ok(resp.take().expect("polled after completion")))
+            }
+            DrainAwareProj::Inner { inner, lifecycle } => {
+                let Ok(mut resp) = ready!(inner.poll(cx));
+                // Drained: close keep-alive connections after this response, so a late
+                // client reconnects elsewhere. (h2 connections got GOAWAY from the listener.)
+                if lifecycle.phase() == Phase::Drained
+                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Poll::Ready(Ok(resp))
+            }
+        }
+    }
+}
+
+// === impl Forward ===
+
+struct ForwardShared {
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+}
+
+/// Sends the request to the app and turns failures into 502/504 answers naming the cause.
+#[derive(Clone)]
+pub struct Forward(Arc<ForwardShared>);
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl Service<Request<Incoming>> for Forward {
+    type Response = Response<ResBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ResBody>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let shared = self.0.clone();
+        Box::pin(async move { Ok(shared.forward(req).await) })
+    }
+}
+
+impl ForwardShared {
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<ResBody> {
+        let upgrade = is_upgrade(&req);
+        let version = req.version();
+        let protocol = self.upstream.config().protocol;
+        if let Err(resp) = prepare_request(&mut req, upgrade, protocol) {
+            return resp;
+        }
+        if upgrade {
+            return self.forward_upgrade(req).await;
+        }
+        let req = req.map(http_body_util::Either::Left);
+        let metrics = &self.metrics;
+        match self
+            .upstream
+            .send(req, || metrics.upstream_retries.inc())
+            .await
+        {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut(), false);
+                // The client's version, not the app's: an HTTP/1.0 app must not turn off
+                // keep-alive towards the load balancer.
+                *resp.version_mut() = version;
+                resp.map(ResBody::Upstream)
+            }
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&self, e: UpstreamError) -> Response<ResBody> {
+        self.metrics.upstream_error(e.kind.label());
+        tracing::warn!(kind = e.kind.label(), error = %e, "upstream request failed");
+        local(e.kind.status(), format!("lameduck: {e}\n"))
+    }
+
+    /// HTTP/1 upgrade (WebSocket): forward on a dedicated connection; after a 101, splice
+    /// the two upgraded connections together. The tunnel holds off the end of the drain.
+    async fn forward_upgrade(&self, mut req: Request<Incoming>) -> Response<ResBody> {
+        let downstream = hyper::upgrade::on(&mut req);
+        let req = req.map(http_body_util::Either::Left);
+        let mut resp = match self.upstream.send_upgrade(req).await {
+            Ok(resp) => resp,
+            Err(e) => return self.fail(e),
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            strip_hop_by_hop(resp.headers_mut(), false);
+            return resp.map(|b| ResBody::Upstream(UpstreamBody::unpooled(b)));
+        }
+        let upstream = hyper::upgrade::on(&mut resp);
+        let hold = self.lifecycle.hold();
+        tokio::spawn(async move {
+            let _hold = hold;
+            match tokio::try_join!(downstream, upstream) {
+                Ok((d, u)) => {
+                    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                        tracing::debug!(error = %e, "upgraded tunnel ended");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        strip_hop_by_hop(resp.headers_mut(), true);
+        resp.map(|_| ResBody::Local(None))
+    }
+}
+
+/// HTTP/1 `Connection: upgrade` with an `Upgrade` header.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() <= Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Turns the downstream request into the upstream one: hop-by-hop headers removed, Host
+/// kept (or made from an h2 `:authority`), URI and version fitted to the upstream protocol.
+#[allow(clippy::result_large_err)]
+fn prepare_request<B>(
+    req: &mut Request<B>,
+    upgrade: bool,
+    protocol: Protocol,
+) -> Result<(), Response<ResBody>> {
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    // hyper answers `Expect: 100-continue` itself when the body is first read.
+    req.headers_mut().remove(header::EXPECT);
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(auth) = req.uri().authority() {
+            let v = HeaderValue::from_str(auth.as_str()).expect("an authority is a valid header");
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    match protocol {
+        Protocol::Http1 => {
+            *req.version_mut() = Version::HTTP_11;
+            if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+                let pq = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_owned();
+                *req.uri_mut() = Uri::try_from(pq).expect("a path-and-query is a valid URI");
+            }
+        }
+        Protocol::H2c => {
+            *req.version_mut() = Version::HTTP_2;
+            let authority = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<http::uri::Authority>().ok());
+            let Some(authority) = authority else {
+                return Err(local(
+                    StatusCode::BAD_REQUEST,
+                    "lameduck: request has no valid Host header\n",
+                ));
+            };
+            let mut parts = std::mem::take(req.uri_mut()).into_parts();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(authority);
+            if parts.path_and_query.is_none() {
+                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+            }
+            *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path are set");
+        }
+    }
+    Ok(())
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
+/// `Proxy-Connection`, `Keep-Alive`, `TE` (except `TE: trailers`, which gRPC needs),
+/// `Transfer-Encoding` and `Upgrade`. With `keep_upgrade`, `Upgrade` and
+/// `Connection: upgrade` stay, for a WebSocket handshake.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        // Rare on the hot path (ALBs don't send it); collect the names, then remove them.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .chain(std::iter::once(conn))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove("proxy-connection");
+    headers.remove("keep-alive");
+    headers.remove(header::TRANSFER_ENCODING);
+    if let Some(te) = headers.get(header::TE) {
+        if te != "trailers" {
+            headers.remove(header::TE);
+        }
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "x-other"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("host", "example.com"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["host", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn te_trailers_and_upgrade_survive_when_wanted() {
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn h2_request_gets_host_and_origin_form_for_h1_upstream() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://app.example:8080/a?b=1")
+            .body(())
+            .unwrap();
+        assert!(prepare_request(&mut req, false, Protocol::Http1).is_ok());
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()["host"], "app.example:8080");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn h1_request_gets_absolute_uri_for_h2_upstream() {
+        let mut req = Request::builder()
+            .uri("/svc.Greeter/Hello")
+            .header("host", "grpc.local")
+            .body(())
+            .unwrap();
+        assert!(prepare_request(&mut req, false, Protocol::H2c).is_ok());
+        assert_eq!(req.uri(), "http://grpc.local/svc.Greeter/Hello");
+        assert_eq!(req.version(), Version::HTTP_2);
+    }
+}

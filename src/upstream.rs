@@ -1,0 +1,522 @@
+//! The connection to the app: a keep-alive pool, timeouts, and the one safe retry.
+//!
+//! The pool exists to shield the app's keep-alive timeout, the classic cause of 502s: an app
+//! (Node.js: 5 s, gunicorn: 2 s) closes an idle connection at the moment the proxy reuses it.
+//! So the pool never hands out a connection idle longer than `--upstream-idle-timeout`
+//! (default 1 s, below every common app default), and when a *reused* connection still
+//! fails before any response byte, the request is retried once on a fresh connection if
+//! that is safe: the request was never written (hyper hands it back), or it is idempotent
+//! and has no body, so it can be rebuilt.
+//!
+//! HTTP/1 connections are pooled LIFO (the most recently used is the least likely to be
+//! closing). With `--upstream-protocol h2c` one multiplexed connection is shared and
+//! re-established when it closes.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Idle HTTP/1 connections kept at most; more are closed when they come back.
+const MAX_IDLE: usize = 1024;
+
+/// Wire protocol spoken to the app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// HTTP/1.1 with a keep-alive pool.
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (gRPC apps).
+    H2c,
+}
+
+/// Upstream settings from the CLI.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub addr: SocketAddr,
+    pub protocol: Protocol,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// What went wrong talking to the app. Classified once, here: it decides the status code
+/// the client gets and the `kind` label of `lameduck_upstream_errors_total`.
+#[derive(Debug)]
+pub struct UpstreamError {
+    pub kind: ErrorKind,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The connection could not be made (refused, unreachable).
+    Connect,
+    /// The connection did not complete within `--upstream-connect-timeout`.
+    Timeout,
+    /// The app closed or reset the connection before a complete response head.
+    Reset,
+    /// The app sent something that is not HTTP.
+    Protocol,
+    /// The client's request body failed while it was being forwarded.
+    RequestBody,
+}
+
+impl ErrorKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Reset => "reset",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::RequestBody => "request_body",
+        }
+    }
+
+    /// The status code the client gets.
+    pub fn status(self) -> http::StatusCode {
+        match self {
+            ErrorKind::Timeout => http::StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::RequestBody => http::StatusCode::BAD_REQUEST,
+            _ => http::StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+impl UpstreamError {
+    fn new(kind: ErrorKind, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        UpstreamError {
+            kind,
+            source: Some(source.into()),
+        }
+    }
+
+    fn from_hyper(e: hyper::Error) -> Self {
+        let kind = if e.is_parse() || e.is_parse_status() {
+            ErrorKind::Protocol
+        } else if e.is_body_write_aborted() || is_user_body(&e) {
+            ErrorKind::RequestBody
+        } else {
+            ErrorKind::Reset
+        };
+        UpstreamError::new(kind, e)
+    }
+}
+
+fn is_user_body(e: &hyper::Error) -> bool {
+    // hyper reports a failing request body as a user error whose source is the body's error.
+    e.is_user() && std::error::Error::source(e).is_some()
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            ErrorKind::Connect => "could not connect to the app",
+            ErrorKind::Timeout => "timed out connecting to the app",
+            ErrorKind::Reset => "the app closed the connection before responding",
+            ErrorKind::Protocol => "the app sent an invalid HTTP response",
+            ErrorKind::RequestBody => "the client's request body failed",
+        };
+        match &self.source {
+            Some(s) => write!(f, "{what}: {s}"),
+            None => f.write_str(what),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// The pooled client. Cheap to share behind an `Arc`.
+pub struct Upstream {
+    cfg: Config,
+    pool: Arc<Pool>,
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+}
+
+/// Bodies sent upstream: the client's streaming body, or nothing (a rebuilt retry).
+pub type RequestBody = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
+
+struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    idle_timeout: Duration,
+}
+
+struct Idle {
+    tx: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// A request that can be rebuilt for a retry after it was (perhaps partly) written.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    /// Only idempotent requests without a body can be sent again.
+    fn capture(req: &Request<RequestBody>) -> Option<Replay> {
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        if !idempotent || !req.body().is_end_stream() {
+            return None;
+        }
+        Some(Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn rebuild(self) -> Request<RequestBody> {
+        let mut req = Request::new(http_body_util::Either::Right(http_body_util::Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    pub fn new(cfg: Config) -> Upstream {
+        Upstream {
+            pool: Arc::new(Pool {
+                idle: Mutex::new(Vec::new()),
+                idle_timeout: cfg.idle_timeout,
+            }),
+            cfg,
+            h2: Mutex::new(None),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Sends a request (origin-form URI, hop-by-hop headers already removed) to the app,
+    /// retrying once on a fresh connection when a reused one fails and that is safe.
+    /// `on_retry` is called when that happens.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        on_retry: impl FnOnce(),
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        match self.cfg.protocol {
+            Protocol::Http1 => self.send_h1(req, on_retry).await,
+            Protocol::H2c => self.send_h2(req, on_retry).await,
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        req: Request<RequestBody>,
+        on_retry: impl FnOnce(),
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (mut tx, reused) = match self.pool.checkout() {
+            Some(tx) => (tx, true),
+            None => (self.connect_h1(false).await?, false),
+        };
+        let replay = if reused { Replay::capture(&req) } else { None };
+        let again = match tx.try_send_request(req).await {
+            Ok(resp) => return Ok(self.pooled(resp, tx)),
+            Err(mut e) => match (e.take_message(), replay) {
+                // Never written: always safe to send again.
+                (Some(req), _) if reused => req,
+                // Written, but idempotent and bodiless: rebuild it.
+                (None, Some(replay)) => replay.rebuild(),
+                _ => return Err(UpstreamError::from_hyper(e.into_error())),
+            },
+        };
+        tracing::debug!("reused upstream connection failed before a response; retrying once");
+        on_retry();
+        let mut tx = self.connect_h1(false).await?;
+        match tx.send_request(again).await {
+            Ok(resp) => Ok(self.pooled(resp, tx)),
+            Err(e) => Err(UpstreamError::from_hyper(e)),
+        }
+    }
+
+    /// Wraps the response body so the connection returns to the pool once it is read whole.
+    fn pooled(
+        &self,
+        resp: Response<Incoming>,
+        tx: http1::SendRequest<RequestBody>,
+    ) -> Response<UpstreamBody> {
+        resp.map(|body| UpstreamBody {
+            inner: body,
+            ret: Some((self.pool.clone(), tx)),
+            done: false,
+        })
+    }
+
+    /// Sends an HTTP/1 upgrade request (WebSocket) on a dedicated connection that is never
+    /// pooled: after a 101 it belongs to the tunnel.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut tx = self.connect_h1(true).await?;
+        tx.send_request(req)
+            .await
+            .map_err(UpstreamError::from_hyper)
+    }
+
+    async fn connect_tcp(&self) -> Result<TcpStream, UpstreamError> {
+        let addr = self.cfg.addr;
+        let stream = tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| {
+                UpstreamError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "no connection to {addr} after {:?}",
+                        self.cfg.connect_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| UpstreamError::new(ErrorKind::Connect, ConnectError { addr, e }))?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect_h1(
+        &self,
+        upgrades: bool,
+    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let stream = self.connect_tcp().await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::new(ErrorKind::Connect, e))?;
+        if upgrades {
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+        }
+        Ok(tx)
+    }
+
+    async fn send_h2(
+        &self,
+        req: Request<RequestBody>,
+        on_retry: impl FnOnce(),
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let shared = {
+            let guard = self.h2.lock().expect("h2 slot lock is never poisoned");
+            guard.as_ref().filter(|tx| !tx.is_closed()).cloned()
+        };
+        let (mut tx, reused) = match shared {
+            Some(tx) => (tx, true),
+            None => (self.connect_h2().await?, false),
+        };
+        let again = match tx.try_send_request(req).await {
+            Ok(resp) => return Ok(resp.map(UpstreamBody::unpooled)),
+            Err(mut e) => match e.take_message() {
+                Some(req) if reused => req,
+                _ => return Err(UpstreamError::from_hyper(e.into_error())),
+            },
+        };
+        on_retry();
+        let mut tx = self.connect_h2().await?;
+        tx.send_request(again)
+            .await
+            .map(|r| r.map(UpstreamBody::unpooled))
+            .map_err(UpstreamError::from_hyper)
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        let stream = self.connect_tcp().await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::new(ErrorKind::Connect, e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream h2 connection ended");
+            }
+        });
+        *self.h2.lock().expect("h2 slot lock is never poisoned") = Some(tx.clone());
+        Ok(tx)
+    }
+
+    /// Readiness: can the app be reached? With a health path, `GET path` on a fresh
+    /// connection must answer 2xx; otherwise a TCP connect must succeed.
+    pub async fn probe(&self, health_path: Option<&str>) -> Result<(), String> {
+        let Some(path) = health_path else {
+            return self
+                .connect_tcp()
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
+        };
+        let stream = self.connect_tcp().await.map_err(|e| e.to_string())?;
+        let req = Request::get(path)
+            .header(http::header::HOST, self.cfg.addr.to_string())
+            .header(http::header::USER_AGENT, "lameduck-readiness")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = match self.cfg.protocol {
+            Protocol::Http1 => {
+                let (mut tx, conn) = http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                tx.send_request(req).await
+            }
+            Protocol::H2c => {
+                let (mut tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                let mut req = req;
+                *req.uri_mut() = format!("http://{}{path}", self.cfg.addr)
+                    .parse()
+                    .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+                tx.send_request(req).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("GET {path} answered {}", resp.status()))
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ConnectError {
+    addr: SocketAddr,
+    e: io::Error,
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.addr, self.e)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+// === impl Pool ===
+
+impl Pool {
+    /// The most recently returned connection, if it has not been idle too long.
+    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.idle.lock().expect("pool lock is never poisoned");
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() >= self.idle_timeout {
+                // LIFO: everything older is stale too. The app may be closing them.
+                idle.clear();
+                return None;
+            }
+            if !c.tx.is_closed() {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, tx: http1::SendRequest<RequestBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock is never poisoned");
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+// === impl UpstreamBody ===
+
+/// The app's response body, streamed. When it has been read to the end, its connection goes
+/// back to the pool.
+pub struct UpstreamBody {
+    inner: Incoming,
+    ret: Option<(Arc<Pool>, http1::SendRequest<RequestBody>)>,
+    done: bool,
+}
+
+impl UpstreamBody {
+    pub fn unpooled(inner: Incoming) -> Self {
+        UpstreamBody {
+            inner,
+            ret: None,
+            done: false,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = res {
+            self.done = true;
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some((pool, tx)) = self.ret.take() {
+            // Only a fully read response leaves the connection reusable; one abandoned
+            // midway (client went away) is dropped and closes.
+            if self.done || self.inner.is_end_stream() {
+                pool.checkin(tx);
+            }
+        }
+    }
+}
