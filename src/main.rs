@@ -61,9 +61,13 @@ fn proxy(args: ProxyArgs) -> ExitCode {
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
     runtime.block_on(async move {
-        match Bound::bind(args).await {
-            Ok(bound) => ExitCode::from(bound.run().await),
-            Err(e) => fail(2, &e.to_string()),
+        let bound = match Bound::bind(args).await {
+            Ok(bound) => bound,
+            Err(e) => return fail(2, &e.to_string()),
+        };
+        match lameduck::signal::listen() {
+            Ok(terminations) => ExitCode::from(bound.run(terminations).await),
+            Err(e) => fail(1, &format!("cannot register signal handlers: {e}")),
         }
     })
 }

@@ -18,7 +18,7 @@ use crate::drain::{DrainReason, Lifecycle, State, Trigger};
 use crate::listener::{self, Timeouts};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::signal::Signals;
+use crate::signal::Terminations;
 use crate::upstream::{self, Upstream};
 
 /// How long the admin port may take to answer its last requests at exit.
@@ -41,21 +41,17 @@ pub struct Bound {
     args: ProxyArgs,
     traffic: TcpListener,
     admin: TcpListener,
-    signals: Signals,
 }
 
 impl Bound {
-    /// Binds the traffic and admin ports and registers the signal handlers.
+    /// Binds the traffic and admin ports.
     pub async fn bind(args: ProxyArgs) -> Result<Bound, StartError> {
         let traffic = bind(args.listen, "--listen").await?;
         let admin = bind(args.admin, "--admin").await?;
-        let signals = Signals::new()
-            .map_err(|e| StartError(format!("cannot register signal handlers: {e}")))?;
         Ok(Bound {
             args,
             traffic,
             admin,
-            signals,
         })
     }
 
@@ -71,13 +67,14 @@ impl Bound {
             .expect("a bound socket has an address")
     }
 
-    /// Serves until the drain is over and a signal asked to exit. Returns the exit code.
-    pub async fn run(self) -> u8 {
+    /// Serves until a termination request (from [`crate::signal::listen`] in the binary)
+    /// has been followed by the end of the drain. Returns the exit code. If the sender side
+    /// of `terminations` is dropped, that counts as a termination request.
+    pub async fn run(self, mut terminations: Terminations) -> u8 {
         let Bound {
             args,
             traffic,
             admin,
-            mut signals,
         } = self;
         let (listen, admin_addr) = (
             traffic.local_addr().expect("bound"),
@@ -128,12 +125,12 @@ impl Bound {
             "lameduck proxy serving"
         );
 
-        let signal = signals.recv().await;
+        let signal = terminations.recv().await.unwrap_or("shutdown");
         tracing::info!(signal, "signal received: draining, then exiting");
         lifecycle.start_drain(Trigger::Signal);
         let code = tokio::select! {
             _ = drained_and_idle(&lifecycle) => 0,
-            signal = signals.recv() => {
+            Some(signal) = terminations.recv() => {
                 tracing::warn!(signal, in_flight = lifecycle.in_flight(), "second signal: exiting now");
                 lifecycle.cut_short();
                 1

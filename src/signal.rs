@@ -1,26 +1,28 @@
-//! SIGTERM and SIGINT, as a stream the sidecar turns into lifecycle triggers: the first
-//! starts draining exactly like `/drain`, a second cuts the drain short.
+//! SIGTERM and SIGINT, turned into termination requests for the sidecar: the first starts
+//! draining exactly like `/drain`, a second cuts the drain short.
+//!
+//! The sidecar takes termination requests as a channel, not from the OS directly, so tests
+//! and the rollout simulation can "send SIGTERM" to an in-process proxy.
 
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGINT, SIGTERM};
+use tokio::sync::mpsc;
 
-/// Registered termination signals.
-pub struct Signals(signal_hook_tokio::Signals);
+/// Termination requests, by signal name.
+pub type Terminations = mpsc::UnboundedReceiver<&'static str>;
 
-impl Signals {
-    /// Registers the handlers. From here on SIGTERM/SIGINT no longer kill the process.
-    pub fn new() -> std::io::Result<Signals> {
-        signal_hook_tokio::Signals::new([SIGTERM, SIGINT]).map(Signals)
-    }
-
-    /// The next signal's name.
-    pub async fn recv(&mut self) -> &'static str {
-        match self.0.next().await {
-            Some(SIGTERM) => "SIGTERM",
-            Some(SIGINT) => "SIGINT",
-            Some(_) => "signal",
-            // The stream only ends when its handle is closed, which this type never does.
-            None => std::future::pending().await,
+/// Registers SIGTERM/SIGINT handlers and forwards each signal to the returned channel.
+/// From here on these signals no longer kill the process. Call inside the runtime.
+pub fn listen() -> std::io::Result<Terminations> {
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(sig) = signals.next().await {
+            let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+            if tx.send(name).is_err() {
+                return;
+            }
         }
-    }
+    });
+    Ok(rx)
 }
