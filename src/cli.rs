@@ -1,4 +1,5 @@
-//! The command line: `lameduck proxy` and `lameduck drain`.
+//! The command line: `lameduck proxy`, `lameduck drain`, `lameduck inject` and
+//! `lameduck webhook`.
 //!
 //! Every flag also reads the environment variable `LAMEDUCK_<FLAG>` (`--drain-max` →
 //! `LAMEDUCK_DRAIN_MAX`); the flag wins. Durations accept `500ms`, `10s`, `2m`. A bad value
@@ -32,6 +33,10 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Ask a running proxy to drain (for exec hooks and operators); exits 0 once drained.
     Drain(DrainArgs),
+    /// Add the lameduck sidecar to every opted-in pod template in YAML manifests (GitOps).
+    Inject(InjectArgs),
+    /// Serve the mutating admission webhook that injects the sidecar at pod creation.
+    Webhook(WebhookArgs),
 }
 
 /// `lameduck proxy`.
@@ -247,6 +252,89 @@ pub struct DrainArgs {
         hide_env_values = true
     )]
     pub token: Option<String>,
+}
+
+/// The sidecar settings shared by `lameduck inject` and `lameduck webhook`.
+#[derive(Args, Debug, Clone)]
+pub struct SidecarArgs {
+    /// Image of the injected lameduck container.
+    #[arg(long, env = "LAMEDUCK_SIDECAR_IMAGE", value_name = "IMG",
+          default_value = crate::inject::DEFAULT_SIDECAR_IMAGE)]
+    pub sidecar_image: String,
+
+    /// Inject a native sidecar (initContainers, restartPolicy: Always; Kubernetes >= 1.29)
+    /// rather than a regular container. A pod's annotation lameduck.io/native-sidecar wins.
+    #[arg(long, env = "LAMEDUCK_NATIVE_SIDECAR", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub native_sidecar: bool,
+}
+
+impl SidecarArgs {
+    pub fn settings(&self) -> crate::inject::Settings {
+        crate::inject::Settings {
+            sidecar_image: self.sidecar_image.clone(),
+            native_sidecar: self.native_sidecar,
+        }
+    }
+}
+
+/// `lameduck inject`.
+#[derive(Args, Debug, Clone)]
+pub struct InjectArgs {
+    /// Manifests to read (multi-document YAML, `kind: List` too); `-` reads stdin.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        env = "LAMEDUCK_FILENAME",
+        value_name = "FILE",
+        default_value = "-"
+    )]
+    pub filename: std::path::PathBuf,
+
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+
+    /// Inject into every pod template, not only those labelled lameduck.io/inject: "true"
+    /// (a template labelled "false" is still skipped).
+    #[arg(long, env = "LAMEDUCK_INJECT_ALL")]
+    pub all: bool,
+}
+
+/// `lameduck webhook`.
+#[derive(Args, Debug, Clone)]
+pub struct WebhookArgs {
+    /// HTTPS address the API server calls (POST /mutate; GET /healthz).
+    #[arg(
+        long,
+        env = "LAMEDUCK_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8443"
+    )]
+    pub listen: SocketAddr,
+
+    /// PEM certificate chain; re-read when it changes (cert-manager rotates it).
+    #[arg(long, env = "LAMEDUCK_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: std::path::PathBuf,
+
+    /// PEM private key matching --tls-cert; re-read when it changes.
+    #[arg(long, env = "LAMEDUCK_TLS_KEY", value_name = "FILE")]
+    pub tls_key: std::path::PathBuf,
+
+    /// How often to check the certificate files for changes.
+    #[arg(long, env = "LAMEDUCK_TLS_RELOAD_INTERVAL", value_name = "DUR", default_value = "5s",
+          value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+
+    /// Log format on stderr.
+    #[arg(long, env = "LAMEDUCK_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log level.
+    #[arg(long, env = "LAMEDUCK_LOG_LEVEL", value_enum, default_value = "info")]
+    pub log_level: LogLevel,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

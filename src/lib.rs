@@ -14,13 +14,17 @@
 //! | [`admin`] | `/livez` `/readyz` `/drain` `/status` `/metrics`, and the `lameduck drain` client |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
+//! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
+//! | [`webhook`] | `lameduck webhook`: the HTTPS AdmissionReview shell around [`inject`] |
 
 pub mod admin;
 pub mod cli;
 pub mod drain;
+pub mod inject;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod sidecar;
 pub mod signal;
 pub mod upstream;
+pub mod webhook;
