@@ -78,6 +78,7 @@ const PROXY_DRAIN_MAX: Duration = Duration::from_secs(120);
 /// terminationGracePeriodSeconds ≥ drain-max + this: time for the app's own shutdown
 /// after `/drain` answers.
 pub const GRACE_MARGIN_SECS: i64 = 30;
+const K8S_DEFAULT_GRACE_SECS: i64 = 30;
 
 /// Preferred traffic and admin ports; the next free numbers are used when the pod already
 /// declares them. The admin default is the proxy's own (`--admin`), so `lameduck drain`
@@ -327,7 +328,9 @@ pub fn inject(
         + GRACE_MARGIN_SECS;
     match out.spec.termination_grace_period_seconds {
         Some(current) if current >= needed => {}
-        Some(current) => {
+        // 30 is Kubernetes' own default, which the API server fills in before admission:
+        // raising it is the expected case, not news.
+        Some(current) if current != K8S_DEFAULT_GRACE_SECS => {
             out.warnings.push(format!(
                 "terminationGracePeriodSeconds raised from {current} to {needed} (drain-max \
                  {} + {GRACE_MARGIN_SECS}s for the app's own shutdown)",
@@ -335,7 +338,7 @@ pub fn inject(
             ));
             out.spec.termination_grace_period_seconds = Some(needed);
         }
-        None => out.spec.termination_grace_period_seconds = Some(needed),
+        Some(_) | None => out.spec.termination_grace_period_seconds = Some(needed),
     }
     if out.spec.host_network == Some(true) {
         out.warnings.push(format!(

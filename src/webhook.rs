@@ -402,7 +402,9 @@ async fn reload_loop(certs: Arc<CertStore>, every: Duration) {
 
 type Resp = Response<Full<Bytes>>;
 
-async fn handle<B>(req: Request<B>, settings: &Settings) -> Resp
+/// Routes one request (see the endpoint table above). Public so tests can drive it
+/// without a socket.
+pub async fn handle<B>(req: Request<B>, settings: &Settings) -> Resp
 where
     B: hyper::body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
