@@ -167,6 +167,91 @@ fn json_patch_and_yaml_rewrite_agree() {
     }
 }
 
+/// Every injected sidecar's arguments are ones `lameduck proxy` accepts and validates, its
+/// admin port is where the app's preStop hook and its own probes go, and the grace period
+/// covers drain-max + 30 s.
+#[test]
+fn injected_sidecars_agree_with_the_proxy() {
+    use clap::Parser as _;
+    use lameduck::cli::{Cli, Command as Sub};
+    let mut checked = 0;
+    for (name, _) in cases() {
+        let out = golden_dir().join(format!("{name}.out.yaml"));
+        let Ok(out) = std::fs::read_to_string(out) else {
+            continue;
+        };
+        for doc in documents(&out) {
+            for (_, template) in templates(&doc) {
+                if template["metadata"]["annotations"][inject::STATUS_ANNOTATION] != "injected" {
+                    continue;
+                }
+                let spec = &template["spec"];
+                let all: Vec<&Json> = spec["containers"]
+                    .as_array()
+                    .into_iter()
+                    .chain(spec["initContainers"].as_array())
+                    .flatten()
+                    .collect();
+                let Some(sidecar) = all.iter().find(|c| c["name"] == inject::CONTAINER_NAME) else {
+                    // Only the hand-made "marked as injected" input lacks it.
+                    assert_eq!(name, "already-injected", "an injected pod has the sidecar");
+                    continue;
+                };
+                let args = sidecar["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap());
+                let cli = Cli::try_parse_from(std::iter::once("lameduck").chain(args))
+                    .unwrap_or_else(|e| panic!("{name}: sidecar args rejected: {e}"));
+                let Sub::Proxy(proxy) = cli.command else {
+                    panic!("{name}: the sidecar does not run `lameduck proxy`")
+                };
+                proxy
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{name}: sidecar args invalid: {e}"));
+                let admin = i64::from(proxy.admin.port());
+                assert_eq!(sidecar["ports"][1]["containerPort"], admin, "{name}");
+                assert_eq!(
+                    sidecar["readinessProbe"]["httpGet"]["port"], admin,
+                    "{name}"
+                );
+                assert_eq!(sidecar["startupProbe"]["httpGet"]["port"], admin, "{name}");
+                assert_eq!(
+                    sidecar["ports"][0]["containerPort"],
+                    i64::from(proxy.listen.port()),
+                    "{name}"
+                );
+                // The app container: the one whose port the proxy forwards to.
+                let upstream = i64::from(proxy.upstream.port());
+                let app = spec["containers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| {
+                        c["ports"]
+                            .as_array()
+                            .is_some_and(|p| p.iter().any(|p| p["containerPort"] == upstream))
+                    })
+                    .expect("the upstream port belongs to a container");
+                let pre_stop = &app["lifecycle"]["preStop"];
+                if pre_stop.get("httpGet").is_some() {
+                    assert_eq!(pre_stop["httpGet"]["port"], admin, "{name}");
+                    assert_eq!(pre_stop["httpGet"]["path"], "/drain", "{name}");
+                }
+                let grace = spec["terminationGracePeriodSeconds"].as_i64().unwrap();
+                assert!(
+                    grace as f64 >= proxy.drain_max.as_secs_f64() + 30.0,
+                    "{name}: grace {grace}s < drain-max {:?} + 30s",
+                    proxy.drain_max
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} injected templates checked");
+}
+
 fn documents(yaml: &str) -> Vec<Json> {
     use serde::Deserialize;
     yaml_serde::Deserializer::from_str(yaml)
