@@ -829,11 +829,15 @@ pub fn inject_manifests(
 ) -> Result<Rewritten, ManifestError> {
     let mut docs = Vec::new();
     for (i, de) in yaml_serde::Deserializer::from_str(input).enumerate() {
-        let doc = Yaml::deserialize(de).map_err(|e| ManifestError {
+        let unreadable = |e: yaml_serde::Error| ManifestError {
             index: i + 1,
             what: "unreadable".into(),
             reason: e.to_string(),
-        })?;
+        };
+        let mut doc = Yaml::deserialize(de).map_err(unreadable)?;
+        // `<<: *anchor` merge keys, which Kubernetes' YAML reader applies too: a container
+        // written with one is seen, and written back, whole.
+        doc.apply_merge().map_err(unreadable)?;
         docs.push(doc);
     }
     let mut out = Rewritten {

@@ -43,6 +43,9 @@ pub const MAX_BODY: usize = 3 * 1024 * 1024;
 
 /// A TLS handshake or a request's headers must complete within this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A review's body must arrive within this long (the API server's own webhook timeout is
+/// at most 30 s).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight reviews get at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -420,13 +423,20 @@ where
             if declared.is_some_and(|n| n > MAX_BODY as u64) {
                 return too_large();
             }
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(body) => body.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-                Err(e) => {
+            let body = Limited::new(req.into_body(), MAX_BODY).collect();
+            let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {
+                Ok(Ok(body)) => body.to_bytes(),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+                Ok(Err(e)) => {
                     return text(
                         StatusCode::BAD_REQUEST,
                         &format!("cannot read the request body: {e}\n"),
+                    )
+                }
+                Err(_) => {
+                    return text(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body did not arrive in time\n",
                     )
                 }
             };

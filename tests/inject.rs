@@ -255,7 +255,11 @@ fn injected_sidecars_agree_with_the_proxy() {
 fn documents(yaml: &str) -> Vec<Json> {
     use serde::Deserialize;
     yaml_serde::Deserializer::from_str(yaml)
-        .map(|d| Json::deserialize(d).unwrap())
+        .map(|d| {
+            let mut v = yaml_serde::Value::deserialize(d).unwrap();
+            v.apply_merge().unwrap();
+            serde_json::to_value(v).unwrap()
+        })
         .filter(|d| !d.is_null())
         .collect()
 }
