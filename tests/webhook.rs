@@ -653,3 +653,91 @@ fn bad_certificate_files_exit_2() {
         assert!(stderr.contains(expect), "{stderr}");
     }
 }
+
+/// The binary: starts, says where it listens, answers, and exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_and_stops_on_sigterm() {
+    use std::io::BufRead as _;
+    let ca = new_ca("test-ca");
+    let dir = TempDir::new();
+    let (cert, key) = leaf(&ca);
+    std::fs::write(dir.0.join("tls.crt"), cert).unwrap();
+    std::fs::write(dir.0.join("tls.key"), key).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lameduck"))
+        .args(["webhook", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--tls-cert")
+        .arg(dir.0.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.0.join("tls.key"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut child = KillOnDrop(child);
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if lines_tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let addr: std::net::SocketAddr = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the webhook logs where it listens");
+        let log: Json = serde_json::from_str(&line).unwrap_or(Json::Null);
+        if let Some(addr) = log["addr"].as_str() {
+            break addr.parse().unwrap();
+        }
+    };
+    let (status, body) = request(addr, &ca.pem, "GET", "/healthz", vec![]).await;
+    assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
+    let answer = {
+        let review = review_for(defaulted_pod(), "uid-binary");
+        let (status, body) = request(
+            addr,
+            &ca.pem,
+            "POST",
+            "/mutate",
+            serde_json::to_vec(&review).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        serde_json::from_slice::<Json>(&body).unwrap()
+    };
+    assert_eq!(
+        apply(&defaulted_pod(), &answer),
+        cli_result(&defaulted_pod())
+    );
+
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook did not exit on SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Ends the spawned webhook if a test fails before it stops it (this process only).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
