@@ -323,9 +323,10 @@ pub fn inject(
         out.spec.containers.push(sidecar);
     }
 
-    let needed = opts.drain_max.as_secs() as i64
-        + i64::from(opts.drain_max.subsec_nanos() > 0)
-        + GRACE_MARGIN_SECS;
+    let needed = i64::try_from(opts.drain_max.as_secs())
+        .unwrap_or(i64::MAX)
+        .saturating_add(i64::from(opts.drain_max.subsec_nanos() > 0))
+        .saturating_add(GRACE_MARGIN_SECS);
     match out.spec.termination_grace_period_seconds {
         Some(current) if current >= needed => {}
         // 30 is Kubernetes' own default, which the API server fills in before admission:
@@ -982,7 +983,17 @@ fn rewrite_object(
             .and_then(|c| c.ports.as_ref())
             .and_then(|p| p.first())
             .and_then(|p| p.name.clone())
-            .filter(|n| !n.starts_with(CONTAINER_NAME));
+            // A name the pod had before: the app's, moved. (An unnamed app port leaves the
+            // proxy with a name of lameduck's own.)
+            .filter(|n| {
+                template_json
+                    .pointer("/spec/containers")
+                    .and_then(Json::as_array)
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+                    .any(|p| p["name"] == n.as_str())
+            });
         if let Some(port) = upstream_port {
             let namespace = str_at(doc, &["metadata", "namespace"]).map(str::to_owned);
             apps.push(InjectedApp {
@@ -1217,6 +1228,26 @@ mod tests {
         assert!(!wants_injection(&meta(None), false));
         assert!(wants_injection(&meta(None), true));
         assert!(!wants_injection(&meta(Some("false")), true));
+    }
+
+    #[test]
+    fn absurd_drain_max_saturates_the_grace_period() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}]
+        }))
+        .unwrap();
+        let meta = ObjectMeta {
+            annotations: Some(
+                [
+                    (ANN_DRAIN_MAX.to_owned(), "300000000000y".to_owned()),
+                    (ANN_QUIET.to_owned(), "1s".to_owned()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let out = inject(&spec, &meta, &Settings::default()).unwrap();
+        assert_eq!(out.spec.termination_grace_period_seconds, Some(i64::MAX));
     }
 
     #[test]
