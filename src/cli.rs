@@ -209,7 +209,7 @@ impl ProxyArgs {
                 return Err(format!("{flag} must be greater than 0"));
             }
         }
-        if self.listen == self.admin {
+        if self.listen == self.admin && self.listen.port() != 0 {
             return Err(format!(
                 "--listen and --admin are both {}: they must differ",
                 self.listen

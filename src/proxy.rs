@@ -169,15 +169,30 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let done = Done {
+        let (conn, conflicting_framing) = ConnTrack::request(&self.conn);
+        let done = Some(Done {
             request: self.shared.lifecycle.request(),
-            _conn: ConnTrack::request(&self.conn),
+            _conn: conn,
             shared: self.shared.clone(),
             status: 0,
-        };
-        TrackFuture {
+        });
+        if conflicting_framing {
+            // Both framings at once is how requests are smuggled past a proxy (RFC 9112
+            // §6.3). hyper would drop Content-Length and go on; refuse instead.
+            let mut resp = local(
+                StatusCode::BAD_REQUEST,
+                "lameduck: bad request: both Content-Length and Transfer-Encoding\n",
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return TrackFuture::Local {
+                resp: Some(resp),
+                done,
+            };
+        }
+        TrackFuture::Inner {
             inner: self.inner.call(req),
-            done: Some(done),
+            done,
         }
     }
 }
@@ -201,10 +216,10 @@ impl Drop for Done {
 }
 
 pin_project_lite::pin_project! {
-    pub struct TrackFuture<F> {
-        #[pin]
-        inner: F,
-        done: Option<Done>,
+    #[project = TrackProj]
+    pub enum TrackFuture<F> {
+        Local { resp: Option<Response<ResBody>>, done: Option<Done> },
+        Inner { #[pin] inner: F, done: Option<Done> },
     }
 }
 
@@ -215,9 +230,16 @@ where
     type Output = Result<Response<Tracked>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Ok(resp) = ready!(this.inner.poll(cx));
-        let mut done = this.done.take().expect("polled after completion");
+        let (resp, done) = match self.project() {
+            TrackProj::Local { resp, done } => {
+                (resp.take().expect("polled after completion"), done)
+            }
+            TrackProj::Inner { inner, done } => {
+                let Ok(resp) = ready!(inner.poll(cx));
+                (resp, done)
+            }
+        };
+        let mut done = done.take().expect("polled after completion");
         done.status = resp.status().as_u16();
         Poll::Ready(Ok(resp.map(|inner| Tracked {
             inner,
