@@ -92,13 +92,16 @@ impl Proxy {
         self.child.id()
     }
 
+    /// Sends `TERM` or `INT` to the proxy.
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        let sig = match sig {
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            other => panic!("unknown signal {other}"),
+        };
+        // SAFETY: kill(2) with a pid this test spawned and still owns.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill failed: {}", std::io::Error::last_os_error());
     }
 
     /// Waits (polling, bounded) for the process to exit.
