@@ -54,7 +54,11 @@ fn every_metric_is_in_the_readme() {
     let m = lameduck::metrics::Metrics::new(lc);
     // Labelled families appear once they have a sample.
     m.upstream_error("connect");
-    m.record_request(200, lameduck::drain::Phase::Serving, Duration::from_millis(1));
+    m.record_request(
+        200,
+        lameduck::drain::Phase::Serving,
+        Duration::from_millis(1),
+    );
     let text = String::from_utf8(m.render()).unwrap();
     let names: BTreeSet<&str> = text
         .lines()
