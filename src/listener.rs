@@ -67,7 +67,7 @@ pub async fn serve(listener: TcpListener, lifecycle: Lifecycle, proxy: Proxy, ti
             }
         };
         let track = Arc::new(ConnTrack::new());
-        let svc = proxy.stack(track.clone());
+        let svc = proxy.stack(track.clone(), peer.ip().to_canonical());
         tokio::spawn(serve_connection(
             builder.clone(),
             stream,

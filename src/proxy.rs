@@ -1,7 +1,8 @@
 //! The traffic path: a tower stack that forwards each request to the app.
 //!
 //! ```text
-//! Track        in-flight guard, last-request instant, metrics (held until the body ends)
+//! Track        in-flight guard, last-request instant, health-check recognition, metrics
+//!              (held until the body ends)
 //!  └ DrainAware  health path answered 503 while draining; `connection: close` once drained
 //!     └ Forward    hop-by-hop headers, URI and Host, upgrades, upstream errors → 502/504
 //! ```
@@ -22,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower::{Layer, Service};
 
-use crate::drain::{Lifecycle, Phase, RequestGuard};
+use crate::drain::{Lifecycle, Phase, RequestGuard, RequestKind};
 use crate::listener::{ConnRequest, ConnTrack};
 use crate::metrics::Metrics;
 use crate::upstream::{Protocol, Upstream, UpstreamBody, UpstreamError};
@@ -39,20 +40,29 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// `health_path` and `health_check_agents` (User-Agent prefixes) recognise the load
+    /// balancer's health checks.
     pub fn new(
         lifecycle: Lifecycle,
         metrics: Arc<Metrics>,
         upstream: Arc<Upstream>,
         health_path: Option<String>,
+        health_check_agents: Vec<String>,
     ) -> Proxy {
+        let health_path: Option<Arc<str>> = health_path.map(Arc::from);
         Proxy {
             track: Arc::new(TrackShared {
                 lifecycle: lifecycle.clone(),
                 metrics: metrics.clone(),
+                health_path: health_path.clone(),
+                health_check_agents: health_check_agents
+                    .into_iter()
+                    .filter(|a| !a.is_empty())
+                    .collect(),
             }),
             drain: DrainAwareLayer {
                 lifecycle: lifecycle.clone(),
-                health_path: health_path.map(Arc::from),
+                health_path,
             },
             forward: Forward(Arc::new(ForwardShared {
                 upstream,
@@ -62,11 +72,12 @@ impl Proxy {
         }
     }
 
-    /// The service for one accepted connection.
-    pub fn stack(&self, conn: Arc<ConnTrack>) -> Stack {
+    /// The service for one accepted connection from `peer`.
+    pub fn stack(&self, conn: Arc<ConnTrack>, peer: std::net::IpAddr) -> Stack {
         let layer = TrackLayer {
             shared: self.track.clone(),
             conn,
+            peer,
         };
         layer.layer(self.drain.layer(self.forward.clone()))
     }
@@ -130,12 +141,37 @@ fn local(status: StatusCode, text: impl Into<Bytes>) -> Response<ResBody> {
 struct TrackShared {
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
+    health_path: Option<Arc<str>>,
+    health_check_agents: Vec<String>,
+}
+
+impl TrackShared {
+    /// A load-balancer health check: the health path, or a known checker's User-Agent.
+    fn kind<B>(&self, req: &Request<B>) -> RequestKind {
+        let by_path = self
+            .health_path
+            .as_deref()
+            .is_some_and(|p| req.uri().path() == p);
+        let by_agent = || {
+            req.headers().get(header::USER_AGENT).is_some_and(|ua| {
+                self.health_check_agents
+                    .iter()
+                    .any(|a| ua.as_bytes().starts_with(a.as_bytes()))
+            })
+        };
+        if by_path || (!self.health_check_agents.is_empty() && by_agent()) {
+            RequestKind::HealthCheck
+        } else {
+            RequestKind::Traffic
+        }
+    }
 }
 
 /// Counts each request from its start until its response body ends or is abandoned.
 pub struct TrackLayer {
     shared: Arc<TrackShared>,
     conn: Arc<ConnTrack>,
+    peer: std::net::IpAddr,
 }
 
 impl<S> Layer<S> for TrackLayer {
@@ -145,6 +181,7 @@ impl<S> Layer<S> for TrackLayer {
             inner,
             shared: self.shared.clone(),
             conn: self.conn.clone(),
+            peer: self.peer,
         }
     }
 }
@@ -154,6 +191,7 @@ pub struct Track<S> {
     inner: S,
     shared: Arc<TrackShared>,
     conn: Arc<ConnTrack>,
+    peer: std::net::IpAddr,
 }
 
 impl<S> Service<Request<Incoming>> for Track<S>
@@ -170,8 +208,9 @@ where
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let (conn, conflicting_framing) = ConnTrack::request(&self.conn);
+        let kind = self.shared.kind(&req);
         let done = Some(Done {
-            request: self.shared.lifecycle.request(),
+            request: self.shared.lifecycle.request(kind, self.peer),
             _conn: conn,
             shared: self.shared.clone(),
             status: 0,
@@ -209,9 +248,12 @@ struct Done {
 impl Drop for Done {
     fn drop(&mut self) {
         let status = if self.status == 0 { 499 } else { self.status };
-        self.shared
-            .metrics
-            .record_request(status, self.request.phase(), self.request.elapsed());
+        self.shared.metrics.record_request(
+            status,
+            self.request.phase(),
+            self.request.kind(),
+            self.request.elapsed(),
+        );
     }
 }
 

@@ -44,21 +44,25 @@ fn every_flag_is_in_the_readme() {
 
 #[test]
 fn every_metric_is_in_the_readme() {
-    use lameduck::drain::{DrainPolicy, Lifecycle};
+    use lameduck::drain::{DrainSettings, Lifecycle, RequestKind};
     use std::time::Duration;
-    let lc = Lifecycle::new(DrainPolicy {
-        min: Duration::ZERO,
-        quiet: Duration::ZERO,
-        max: Duration::from_secs(1),
-    });
-    let m = lameduck::metrics::Metrics::new(lc);
+    let lc = Lifecycle::new(DrainSettings::fixed(
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::from_secs(1),
+    ));
+    let m = lameduck::metrics::Metrics::new(lc.clone());
     // Labelled families appear once they have a sample.
     m.upstream_error("connect");
+    let serving = lameduck::drain::Phase::Serving;
+    m.record_request(200, serving, RequestKind::Traffic, Duration::from_millis(1));
     m.record_request(
         200,
-        lameduck::drain::Phase::Serving,
+        serving,
+        RequestKind::HealthCheck,
         Duration::from_millis(1),
     );
+    lc.request(RequestKind::HealthCheck, [10, 0, 0, 1].into());
     let text = String::from_utf8(m.render()).unwrap();
     let names: BTreeSet<&str> = text
         .lines()
