@@ -275,7 +275,7 @@ impl HeadScan {
     pub fn feed(&mut self, mut data: &[u8]) {
         let mut st = self.0;
         while st & Self::END == 0 && !data.is_empty() {
-            let nl = data.iter().position(|&b| b == b'\n');
+            let nl = memchr::memchr(b'\n', data);
             let seg = nl.map_or(data, |i| &data[..i]);
             let at_start = st & Self::AT_LINE_START != 0;
             if st & Self::PAST_REQUEST_LINE != 0 {

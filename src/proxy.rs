@@ -589,6 +589,24 @@ fn prepare_request<B>(
 /// `Transfer-Encoding` and `Upgrade`. With `keep_upgrade`, `Upgrade` and
 /// `Connection: upgrade` stay, for a WebSocket handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    // Hot path: most messages carry none of them. One pass over the names (standard names
+    // compare as enum values) instead of a hash lookup per hop-by-hop name.
+    let any = headers.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::TE
+            || n == header::UPGRADE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    });
+    if !any {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         // Rare on the hot path (ALBs don't send it); collect the names, then remove them.
         let named: Vec<HeaderName> = headers
@@ -605,8 +623,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(header::CONNECTION);
     }
-    headers.remove("proxy-connection");
-    headers.remove("keep-alive");
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(&KEEP_ALIVE);
     headers.remove(header::TRANSFER_ENCODING);
     if let Some(te) = headers.get(header::TE) {
         if te != "trailers" {

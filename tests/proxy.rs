@@ -350,12 +350,16 @@ async fn reused_connection_failing_is_retried_once_when_safe() {
     let p = Proxy::start(addr, &["--upstream-idle-timeout", "30s"]);
     let mut c = H1::connect(p.traffic).await;
     assert_eq!(c.get("/").await.unwrap().text(), "first");
+    // The app drops the connection as lameduck reuses it after it sat idle (past the
+    // 100 ms after which lameduck keeps a copy of the request head for a retry).
+    tokio::time::sleep(Duration::from_millis(150)).await;
     // GET: idempotent and bodiless, retried on a fresh connection.
     let r = c.get("/").await.unwrap();
     assert_eq!((r.status.as_u16(), r.text()), (200, "first".to_owned()));
     assert_eq!(p.metric("lameduck_upstream_retries_total").await, 1.0);
 
     // POST with a body: never replayed; the client gets a 502 naming the cause.
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let post = http::Request::post("/")
         .header("host", "app.test")
         .body(Full::new(Bytes::from_static(b"payload")))
