@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 use yaml_serde::Value as Yaml;
 
-use crate::cli::{parse_duration, parse_path};
+use crate::cli::{parse_duration, parse_path, parse_quiet, QuietArg};
 
 // === names ===
 
@@ -66,14 +66,16 @@ pub const DEFAULT_SIDECAR_IMAGE: &str =
     concat!("ghcr.io/lameduck/lameduck:", env!("CARGO_PKG_VERSION"));
 
 /// `--quiet` passed to an injected proxy when the pod has no `lameduck.io/quiet`
-/// annotation. `None`: pass nothing, the proxy's own default applies.
+/// annotation. `None`: pass nothing, the proxy's own default (`auto`) applies.
 pub const DEFAULT_QUIET: Option<&str> = None;
 
 /// The proxy's own defaults (`lameduck proxy --help`), used to check annotation values
-/// against each other the way the proxy will at start.
-const PROXY_DRAIN_MIN: Duration = Duration::from_secs(5);
-const PROXY_QUIET: Duration = Duration::from_secs(20);
-const PROXY_DRAIN_MAX: Duration = Duration::from_secs(120);
+/// against each other the way the proxy will at start (`ProxyArgs::validate`). A test
+/// compares them with the proxy's flag definitions.
+pub const PROXY_DRAIN_MIN: Duration = Duration::from_secs(5);
+pub const PROXY_QUIET: QuietArg = QuietArg::Auto;
+pub const PROXY_QUIET_FALLBACK: Duration = Duration::from_secs(30);
+pub const PROXY_DRAIN_MAX: Duration = Duration::from_secs(120);
 
 /// terminationGracePeriodSeconds ≥ drain-max + this: time for the app's own shutdown
 /// after `/drain` answers.
@@ -91,6 +93,7 @@ pub const DEFAULT_ADMIN_PORT: u16 = 9901;
 const PORT_SEARCH: u16 = 1000;
 
 const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m";
+const QUIET_FORM: &str = "auto, or a duration such as 500ms, 10s or 2m";
 const BOOL_FORM: &str = "\"true\" or \"false\"";
 const PATH_FORM: &str = "an absolute path such as /healthz";
 const PORT_NUMBER_FORM: &str =
@@ -397,8 +400,13 @@ impl Options {
         };
 
         let drain_min = duration(ANN_DRAIN_MIN)?;
-        // Only a duration for now; `auto` arrives with the proxy's --quiet auto.
-        let quiet = duration(ANN_QUIET)?;
+        let quiet = match get(ANN_QUIET) {
+            None => None,
+            Some(v) => Some((
+                v.to_owned(),
+                parse_quiet(v).map_err(|_| InjectError::annotation(ANN_QUIET, v, QUIET_FORM))?,
+            )),
+        };
         let drain_max = duration(ANN_DRAIN_MAX)?;
 
         let max = drain_max.as_ref().map_or(PROXY_DRAIN_MAX, |(_, d)| *d);
@@ -417,61 +425,83 @@ impl Options {
                 humantime::format_duration(PROXY_DRAIN_MAX)
             ),
         };
-        let (min_name, min_value, min) = match &drain_min {
-            Some((v, d)) => (ANN_DRAIN_MIN, v.clone(), *d),
-            None => (ANN_DRAIN_MIN, "5s".into(), PROXY_DRAIN_MIN),
+        // When only drain-max was given, a clash with a default is drain-max's fault.
+        let max_too_short = |problem: String, expected: String| {
+            InjectError::annotation_because(
+                ANN_DRAIN_MAX,
+                &drain_max
+                    .as_ref()
+                    .expect("the proxy's defaults agree with each other")
+                    .0,
+                problem,
+                expected,
+            )
         };
-        if min > max {
-            // When drain-min is the default, the annotation at fault is drain-max.
-            return Err(match &drain_min {
-                Some(_) => InjectError::annotation_because(
-                    min_name,
-                    &min_value,
+        match &drain_min {
+            Some((v, min)) if *min > max => {
+                return Err(InjectError::annotation_because(
+                    ANN_DRAIN_MIN,
+                    v,
                     format!("longer than {}", max_text()),
                     format!("{DURATION_FORM}, at most drain-max"),
-                ),
-                None => InjectError::annotation_because(
-                    ANN_DRAIN_MAX,
-                    &drain_max.as_ref().expect("default min ≤ default max").0,
+                ))
+            }
+            None if PROXY_DRAIN_MIN > max => {
+                return Err(max_too_short(
                     format!(
                         "shorter than drain-min ({}, the default)",
                         humantime::format_duration(PROXY_DRAIN_MIN)
                     ),
                     format!("{DURATION_FORM}, at least drain-min"),
-                ),
-            });
+                ))
+            }
+            _ => {}
         }
-        let quiet_arg = match &quiet {
-            Some((v, d)) => {
-                if *d > max {
-                    return Err(InjectError::annotation_because(
-                        ANN_QUIET,
-                        v,
-                        format!(
-                            "longer than {}: every drain would end at the cap",
-                            max_text()
-                        ),
-                        format!("{DURATION_FORM}, at most drain-max"),
-                    ));
-                }
-                Some(v.clone())
-            }
-            None => {
-                if DEFAULT_QUIET.is_none() && PROXY_QUIET > max {
-                    return Err(InjectError::annotation_because(
-                        ANN_DRAIN_MAX,
-                        &drain_max.as_ref().expect("default quiet ≤ default max").0,
-                        format!(
-                            "shorter than quiet ({}, the default): every drain would end at \
-                             the cap",
-                            humantime::format_duration(PROXY_QUIET)
-                        ),
-                        format!("{DURATION_FORM}, at least quiet (or set {ANN_QUIET})"),
-                    ));
-                }
-                DEFAULT_QUIET.map(str::to_owned)
-            }
+        // The proxy checks the quiet window against drain-max: a fixed one itself, `auto`
+        // its fallback (used until it has learned an interval).
+        let effective_quiet = match (&quiet, DEFAULT_QUIET) {
+            (Some((_, q)), _) => *q,
+            (None, Some(default)) => parse_quiet(default).expect("DEFAULT_QUIET parses"),
+            (None, None) => PROXY_QUIET,
         };
+        match (effective_quiet, &quiet) {
+            (QuietArg::Fixed(d), Some((v, _))) if d > max => {
+                return Err(InjectError::annotation_because(
+                    ANN_QUIET,
+                    v,
+                    format!(
+                        "longer than {}: every drain would end at the cap",
+                        max_text()
+                    ),
+                    format!("{QUIET_FORM}, at most drain-max"),
+                ))
+            }
+            (QuietArg::Fixed(d), None) if d > max => {
+                return Err(max_too_short(
+                    format!(
+                        "shorter than quiet ({}, the default): every drain would end at the cap",
+                        humantime::format_duration(d)
+                    ),
+                    format!("{DURATION_FORM}, at least quiet (or set {ANN_QUIET})"),
+                ))
+            }
+            (QuietArg::Auto, _) if PROXY_QUIET_FALLBACK > max => {
+                return Err(max_too_short(
+                    format!(
+                        "shorter than {} (the window quiet auto uses until it has learned the health-check interval): every such drain would end at the cap",
+                        humantime::format_duration(PROXY_QUIET_FALLBACK)
+                    ),
+                    format!(
+                        "{DURATION_FORM}, at least {}, or a fixed {ANN_QUIET} no longer than drain-max",
+                        humantime::format_duration(PROXY_QUIET_FALLBACK)
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        let quiet_arg = quiet
+            .map(|(v, _)| v)
+            .or_else(|| DEFAULT_QUIET.map(str::to_owned));
 
         Ok(Options {
             port: get(ANN_PORT).map(str::to_owned),

@@ -252,6 +252,24 @@ fn injected_sidecars_agree_with_the_proxy() {
     assert!(checked >= 20, "only {checked} injected templates checked");
 }
 
+/// Injection checks annotation values against the proxy's defaults the way the proxy
+/// will; those mirrored defaults must be the proxy's real ones.
+#[test]
+fn mirrored_proxy_defaults_are_the_proxys() {
+    use clap::Parser as _;
+    use lameduck::cli::{Cli, Command as Sub};
+    let Sub::Proxy(p) = Cli::try_parse_from(["lameduck", "proxy"]).unwrap().command else {
+        unreachable!()
+    };
+    assert_eq!(p.drain_min, inject::PROXY_DRAIN_MIN);
+    assert_eq!(p.quiet, inject::PROXY_QUIET);
+    assert_eq!(p.quiet_fallback, inject::PROXY_QUIET_FALLBACK);
+    assert_eq!(p.drain_max, inject::PROXY_DRAIN_MAX);
+    if let Some(q) = inject::DEFAULT_QUIET {
+        lameduck::cli::parse_quiet(q).expect("DEFAULT_QUIET is a valid --quiet");
+    }
+}
+
 fn documents(yaml: &str) -> Vec<Json> {
     use serde::Deserialize;
     yaml_serde::Deserializer::from_str(yaml)
