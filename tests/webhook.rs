@@ -682,15 +682,15 @@ async fn binary_serves_and_stops_on_sigterm() {
             }
         }
     });
-    let addr: std::net::SocketAddr = loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the webhook logs where it listens");
-        let log: Json = serde_json::from_str(&line).unwrap_or(Json::Null);
-        if let Some(addr) = log["addr"].as_str() {
-            break addr.parse().unwrap();
-        }
-    };
+    let addr: std::net::SocketAddr = (0..100)
+        .find_map(|_| {
+            let line = lines
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the webhook logs where it listens");
+            let log: Json = serde_json::from_str(&line).unwrap_or(Json::Null);
+            log["addr"].as_str().map(|a| a.parse().unwrap())
+        })
+        .expect("an address within the first 100 log lines");
     let (status, body) = request(addr, &ca.pem, "GET", "/healthz", vec![]).await;
     assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
     let answer = {
