@@ -301,7 +301,16 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl std:
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors or similar: back off instead of spinning
+                        // (the kubelet's preStop call is waiting on this port).
+                        tracing::error!(error = %e, "admin accept failed; retrying in 100ms");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let admin = admin.clone();
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let admin = admin.clone();

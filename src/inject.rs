@@ -66,8 +66,9 @@ pub const DEFAULT_SIDECAR_IMAGE: &str =
     concat!("ghcr.io/lameduck/lameduck:", env!("CARGO_PKG_VERSION"));
 
 /// `--quiet` passed to an injected proxy when the pod has no `lameduck.io/quiet`
-/// annotation. `None`: pass nothing, the proxy's own default (`auto`) applies.
-pub const DEFAULT_QUIET: Option<&str> = None;
+/// annotation: learn the window from the load balancer's health checks (issue 6). Passed
+/// explicitly so the injected pod does not depend on the image's own default.
+pub const DEFAULT_QUIET: Option<&str> = Some("auto");
 
 /// The proxy's own defaults (`lameduck proxy --help`), used to check annotation values
 /// against each other the way the proxy will at start (`ProxyArgs::validate`). A test

@@ -30,7 +30,7 @@ fn flags(subcommand: &str) -> BTreeSet<String> {
 #[test]
 fn every_flag_is_in_the_readme() {
     let readme = readme();
-    for sub in ["proxy", "drain"] {
+    for sub in ["proxy", "drain", "inject", "webhook"] {
         let flags = flags(sub);
         assert!(flags.len() > 2, "{sub}: parsed no flags from --help");
         for f in flags {
