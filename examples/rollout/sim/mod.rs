@@ -438,11 +438,6 @@ pub struct Report {
 }
 
 impl Report {
-    /// Errors of every class, traffic and health checks.
-    pub fn errors(&self) -> u64 {
-        self.traffic.errors() + self.health_checks.errors()
-    }
-
     /// When the app got SIGTERM, in seconds after deregistration (negative: before).
     pub fn app_sigterm_after_deregistration(&self) -> Option<f64> {
         self.app_sigterm.map(|t| t - self.deregistered)
