@@ -6,7 +6,7 @@
 //! | `/livez` | GET, HEAD | 200 while the process runs |
 //! | `/readyz` | GET, HEAD | 200 `ready` while serving and the app is reachable; otherwise 503 `starting`, `draining`, `drained` or `upstream-unreachable` |
 //! | `/drain` | GET, POST | starts draining; blocks until drained, then 200 JSON. `?wait=false`: 202 at once. With `--drain-token`, needs header `X-Lameduck-Token` (else 403) |
-//! | `/status` | GET | JSON: state, in-flight requests, open connections, seconds since the last request, drain start, requests during the drain |
+//! | `/status` | GET | JSON: state, in-flight requests, open connections, seconds since the last request, drain start, requests during the drain, the quiet window and why, the health-check sources learned |
 //! | `/metrics` | GET | Prometheus text exposition |
 //!
 //! The kubelet calls `/drain` from the app container's `preStop` hook on the pod IP and
@@ -188,24 +188,34 @@ pub fn state_json(state: &State) -> serde_json::Value {
             since,
             started_at,
             trigger,
+            window,
         } => json!({
             "state": "draining",
             "trigger": trigger,
             "drain_started_at": rfc3339(*started_at),
             "drain_seconds": since.elapsed().as_secs_f64(),
+            "quiet_window_seconds": window.window.as_secs_f64(),
+            "quiet_window": window.kind(),
+            "quiet_window_why": window.why(),
         }),
         State::Drained {
             started_at,
             trigger,
+            window,
             reason,
             took,
             requests_during_drain,
+            health_checks_during_drain,
             ..
         } => json!({
             "state": "drained",
             "reason": reason,
             "drain_seconds": took.as_secs_f64(),
             "requests_during_drain": requests_during_drain,
+            "health_checks_during_drain": health_checks_during_drain,
+            "quiet_window_seconds": window.window.as_secs_f64(),
+            "quiet_window": window.kind(),
+            "quiet_window_why": window.why(),
             "trigger": trigger,
             "drain_started_at": rfc3339(*started_at),
         }),
@@ -235,6 +245,12 @@ pub fn status_json(s: &Snapshot) -> serde_json::Value {
         "drain_seconds": took.map(|d| d.as_secs_f64()),
         "drain_reason": reason,
         "requests_during_drain": s.requests_during_drain,
+        "health_checks_during_drain": s.health_checks_during_drain,
+        "quiet_window_seconds": s.window.window.as_secs_f64(),
+        "quiet_window": s.window.kind(),
+        "quiet_window_why": s.window.why(),
+        "health_check_sources": s.health_check_sources.iter().filter(|h| h.active).count(),
+        "health_checks": s.health_check_sources,
     })
 }
 
@@ -376,15 +392,15 @@ pub async fn request_drain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drain::DrainPolicy;
+    use crate::drain::DrainSettings;
     use crate::upstream::{Config, Protocol};
 
     fn admin(token: Option<&str>) -> Admin {
-        let lc = Lifecycle::new(DrainPolicy {
-            min: Duration::ZERO,
-            quiet: Duration::ZERO,
-            max: Duration::from_secs(5),
-        });
+        let lc = Lifecycle::new(DrainSettings::fixed(
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::from_secs(5),
+        ));
         let upstream = Arc::new(Upstream::new(Config {
             // Nothing listens on port 1 of loopback: the app is "down".
             addr: "127.0.0.1:1".parse().unwrap(),
@@ -448,6 +464,8 @@ mod tests {
         assert_eq!(v["reason"], "quiet");
         assert!(v["drain_seconds"].as_f64().is_some());
         assert_eq!(v["requests_during_drain"], 0);
+        assert_eq!(v["quiet_window"], "fixed");
+        assert_eq!(v["quiet_window_why"], "fixed --quiet 0.00s");
         let s: serde_json::Value =
             serde_json::from_str(&body(a.handle(req("GET", "/status")).await).await).unwrap();
         assert_eq!(s["state"], "drained");

@@ -1,4 +1,5 @@
-//! The command line: `lameduck proxy` and `lameduck drain`.
+//! The command line: `lameduck proxy`, `lameduck drain`, `lameduck inject` and
+//! `lameduck webhook`.
 //!
 //! Every flag also reads the environment variable `LAMEDUCK_<FLAG>` (`--drain-max` →
 //! `LAMEDUCK_DRAIN_MAX`); the flag wins. Durations accept `500ms`, `10s`, `2m`. A bad value
@@ -9,7 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::drain::DrainPolicy;
+use crate::cadence::Quiet;
+use crate::drain::DrainSettings;
 use crate::upstream::Protocol;
 
 #[derive(Parser, Debug)]
@@ -32,6 +34,10 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Ask a running proxy to drain (for exec hooks and operators); exits 0 once drained.
     Drain(DrainArgs),
+    /// Add the lameduck sidecar to every opted-in pod template in YAML manifests (GitOps).
+    Inject(InjectArgs),
+    /// Serve the mutating admission webhook that injects the sidecar at pod creation.
+    Webhook(WebhookArgs),
 }
 
 /// `lameduck proxy`.
@@ -82,12 +88,33 @@ pub struct ProxyArgs {
     pub drain_min: Duration,
 
     /// Draining may end once no request (health checks included) has started on the traffic
-    /// port for this long. Must exceed the load balancer's health-check interval (ALB
-    /// default 15s): while the target is registered those checks keep arriving, so silence
-    /// means deregistered.
-    #[arg(long, env = "LAMEDUCK_QUIET", value_name = "DUR", default_value = "20s",
+    /// port for this long: while the target is registered the load balancer's health checks
+    /// keep arriving, so silence means deregistered. `auto` learns the window from the
+    /// health checks seen while serving (each source's interval, x1.5 with several sources,
+    /// x2 with one, + 250ms); a fixed DUR must exceed the health-check interval (ALB
+    /// default 15s).
+    #[arg(long, env = "LAMEDUCK_QUIET", value_name = "auto|DUR", default_value = "auto",
+          value_parser = parse_quiet, help_heading = "Drain")]
+    pub quiet: QuietArg,
+
+    /// With --quiet auto: the window used until an interval has been learned (a pod that
+    /// has just started). 30s covers the ALB's default 15s interval and one missed check.
+    #[arg(long, env = "LAMEDUCK_QUIET_FALLBACK", value_name = "DUR", default_value = "30s",
           value_parser = parse_duration, help_heading = "Drain")]
-    pub quiet: Duration,
+    pub quiet_fallback: Duration,
+
+    /// User-Agent prefixes that mark a request as a load-balancer health check (besides
+    /// requests to --health-path), comma-separated. Checks are learned from for --quiet
+    /// auto and counted apart from application requests.
+    #[arg(
+        long,
+        env = "LAMEDUCK_HEALTH_CHECK_AGENTS",
+        value_name = "LIST",
+        default_value = "ELB-HealthChecker",
+        value_delimiter = ',',
+        help_heading = "Drain"
+    )]
+    pub health_check_agents: Vec<String>,
 
     /// Hard cap on draining. Covers the AWS Load Balancer Controller's deregistration lag
     /// (70s seen in production). drain-max plus the app's own shutdown time must fit inside
@@ -190,10 +217,14 @@ impl ProxyArgs {
                 fmt_dur(self.drain_max)
             ));
         }
-        if self.quiet > self.drain_max {
+        let (flag, quiet) = match self.quiet {
+            QuietArg::Fixed(d) => ("--quiet", d),
+            QuietArg::Auto => ("--quiet-fallback", self.quiet_fallback),
+        };
+        if quiet > self.drain_max {
             return Err(format!(
-                "--quiet ({}) must not exceed --drain-max ({}): every drain would end at the cap",
-                fmt_dur(self.quiet),
+                "{flag} ({}) must not exceed --drain-max ({}): every drain would end at the cap",
+                fmt_dur(quiet),
                 fmt_dur(self.drain_max)
             ));
         }
@@ -209,7 +240,7 @@ impl ProxyArgs {
                 return Err(format!("{flag} must be greater than 0"));
             }
         }
-        if self.listen == self.admin {
+        if self.listen == self.admin && self.listen.port() != 0 {
             return Err(format!(
                 "--listen and --admin are both {}: they must differ",
                 self.listen
@@ -218,10 +249,15 @@ impl ProxyArgs {
         Ok(())
     }
 
-    pub fn policy(&self) -> DrainPolicy {
-        DrainPolicy {
+    pub fn settings(&self) -> DrainSettings {
+        DrainSettings {
             min: self.drain_min,
-            quiet: self.quiet,
+            quiet: match self.quiet {
+                QuietArg::Fixed(d) => Quiet::Fixed(d),
+                QuietArg::Auto => Quiet::Auto {
+                    fallback: self.quiet_fallback,
+                },
+            },
             max: self.drain_max,
         }
     }
@@ -249,6 +285,89 @@ pub struct DrainArgs {
     pub token: Option<String>,
 }
 
+/// The sidecar settings shared by `lameduck inject` and `lameduck webhook`.
+#[derive(Args, Debug, Clone)]
+pub struct SidecarArgs {
+    /// Image of the injected lameduck container.
+    #[arg(long, env = "LAMEDUCK_SIDECAR_IMAGE", value_name = "IMG",
+          default_value = crate::inject::DEFAULT_SIDECAR_IMAGE)]
+    pub sidecar_image: String,
+
+    /// Inject a native sidecar (initContainers, restartPolicy: Always; Kubernetes >= 1.29)
+    /// rather than a regular container. A pod's annotation lameduck.io/native-sidecar wins.
+    #[arg(long, env = "LAMEDUCK_NATIVE_SIDECAR", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub native_sidecar: bool,
+}
+
+impl SidecarArgs {
+    pub fn settings(&self) -> crate::inject::Settings {
+        crate::inject::Settings {
+            sidecar_image: self.sidecar_image.clone(),
+            native_sidecar: self.native_sidecar,
+        }
+    }
+}
+
+/// `lameduck inject`.
+#[derive(Args, Debug, Clone)]
+pub struct InjectArgs {
+    /// Manifests to read (multi-document YAML, `kind: List` too); `-` reads stdin.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        env = "LAMEDUCK_FILENAME",
+        value_name = "FILE",
+        default_value = "-"
+    )]
+    pub filename: std::path::PathBuf,
+
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+
+    /// Inject into every pod template, not only those labelled lameduck.io/inject: "true"
+    /// (a template labelled "false" is still skipped).
+    #[arg(long, env = "LAMEDUCK_INJECT_ALL")]
+    pub all: bool,
+}
+
+/// `lameduck webhook`.
+#[derive(Args, Debug, Clone)]
+pub struct WebhookArgs {
+    /// HTTPS address the API server calls (POST /mutate; GET /healthz).
+    #[arg(
+        long,
+        env = "LAMEDUCK_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8443"
+    )]
+    pub listen: SocketAddr,
+
+    /// PEM certificate chain; re-read when it changes (cert-manager rotates it).
+    #[arg(long, env = "LAMEDUCK_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: std::path::PathBuf,
+
+    /// PEM private key matching --tls-cert; re-read when it changes.
+    #[arg(long, env = "LAMEDUCK_TLS_KEY", value_name = "FILE")]
+    pub tls_key: std::path::PathBuf,
+
+    /// How often to check the certificate files for changes.
+    #[arg(long, env = "LAMEDUCK_TLS_RELOAD_INTERVAL", value_name = "DUR", default_value = "5s",
+          value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+
+    /// Log format on stderr.
+    #[arg(long, env = "LAMEDUCK_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log level.
+    #[arg(long, env = "LAMEDUCK_LOG_LEVEL", value_enum, default_value = "info")]
+    pub log_level: LogLevel,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -262,6 +381,23 @@ pub enum LogLevel {
     Info,
     Debug,
     Trace,
+}
+
+/// `--quiet`: learned, or fixed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuietArg {
+    Auto,
+    Fixed(Duration),
+}
+
+/// Parses `auto` or a duration.
+pub fn parse_quiet(s: &str) -> Result<QuietArg, String> {
+    if s.trim() == "auto" {
+        return Ok(QuietArg::Auto);
+    }
+    parse_duration(s)
+        .map(QuietArg::Fixed)
+        .map_err(|e| format!("{e}; or auto"))
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h30m`.
@@ -320,7 +456,9 @@ mod tests {
         assert_eq!(p.upstream.to_string(), "127.0.0.1:3000");
         assert_eq!(p.admin.to_string(), "0.0.0.0:9901");
         assert_eq!(p.drain_min, Duration::from_secs(5));
-        assert_eq!(p.quiet, Duration::from_secs(20));
+        assert_eq!(p.quiet, QuietArg::Auto);
+        assert_eq!(p.quiet_fallback, Duration::from_secs(30));
+        assert_eq!(p.health_check_agents, ["ELB-HealthChecker"]);
         assert_eq!(p.drain_max, Duration::from_secs(120));
         assert!(
             p.idle_timeout > Duration::from_secs(60),
@@ -347,7 +485,20 @@ mod tests {
             "{e}"
         );
         let e = proxy(&["--quiet", "3m"]).unwrap_err();
-        assert!(e.contains("--quiet"), "{e}");
+        assert!(e.contains("--quiet (3m)"), "{e}");
+        let e = proxy(&["--quiet-fallback", "3m"]).unwrap_err();
+        assert!(e.contains("--quiet-fallback (3m)"), "{e}");
+        assert!(proxy(&["--quiet", "sometimes"]).is_err());
+        assert_eq!(
+            proxy(&["--quiet", "15s"]).unwrap().quiet,
+            QuietArg::Fixed(Duration::from_secs(15))
+        );
+        assert_eq!(
+            proxy(&["--health-check-agents", "ELB-HealthChecker,kube-probe"])
+                .unwrap()
+                .health_check_agents,
+            ["ELB-HealthChecker", "kube-probe"]
+        );
         assert!(proxy(&["--listen", "nonsense"]).is_err());
         assert!(proxy(&["--health-path", "healthz"]).is_err());
         assert!(proxy(&["--upstream-protocol", "spdy"]).is_err());

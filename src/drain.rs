@@ -8,7 +8,10 @@
 //!
 //! This module also owns the counters that decision reads (requests in flight, open
 //! connections, when the last request started) and the RAII guards that keep them right
-//! whatever happens to a request: completion, error, or a client that disconnects.
+//! whatever happens to a request: completion, error, or a client that disconnects; and the
+//! record of the load balancer's health checks from which `--quiet auto` learns its window
+//! (see [`crate::cadence`]). The window is fixed when the drain starts: from then on the
+//! checks are expected to stop, and their silence is what the drain waits for.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -16,6 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
+
+use crate::cadence::{self, HealthChecks, Quiet, QuietWindow, SourceInterval};
 // tokio's clock, so tests can pause and advance it; the same as std's in a release build.
 use tokio::time::Instant;
 
@@ -91,14 +96,19 @@ pub enum State {
         since: Instant,
         started_at: SystemTime,
         trigger: Trigger,
+        /// The quiet window this drain uses, fixed when it started.
+        window: QuietWindow,
     },
     Drained {
         since: Instant,
         started_at: SystemTime,
         trigger: Trigger,
+        window: QuietWindow,
         reason: DrainReason,
         took: Duration,
+        /// Application requests (not health checks) that started during the drain.
         requests_during_drain: u64,
+        health_checks_during_drain: u64,
     },
 }
 
@@ -116,7 +126,27 @@ impl State {
     }
 }
 
-/// How long a drain lasts. Validated by the CLI: `min <= max`, `quiet <= max`.
+/// The drain settings from the command line. Validated by the CLI: `min <= max`, a fixed
+/// quiet or the fallback `<= max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DrainSettings {
+    pub min: Duration,
+    pub quiet: Quiet,
+    pub max: Duration,
+}
+
+impl DrainSettings {
+    /// Settings with a fixed quiet window.
+    pub fn fixed(min: Duration, quiet: Duration, max: Duration) -> DrainSettings {
+        DrainSettings {
+            min,
+            quiet: Quiet::Fixed(quiet),
+            max,
+        }
+    }
+}
+
+/// How long one drain lasts: the settings with the quiet window resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DrainPolicy {
     /// Keep serving at least this long once draining starts.
@@ -166,6 +196,19 @@ pub struct Snapshot {
     pub connections: usize,
     pub since_last_request: Option<Duration>,
     pub requests_during_drain: u64,
+    pub health_checks_during_drain: u64,
+    /// The quiet window in force: the drain's own once draining, else what a drain
+    /// starting now would use.
+    pub window: QuietWindow,
+    pub health_check_sources: Vec<SourceInterval>,
+}
+
+/// What kind of request started: application traffic or a load-balancer health check.
+/// Both count as "traffic still arriving"; only traffic counts as a request saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Traffic,
+    HealthCheck,
 }
 
 /// Cheap, cloneable handle on the lifecycle.
@@ -177,12 +220,14 @@ struct Inner {
     /// Mirror of `state.phase()`, written only inside `state`'s modify closures, so the hot
     /// path reads the phase with one atomic load instead of the watch's lock.
     phase: AtomicU8,
-    policy: DrainPolicy,
+    settings: DrainSettings,
+    health_checks: HealthChecks,
     in_flight: AtomicUsize,
     connections: AtomicUsize,
     /// `now_nanos() + 1` when the last request started; 0 = none yet.
     last_request: AtomicU64,
     requests_during_drain: AtomicU64,
+    health_checks_during_drain: AtomicU64,
     /// Woken each time `in_flight` drops to zero.
     idle: Notify,
 }
@@ -190,22 +235,45 @@ struct Inner {
 // === impl Lifecycle ===
 
 impl Lifecycle {
-    pub fn new(policy: DrainPolicy) -> Self {
+    pub fn new(settings: DrainSettings) -> Self {
         let (state, _) = watch::channel(State::Serving);
         Lifecycle(Arc::new(Inner {
             state,
             phase: AtomicU8::new(Phase::Serving as u8),
-            policy,
+            settings,
+            health_checks: HealthChecks::default(),
             in_flight: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             last_request: AtomicU64::new(0),
             requests_during_drain: AtomicU64::new(0),
+            health_checks_during_drain: AtomicU64::new(0),
             idle: Notify::new(),
         }))
     }
 
-    pub fn policy(&self) -> &DrainPolicy {
-        &self.0.policy
+    pub fn settings(&self) -> &DrainSettings {
+        &self.0.settings
+    }
+
+    /// The quiet window a drain starting now would use, and what is known of each
+    /// health-check source.
+    pub fn quiet_window(&self) -> (QuietWindow, Vec<SourceInterval>) {
+        let obs = self.0.health_checks.observe(now_nanos());
+        match self.0.settings.quiet {
+            Quiet::Fixed(d) => {
+                let (_, sources) = cadence::quiet_window(&obs, d, self.0.settings.max);
+                (QuietWindow::fixed(d), sources)
+            }
+            Quiet::Auto { fallback } => cadence::quiet_window(&obs, fallback, self.0.settings.max),
+        }
+    }
+
+    fn policy_for(&self, window: &QuietWindow) -> DrainPolicy {
+        DrainPolicy {
+            min: self.0.settings.min,
+            quiet: window.window,
+            max: self.0.settings.max,
+        }
     }
 
     pub fn state(&self) -> State {
@@ -227,6 +295,11 @@ impl Lifecycle {
     /// Starts draining. Idempotent: returns `true` only for the call that started it.
     /// Must be called inside the tokio runtime (it spawns the drain clock).
     pub fn start_drain(&self, trigger: Trigger) -> bool {
+        if self.phase() != Phase::Serving {
+            return false;
+        }
+        let (window, _) = self.quiet_window();
+        let why = window.why();
         let started = self.0.state.send_if_modified(|s| {
             if *s != State::Serving {
                 return false;
@@ -235,6 +308,7 @@ impl Lifecycle {
                 since: Instant::now(),
                 started_at: SystemTime::now(),
                 trigger,
+                window,
             };
             self.0.phase.store(Phase::Draining as u8, Ordering::Release);
             true
@@ -242,9 +316,9 @@ impl Lifecycle {
         if started {
             tracing::info!(
                 trigger = ?trigger,
-                min = ?self.0.policy.min,
-                quiet = ?self.0.policy.quiet,
-                max = ?self.0.policy.max,
+                min = ?self.0.settings.min,
+                max = ?self.0.settings.max,
+                quiet_window = %why,
                 in_flight = self.in_flight(),
                 "draining: readiness now fails; still serving until traffic stops"
             );
@@ -286,29 +360,47 @@ impl Lifecycle {
 
     pub fn snapshot(&self) -> Snapshot {
         let last = self.0.last_request.load(Ordering::Acquire);
+        let state = self.state();
+        let (current, health_check_sources) = self.quiet_window();
+        let window = match &state {
+            State::Serving => current,
+            State::Draining { window, .. } | State::Drained { window, .. } => window.clone(),
+        };
         Snapshot {
-            state: self.state(),
+            state,
             in_flight: self.in_flight(),
             connections: self.0.connections.load(Ordering::Acquire),
             since_last_request: (last != 0)
                 .then(|| Duration::from_nanos(now_nanos().saturating_sub(last - 1))),
             requests_during_drain: self.0.requests_during_drain.load(Ordering::Acquire),
+            health_checks_during_drain: self.0.health_checks_during_drain.load(Ordering::Acquire),
+            window,
+            health_check_sources,
         }
     }
 
-    /// Counts a request that has started on the traffic port. Hold the guard until its
-    /// response (body included) is finished or abandoned.
-    pub fn request(&self) -> RequestGuard {
+    /// Counts a request that has started on the traffic port; a health check is also
+    /// recorded against its source address. Hold the guard until the response (body
+    /// included) is finished or abandoned.
+    pub fn request(&self, kind: RequestKind, source: std::net::IpAddr) -> RequestGuard {
         let now = now_nanos();
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
         self.0.last_request.store(now + 1, Ordering::Release);
         let phase = self.phase();
+        if kind == RequestKind::HealthCheck {
+            self.0.health_checks.record(source, now);
+        }
         if phase != Phase::Serving {
-            self.0.requests_during_drain.fetch_add(1, Ordering::Relaxed);
+            match kind {
+                RequestKind::Traffic => &self.0.requests_during_drain,
+                RequestKind::HealthCheck => &self.0.health_checks_during_drain,
+            }
+            .fetch_add(1, Ordering::Relaxed);
         }
         RequestGuard {
             lifecycle: self.clone(),
             phase,
+            kind,
             started: now,
         }
     }
@@ -341,8 +433,8 @@ impl Lifecycle {
     /// The drain clock: sleeps until the next moment the verdict could change, or until the
     /// last in-flight request ends, and ends the drain when [`check`] says so.
     async fn run_drain_clock(self) {
-        let since = match *self.0.state.borrow() {
-            State::Draining { since, .. } => since,
+        let (since, policy) = match &*self.0.state.borrow() {
+            State::Draining { since, window, .. } => (*since, self.policy_for(window)),
             _ => return,
         };
         loop {
@@ -353,7 +445,7 @@ impl Lifecycle {
                 return; // cut short
             }
             let verdict = check(
-                &self.0.policy,
+                &policy,
                 since.elapsed(),
                 self.idle_for(now_nanos()),
                 self.in_flight(),
@@ -378,30 +470,35 @@ impl Lifecycle {
 
     fn finish(&self, reason: DrainReason) {
         let requests_during_drain = self.0.requests_during_drain.load(Ordering::Acquire);
+        let health_checks_during_drain = self.0.health_checks_during_drain.load(Ordering::Acquire);
         let mut done = None;
         self.0.state.send_if_modified(|s| {
             let State::Draining {
                 since,
                 started_at,
                 trigger,
-            } = *s
+                window,
+            } = s.clone()
             else {
                 return false;
             };
             let took = since.elapsed();
+            done = Some((took, window.clone()));
             *s = State::Drained {
                 since,
                 started_at,
                 trigger,
+                window,
                 reason,
                 took,
                 requests_during_drain,
+                health_checks_during_drain,
             };
             self.0.phase.store(Phase::Drained as u8, Ordering::Release);
-            done = Some(took);
             true
         });
-        let Some(took) = done else { return };
+        let Some((took, window)) = done else { return };
+        let why = window.why();
         let in_flight = self.in_flight();
         let connections = self.0.connections.load(Ordering::Acquire);
         let idle = self.idle_for(now_nanos());
@@ -410,19 +507,21 @@ impl Lifecycle {
                 reason = "quiet",
                 drain_seconds = took.as_secs_f64(),
                 requests_during_drain,
-                "drained: no request for {:?}; the app may now be stopped",
-                idle
+                health_checks_during_drain,
+                quiet_window = %why,
+                "drained: no request for {idle:?}; the app may now be stopped",
             ),
             DrainReason::Max => tracing::warn!(
                 reason = "max",
                 drain_seconds = took.as_secs_f64(),
                 requests_during_drain,
+                health_checks_during_drain,
                 in_flight,
                 connections,
                 last_request_ago = ?idle,
+                quiet_window = %why,
                 "drain cut short before traffic stopped: {in_flight} request(s) still in flight, \
-                 last request started {idle:?} ago (quiet window {:?})",
-                self.0.policy.quiet
+                 last request started {idle:?} ago",
             ),
         }
     }
@@ -432,6 +531,7 @@ impl Lifecycle {
 pub struct RequestGuard {
     lifecycle: Lifecycle,
     phase: Phase,
+    kind: RequestKind,
     started: u64,
 }
 
@@ -439,6 +539,10 @@ impl RequestGuard {
     /// The phase the request started in.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    pub fn kind(&self) -> RequestKind {
+        self.kind
     }
 
     /// Time since the request started.
@@ -476,6 +580,7 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+    const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn policy() -> DrainPolicy {
         DrainPolicy {
@@ -532,11 +637,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn drain_ends_quiet_and_is_idempotent() {
-        let lc = Lifecycle::new(DrainPolicy {
-            min: Duration::from_millis(100),
-            quiet: Duration::from_millis(500),
-            max: S(10),
-        });
+        let lc = Lifecycle::new(DrainSettings::fixed(
+            Duration::from_millis(100),
+            Duration::from_millis(500),
+            S(10),
+        ));
         assert!(lc.start_drain(Trigger::Admin));
         assert!(!lc.start_drain(Trigger::Signal));
         assert_eq!(lc.phase(), Phase::Draining);
@@ -549,12 +654,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn in_flight_request_holds_until_max() {
-        let lc = Lifecycle::new(DrainPolicy {
-            min: Duration::ZERO,
-            quiet: Duration::from_millis(100),
-            max: S(2),
-        });
-        let guard = lc.request();
+        let lc = Lifecycle::new(DrainSettings::fixed(
+            Duration::ZERO,
+            Duration::from_millis(100),
+            S(2),
+        ));
+        let guard = lc.request(RequestKind::Traffic, LOCAL);
         lc.start_drain(Trigger::Signal);
         let State::Drained { reason, took, .. } = lc.drained().await else {
             unreachable!()
@@ -568,36 +673,68 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn request_end_wakes_the_clock() {
-        let lc = Lifecycle::new(DrainPolicy {
-            min: Duration::ZERO,
-            quiet: Duration::ZERO,
-            max: S(3600),
-        });
-        let guard = lc.request();
+        let lc = Lifecycle::new(DrainSettings::fixed(
+            Duration::ZERO,
+            Duration::ZERO,
+            S(3600),
+        ));
+        let guard = lc.request(RequestKind::Traffic, LOCAL);
         lc.start_drain(Trigger::Admin);
         tokio::time::sleep(S(1)).await;
         assert_eq!(lc.phase(), Phase::Draining);
-        let during = lc.request();
+        let during = lc.request(RequestKind::Traffic, LOCAL);
         assert_eq!(during.phase(), Phase::Draining);
         drop(during);
+        drop(lc.request(RequestKind::HealthCheck, LOCAL));
         drop(guard);
         let State::Drained {
             reason,
             requests_during_drain,
+            health_checks_during_drain,
             ..
         } = lc.drained().await
         else {
             unreachable!()
         };
         assert_eq!(reason, DrainReason::Quiet);
-        assert_eq!(requests_during_drain, 1);
+        // Health checks are not requests saved: they have their own count.
+        assert_eq!((requests_during_drain, health_checks_during_drain), (1, 1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn cut_short_ends_a_drain() {
-        let lc = Lifecycle::new(policy());
+        let p = policy();
+        let lc = Lifecycle::new(DrainSettings::fixed(p.min, p.quiet, p.max));
         lc.start_drain(Trigger::Signal);
         lc.cut_short();
         assert!(lc.state().is_drained());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn auto_quiet_window_is_fixed_when_the_drain_starts() {
+        let lc = Lifecycle::new(DrainSettings {
+            min: Duration::ZERO,
+            quiet: Quiet::Auto { fallback: S(30) },
+            max: S(120),
+        });
+        // No checks yet: the fallback.
+        assert_eq!(lc.quiet_window().0.kind(), "fallback");
+        // Checks every second from two sources.
+        let base = now_nanos();
+        for (i, src) in [[10, 0, 0, 1], [10, 0, 0, 2]].into_iter().enumerate() {
+            for n in 0..6u64 {
+                lc.0.health_checks
+                    .record(src.into(), base + n * 1_000_000_000 + i as u64);
+            }
+        }
+        let (w, sources) = lc.quiet_window();
+        assert_eq!(w.kind(), "learned", "{}", w.why());
+        assert_eq!(w.window, Duration::from_millis(1750));
+        assert_eq!(sources.len(), 2);
+        lc.start_drain(Trigger::Admin);
+        let State::Draining { window, .. } = lc.state() else {
+            unreachable!()
+        };
+        assert_eq!(window, w);
     }
 }

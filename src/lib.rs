@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`cli`] | flags and their environment variables, validation |
 //! | [`drain`] | the lifecycle `State`, the pure drain decision, in-flight/connection guards |
+//! | [`cadence`] | the load balancer's health-check cadence and the learned quiet window |
 //! | [`signal`] | SIGTERM/SIGINT as a stream of triggers |
 //! | [`listener`] | the traffic port: accept loop, per-connection idle/header watchdog, close at Drained |
 //! | [`proxy`] | the tower stack: tracking, drain awareness, forwarding, hop-by-hop headers |
@@ -14,13 +15,18 @@
 //! | [`admin`] | `/livez` `/readyz` `/drain` `/status` `/metrics`, and the `lameduck drain` client |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
+//! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
+//! | [`webhook`] | `lameduck webhook`: the HTTPS AdmissionReview shell around [`inject`] |
 
 pub mod admin;
+pub mod cadence;
 pub mod cli;
 pub mod drain;
+pub mod inject;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod sidecar;
 pub mod signal;
 pub mod upstream;
+pub mod webhook;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use lameduck::cli::{Cli, Command, DrainArgs, LogFormat, LogLevel, ProxyArgs};
+use lameduck::cli::{
+    Cli, Command, DrainArgs, InjectArgs, LogFormat, LogLevel, ProxyArgs, WebhookArgs,
+};
 use lameduck::sidecar::Bound;
 use tracing::level_filters::LevelFilter;
 
@@ -18,6 +20,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Proxy(args) => proxy(args),
         Command::Drain(args) => drain(args),
+        Command::Inject(args) => inject(args),
+        Command::Webhook(args) => webhook(args),
     }
 }
 
@@ -89,6 +93,66 @@ fn drain(args: DrainArgs) -> ExitCode {
         }
         Err(e) => fail(1, &e.to_string()),
     }
+}
+
+/// Reads manifests, writes them injected to stdout, warnings to stderr; a document that
+/// cannot be injected exits 2 naming it.
+fn inject(args: InjectArgs) -> ExitCode {
+    use std::io::{Read, Write};
+    let mut input = String::new();
+    let read = if args.filename.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut input)
+    } else {
+        std::fs::File::open(&args.filename).and_then(|mut f| f.read_to_string(&mut input))
+    };
+    if let Err(e) = read {
+        return fail(2, &format!("cannot read {}: {e}", args.filename.display()));
+    }
+    match lameduck::inject::inject_manifests(&input, &args.sidecar.settings(), args.all) {
+        Ok(out) => {
+            for w in &out.warnings {
+                eprintln!("lameduck: warning: {w}");
+            }
+            let mut stdout = std::io::stdout().lock();
+            match stdout
+                .write_all(out.yaml.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(1, &format!("cannot write the output: {e}")),
+            }
+        }
+        Err(e) => fail(2, &e.to_string()),
+    }
+}
+
+fn webhook(args: WebhookArgs) -> ExitCode {
+    init_tracing(args.log_format, args.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let bound = match lameduck::webhook::Bound::bind(&args).await {
+            Ok(bound) => bound,
+            Err(e) => return fail(2, &e.to_string()),
+        };
+        let mut terminations = match lameduck::signal::listen() {
+            Ok(t) => t,
+            Err(e) => return fail(1, &format!("cannot register signal handlers: {e}")),
+        };
+        tracing::info!(addr = %bound.local_addr(), "webhook listening");
+        bound
+            .run(async move {
+                let _ = terminations.recv().await;
+            })
+            .await;
+        ExitCode::SUCCESS
+    })
 }
 
 fn init_tracing(format: LogFormat, level: LogLevel) {

@@ -17,7 +17,14 @@
 //! | `lameduck_upstream_retries_total` | counter | |
 //! | `lameduck_state` | gauge: 0 serving, 1 draining, 2 drained | |
 //! | `lameduck_drain_duration_seconds` | gauge | |
+//! | `lameduck_health_checks_total` | counter | `phase` |
+//! | `lameduck_health_check_sources` | gauge | |
+//! | `lameduck_health_check_interval_seconds` | gauge | `source` |
+//! | `lameduck_quiet_window_seconds` | gauge | |
 //! | `lameduck_build_info` | gauge, always 1 | `version` |
+//!
+//! Health checks are counted apart from requests: `lameduck_requests_total{phase="draining"}`
+//! is the number of application requests the drain saved.
 
 use std::time::Duration;
 
@@ -28,7 +35,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::drain::{Lifecycle, Phase, State};
+use crate::drain::{Lifecycle, Phase, RequestKind, State};
 
 /// Request latency buckets, in seconds: from sub-millisecond proxy hops to the ALB's 60 s.
 const DURATION_BUCKETS: &[f64] = &[
@@ -43,6 +50,8 @@ pub struct Metrics {
     /// Indexed by `Phase as usize`.
     durations: [Histogram; 3],
     upstream_errors: IntCounterVec,
+    /// Indexed by `Phase as usize`.
+    health_checks: [IntCounter; 3],
     pub upstream_retries: IntCounter,
     pub connections_total: IntCounter,
 }
@@ -85,6 +94,14 @@ impl Metrics {
             "Downstream connections accepted on the traffic port.",
         )
         .expect("valid metric");
+        let health_checks = IntCounterVec::new(
+            Opts::new(
+                "lameduck_health_checks_total",
+                "Load-balancer health checks seen on the traffic port (--health-path or --health-check-agents), by lifecycle phase.",
+            ),
+            &["phase"],
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "lameduck_build_info",
@@ -101,6 +118,7 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn Collector>,
             Box::new(duration.clone()),
             Box::new(upstream_errors.clone()),
+            Box::new(health_checks.clone()),
             Box::new(upstream_retries.clone()),
             Box::new(connections_total.clone()),
             Box::new(build_info),
@@ -109,18 +127,24 @@ impl Metrics {
             registry.register(c).expect("metric names are unique");
         }
         let durations = Phase::ALL.map(|p| duration.with_label_values(&[p.as_str()]));
+        let health_checks = Phase::ALL.map(|p| health_checks.with_label_values(&[p.as_str()]));
         Metrics {
             registry,
             requests,
             durations,
             upstream_errors,
+            health_checks,
             upstream_retries,
             connections_total,
         }
     }
 
     /// Records a finished (or abandoned) request.
-    pub fn record_request(&self, status: u16, phase: Phase, took: Duration) {
+    pub fn record_request(&self, status: u16, phase: Phase, kind: RequestKind, took: Duration) {
+        if kind == RequestKind::HealthCheck {
+            self.health_checks[phase as usize].inc();
+            return;
+        }
         let mut buf = itoa_buf();
         let code = fmt_code(status, &mut buf);
         self.requests
@@ -165,6 +189,9 @@ struct LifecycleCollector {
     in_flight: prometheus::IntGauge,
     connections: prometheus::IntGauge,
     drain_duration: prometheus::Gauge,
+    sources: prometheus::IntGauge,
+    intervals: prometheus::GaugeVec,
+    window: prometheus::Gauge,
     descs: Vec<Desc>,
 }
 
@@ -190,11 +217,32 @@ impl LifecycleCollector {
             "How long the drain has lasted so far (draining) or took (drained); 0 while serving.",
         )
         .expect("valid metric");
+        let sources = prometheus::IntGauge::new(
+            "lameduck_health_check_sources",
+            "Load-balancer nodes (source addresses) currently health-checking this target.",
+        )
+        .expect("valid metric");
+        let intervals = prometheus::GaugeVec::new(
+            Opts::new(
+                "lameduck_health_check_interval_seconds",
+                "Learned health-check interval of each source address still checking.",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        let window = prometheus::Gauge::new(
+            "lameduck_quiet_window_seconds",
+            "The quiet window: of the current drain, or what a drain starting now would use.",
+        )
+        .expect("valid metric");
         let descs = [
             state.desc(),
             in_flight.desc(),
             connections.desc(),
             drain_duration.desc(),
+            sources.desc(),
+            intervals.desc(),
+            window.desc(),
         ]
         .into_iter()
         .flatten()
@@ -206,6 +254,9 @@ impl LifecycleCollector {
             in_flight,
             connections,
             drain_duration,
+            sources,
+            intervals,
+            window,
             descs,
         }
     }
@@ -226,11 +277,26 @@ impl Collector for LifecycleCollector {
             State::Draining { since, .. } => since.elapsed().as_secs_f64(),
             State::Drained { took, .. } => took.as_secs_f64(),
         });
+        self.window.set(snap.window.window.as_secs_f64());
+        self.intervals.reset();
+        let mut active = 0;
+        for s in snap.health_check_sources.iter().filter(|s| s.active) {
+            active += 1;
+            if let Some(t) = s.interval_seconds {
+                self.intervals
+                    .with_label_values(&[&s.address.to_string()])
+                    .set(t.as_secs_f64());
+            }
+        }
+        self.sources.set(active);
         [
             self.state.collect(),
             self.in_flight.collect(),
             self.connections.collect(),
             self.drain_duration.collect(),
+            self.sources.collect(),
+            self.intervals.collect(),
+            self.window.collect(),
         ]
         .into_iter()
         .flatten()
@@ -241,7 +307,7 @@ impl Collector for LifecycleCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drain::DrainPolicy;
+    use crate::drain::DrainSettings;
 
     #[test]
     fn codes_format_without_allocating() {
@@ -253,15 +319,26 @@ mod tests {
 
     #[test]
     fn exposition_has_every_metric() {
-        let lc = Lifecycle::new(DrainPolicy {
-            min: Duration::ZERO,
-            quiet: Duration::ZERO,
-            max: Duration::from_secs(1),
-        });
+        let lc = Lifecycle::new(DrainSettings::fixed(
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::from_secs(1),
+        ));
         let m = Metrics::new(lc.clone());
-        m.record_request(200, Phase::Serving, Duration::from_millis(3));
+        m.record_request(
+            200,
+            Phase::Serving,
+            RequestKind::Traffic,
+            Duration::from_millis(3),
+        );
+        m.record_request(
+            200,
+            Phase::Serving,
+            RequestKind::HealthCheck,
+            Duration::from_millis(3),
+        );
         m.upstream_error("connect");
-        let _g = lc.request();
+        let _g = lc.request(RequestKind::Traffic, [127, 0, 0, 1].into());
         let text = String::from_utf8(m.render()).unwrap();
         for needle in [
             "lameduck_requests_total{code=\"200\",phase=\"serving\"} 1",
@@ -273,6 +350,9 @@ mod tests {
             "lameduck_upstream_retries_total 0",
             "lameduck_state 0",
             "lameduck_drain_duration_seconds 0",
+            "lameduck_health_checks_total{phase=\"serving\"} 1",
+            "lameduck_health_check_sources 0",
+            "lameduck_quiet_window_seconds 0",
             "lameduck_build_info{version=",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");

@@ -1,7 +1,8 @@
 //! The traffic path: a tower stack that forwards each request to the app.
 //!
 //! ```text
-//! Track        in-flight guard, last-request instant, metrics (held until the body ends)
+//! Track        in-flight guard, last-request instant, health-check recognition, metrics
+//!              (held until the body ends)
 //!  └ DrainAware  health path answered 503 while draining; `connection: close` once drained
 //!     └ Forward    hop-by-hop headers, URI and Host, upgrades, upstream errors → 502/504
 //! ```
@@ -22,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower::{Layer, Service};
 
-use crate::drain::{Lifecycle, Phase, RequestGuard};
+use crate::drain::{Lifecycle, Phase, RequestGuard, RequestKind};
 use crate::listener::{ConnRequest, ConnTrack};
 use crate::metrics::Metrics;
 use crate::upstream::{Protocol, Upstream, UpstreamBody, UpstreamError};
@@ -39,20 +40,29 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// `health_path` and `health_check_agents` (User-Agent prefixes) recognise the load
+    /// balancer's health checks.
     pub fn new(
         lifecycle: Lifecycle,
         metrics: Arc<Metrics>,
         upstream: Arc<Upstream>,
         health_path: Option<String>,
+        health_check_agents: Vec<String>,
     ) -> Proxy {
+        let health_path: Option<Arc<str>> = health_path.map(Arc::from);
         Proxy {
             track: Arc::new(TrackShared {
                 lifecycle: lifecycle.clone(),
                 metrics: metrics.clone(),
+                health_path: health_path.clone(),
+                health_check_agents: health_check_agents
+                    .into_iter()
+                    .filter(|a| !a.is_empty())
+                    .collect(),
             }),
             drain: DrainAwareLayer {
                 lifecycle: lifecycle.clone(),
-                health_path: health_path.map(Arc::from),
+                health_path,
             },
             forward: Forward(Arc::new(ForwardShared {
                 upstream,
@@ -62,11 +72,12 @@ impl Proxy {
         }
     }
 
-    /// The service for one accepted connection.
-    pub fn stack(&self, conn: Arc<ConnTrack>) -> Stack {
+    /// The service for one accepted connection from `peer`.
+    pub fn stack(&self, conn: Arc<ConnTrack>, peer: std::net::IpAddr) -> Stack {
         let layer = TrackLayer {
             shared: self.track.clone(),
             conn,
+            peer,
         };
         layer.layer(self.drain.layer(self.forward.clone()))
     }
@@ -130,12 +141,37 @@ fn local(status: StatusCode, text: impl Into<Bytes>) -> Response<ResBody> {
 struct TrackShared {
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
+    health_path: Option<Arc<str>>,
+    health_check_agents: Vec<String>,
+}
+
+impl TrackShared {
+    /// A load-balancer health check: the health path, or a known checker's User-Agent.
+    fn kind<B>(&self, req: &Request<B>) -> RequestKind {
+        let by_path = self
+            .health_path
+            .as_deref()
+            .is_some_and(|p| req.uri().path() == p);
+        let by_agent = || {
+            req.headers().get(header::USER_AGENT).is_some_and(|ua| {
+                self.health_check_agents
+                    .iter()
+                    .any(|a| ua.as_bytes().starts_with(a.as_bytes()))
+            })
+        };
+        if by_path || (!self.health_check_agents.is_empty() && by_agent()) {
+            RequestKind::HealthCheck
+        } else {
+            RequestKind::Traffic
+        }
+    }
 }
 
 /// Counts each request from its start until its response body ends or is abandoned.
 pub struct TrackLayer {
     shared: Arc<TrackShared>,
     conn: Arc<ConnTrack>,
+    peer: std::net::IpAddr,
 }
 
 impl<S> Layer<S> for TrackLayer {
@@ -145,6 +181,7 @@ impl<S> Layer<S> for TrackLayer {
             inner,
             shared: self.shared.clone(),
             conn: self.conn.clone(),
+            peer: self.peer,
         }
     }
 }
@@ -154,6 +191,7 @@ pub struct Track<S> {
     inner: S,
     shared: Arc<TrackShared>,
     conn: Arc<ConnTrack>,
+    peer: std::net::IpAddr,
 }
 
 impl<S> Service<Request<Incoming>> for Track<S>
@@ -169,15 +207,31 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let done = Done {
-            request: self.shared.lifecycle.request(),
-            _conn: ConnTrack::request(&self.conn),
+        let (conn, conflicting_framing) = ConnTrack::request(&self.conn);
+        let kind = self.shared.kind(&req);
+        let done = Some(Done {
+            request: self.shared.lifecycle.request(kind, self.peer),
+            _conn: conn,
             shared: self.shared.clone(),
             status: 0,
-        };
-        TrackFuture {
+        });
+        if conflicting_framing {
+            // Both framings at once is how requests are smuggled past a proxy (RFC 9112
+            // §6.3). hyper would drop Content-Length and go on; refuse instead.
+            let mut resp = local(
+                StatusCode::BAD_REQUEST,
+                "lameduck: bad request: both Content-Length and Transfer-Encoding\n",
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return TrackFuture::Local {
+                resp: Some(resp),
+                done,
+            };
+        }
+        TrackFuture::Inner {
             inner: self.inner.call(req),
-            done: Some(done),
+            done,
         }
     }
 }
@@ -194,17 +248,20 @@ struct Done {
 impl Drop for Done {
     fn drop(&mut self) {
         let status = if self.status == 0 { 499 } else { self.status };
-        self.shared
-            .metrics
-            .record_request(status, self.request.phase(), self.request.elapsed());
+        self.shared.metrics.record_request(
+            status,
+            self.request.phase(),
+            self.request.kind(),
+            self.request.elapsed(),
+        );
     }
 }
 
 pin_project_lite::pin_project! {
-    pub struct TrackFuture<F> {
-        #[pin]
-        inner: F,
-        done: Option<Done>,
+    #[project = TrackProj]
+    pub enum TrackFuture<F> {
+        Local { resp: Option<Response<ResBody>>, done: Option<Done> },
+        Inner { #[pin] inner: F, done: Option<Done> },
     }
 }
 
@@ -215,9 +272,16 @@ where
     type Output = Result<Response<Tracked>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let Ok(resp) = ready!(this.inner.poll(cx));
-        let mut done = this.done.take().expect("polled after completion");
+        let (resp, done) = match self.project() {
+            TrackProj::Local { resp, done } => {
+                (resp.take().expect("polled after completion"), done)
+            }
+            TrackProj::Inner { inner, done } => {
+                let Ok(resp) = ready!(inner.poll(cx));
+                (resp, done)
+            }
+        };
+        let mut done = done.take().expect("polled after completion");
         done.status = resp.status().as_u16();
         Poll::Ready(Ok(resp.map(|inner| Tracked {
             inner,
@@ -525,6 +589,24 @@ fn prepare_request<B>(
 /// `Transfer-Encoding` and `Upgrade`. With `keep_upgrade`, `Upgrade` and
 /// `Connection: upgrade` stay, for a WebSocket handshake.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    // Hot path: most messages carry none of them. One pass over the names (standard names
+    // compare as enum values) instead of a hash lookup per hop-by-hop name.
+    let any = headers.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::TE
+            || n == header::UPGRADE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    });
+    if !any {
+        if keep_upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         // Rare on the hot path (ALBs don't send it); collect the names, then remove them.
         let named: Vec<HeaderName> = headers
@@ -541,8 +623,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(header::CONNECTION);
     }
-    headers.remove("proxy-connection");
-    headers.remove("keep-alive");
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(&KEEP_ALIVE);
     headers.remove(header::TRANSFER_ENCODING);
     if let Some(te) = headers.get(header::TE) {
         if te != "trailers" {

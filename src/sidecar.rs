@@ -80,7 +80,7 @@ impl Bound {
             traffic.local_addr().expect("bound"),
             admin.local_addr().expect("bound"),
         );
-        let lifecycle = Lifecycle::new(args.policy());
+        let lifecycle = Lifecycle::new(args.settings());
         let metrics = Arc::new(Metrics::new(lifecycle.clone()));
         let upstream = Arc::new(Upstream::new(upstream::Config {
             addr: args.upstream,
@@ -93,6 +93,7 @@ impl Bound {
             metrics.clone(),
             upstream.clone(),
             args.health_path.clone(),
+            args.health_check_agents.clone(),
         );
         tokio::spawn(listener::serve(
             traffic,
@@ -120,6 +121,7 @@ impl Bound {
             upstream = %args.upstream,
             drain_min = ?args.drain_min,
             quiet = ?args.quiet,
+            quiet_fallback = ?args.quiet_fallback,
             drain_max = ?args.drain_max,
             version = env!("CARGO_PKG_VERSION"),
             "lameduck proxy serving"
@@ -154,7 +156,7 @@ async fn drained_and_idle(lifecycle: &Lifecycle) {
     if reason == DrainReason::Max {
         return;
     }
-    let deadline = since + lifecycle.policy().max;
+    let deadline = since + lifecycle.settings().max;
     if tokio::time::timeout_at(deadline, lifecycle.idle())
         .await
         .is_err()

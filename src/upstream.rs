@@ -6,7 +6,8 @@
 //! (default 1 s, below every common app default), and when a *reused* connection still
 //! fails before any response byte, the request is retried once on a fresh connection if
 //! that is safe: the request was never written (hyper hands it back), or it is idempotent
-//! and has no body, so it can be rebuilt.
+//! and has no body, so it can be rebuilt (kept only when the connection sat idle long
+//! enough for an app to be closing it, [`REPLAY_AFTER_IDLE`]).
 //!
 //! HTTP/1 connections are pooled LIFO (the most recently used is the least likely to be
 //! closing). With `--upstream-protocol h2c` one multiplexed connection is shared and
@@ -31,6 +32,13 @@ use tokio::time::Instant;
 
 /// Idle HTTP/1 connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
+
+/// A reused connection idle at least this long may be one the app is closing for
+/// idleness, so a request sent on it keeps what it needs to be rebuilt. Below every real
+/// app keep-alive timeout (gunicorn's 2 s is the lowest common one); a connection reused
+/// sooner (under load: microseconds) skips the copy, and a request never written is
+/// retried whatever the idle time.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Wire protocol spoken to the app.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -239,10 +247,14 @@ impl Upstream {
         on_retry: impl FnOnce(),
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (mut tx, reused) = match self.pool.checkout() {
-            Some(tx) => (tx, true),
-            None => (self.connect_h1(false).await?, false),
+            Some((tx, idle)) => (tx, Some(idle)),
+            None => (self.connect_h1(false).await?, None),
         };
-        let replay = if reused { Replay::capture(&req) } else { None };
+        let replay = match reused {
+            Some(idle) if idle >= REPLAY_AFTER_IDLE => Replay::capture(&req),
+            _ => None,
+        };
+        let reused = reused.is_some();
         let again = match tx.try_send_request(req).await {
             Ok(resp) => return Ok(self.pooled(resp, tx)),
             Err(mut e) => match (e.take_message(), replay) {
@@ -435,17 +447,19 @@ impl std::error::Error for ConnectError {}
 // === impl Pool ===
 
 impl Pool {
-    /// The most recently returned connection, if it has not been idle too long.
-    fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+    /// The most recently returned connection and how long it was idle, if it has not been
+    /// idle too long.
+    fn checkout(&self) -> Option<(http1::SendRequest<RequestBody>, Duration)> {
         let mut idle = self.idle.lock().expect("pool lock is never poisoned");
         while let Some(c) = idle.pop() {
-            if c.since.elapsed() >= self.idle_timeout {
+            let idle_for = c.since.elapsed();
+            if idle_for >= self.idle_timeout {
                 // LIFO: everything older is stale too. The app may be closing them.
                 idle.clear();
                 return None;
             }
             if !c.tx.is_closed() {
-                return Some(c.tx);
+                return Some((c.tx, idle_for));
             }
         }
         None

@@ -1,0 +1,21 @@
+# lameduck: the sidecar proxy, `lameduck inject` and the admission webhook, one binary.
+#   docker build -t ghcr.io/lameduck/lameduck:0.1.0 .
+# Build: the official Rust image (Debian 12), matching the runtime's glibc.
+FROM docker.io/library/rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+# Cache mounts keep the registry and target/ between builds; the binary is copied out of
+# the cached target/ so the next stage can see it.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin lameduck \
+    && install -m 0755 target/release/lameduck /usr/local/bin/lameduck
+
+# Run: distroless "cc" (glibc and libgcc, no shell, no package manager), as the image's
+# non-root user 65532, numeric so that runAsNonRoot can be verified by the kubelet.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /usr/local/bin/lameduck /usr/local/bin/lameduck
+USER 65532:65532
+# 9900 traffic and 9901 admin as injected; 8443 the webhook.
+EXPOSE 9900 9901 8443
+ENTRYPOINT ["lameduck"]

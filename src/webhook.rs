@@ -1,0 +1,567 @@
+//! `lameduck webhook`: the mutating admission webhook, a thin HTTPS shell around
+//! [`crate::inject`]. It owns the AdmissionReview wire format, the TLS listener and the
+//! certificate reload; what a pod becomes is decided by [`crate::inject::template_patch`] alone.
+//!
+//! | endpoint | method | answers |
+//! |---|---|---|
+//! | `/mutate` | POST | `admission.k8s.io/v1` AdmissionReview in and out: a JSONPatch (base64, `patchType: JSONPatch`) and warnings for an opted-in pod; allowed with no patch for anything else; `allowed: false` with the reason when the pod's annotations are invalid. 400 with a reason for a body that is not an AdmissionReview, 413 above [`MAX_BODY`] |
+//! | `/healthz` | GET, HEAD | 200 `ok` |
+//!
+//! The certificate and key files are re-read every `--tls-reload-interval` and swapped in
+//! when their contents change and the pair is valid (cert-manager rotates them in the
+//! mounted Secret); new handshakes use the new pair, a bad pair keeps the old one.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::cli::WebhookArgs;
+use crate::inject::{self, Settings};
+
+/// Largest AdmissionReview accepted: the API server's own request size limit (3 MiB).
+pub const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// A TLS handshake or a request's headers must complete within this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A review's body must arrive within this long (the API server's own webhook timeout is
+/// at most 30 s).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight reviews get at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Why the webhook cannot start (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("--listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// A certificate/key pair that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// A request body that is not an AdmissionReview this webhook can answer (HTTP 400).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadReview(pub String);
+
+// === the review: pure ===
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn {
+    api_version: Option<String>,
+    kind: Option<String>,
+    request: Option<RequestIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn {
+    uid: String,
+    kind: Gvk,
+    #[serde(default)]
+    operation: Option<String>,
+    #[serde(default)]
+    object: Option<Json>,
+}
+
+#[derive(Deserialize)]
+struct Gvk {
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    kind: String,
+}
+
+/// Answers one AdmissionReview body with the AdmissionReview to send back.
+pub fn review(body: &[u8], settings: &Settings) -> Result<Json, BadReview> {
+    let review: ReviewIn = serde_json::from_slice(body)
+        .map_err(|e| BadReview(format!("not an AdmissionReview: {e}")))?;
+    if review.kind.as_deref() != Some("AdmissionReview")
+        || review.api_version.as_deref() != Some(REVIEW_API_VERSION)
+    {
+        return Err(BadReview(format!(
+            "expected kind AdmissionReview, apiVersion {REVIEW_API_VERSION}; got kind {:?}, \
+             apiVersion {:?}",
+            review.kind.unwrap_or_default(),
+            review.api_version.unwrap_or_default()
+        )));
+    }
+    let request = review
+        .request
+        .ok_or_else(|| BadReview("the AdmissionReview has no request".into()))?;
+    let uid = request.uid;
+    let answer = |response: Json| {
+        let mut response = response;
+        response["uid"] = Json::String(uid.clone());
+        json!({ "apiVersion": REVIEW_API_VERSION, "kind": "AdmissionReview", "response": response })
+    };
+    let allow = || answer(json!({ "allowed": true }));
+
+    let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
+    let creating = request.operation.as_deref().unwrap_or("CREATE") == "CREATE";
+    let Some(pod) = request.object.filter(|_| is_pod && creating) else {
+        return Ok(allow());
+    };
+    let metadata = pod.get("metadata").cloned().unwrap_or(Json::Null);
+    let opted_in = metadata
+        .get("labels")
+        .and_then(|l| l.get(inject::INJECT_LABEL))
+        .and_then(Json::as_str)
+        == Some("true");
+    if !opted_in {
+        return Ok(allow());
+    }
+    let template =
+        json!({ "metadata": metadata, "spec": pod.get("spec").cloned().unwrap_or(Json::Null) });
+    match inject::template_patch(&template, settings) {
+        Ok((patch, warnings)) => {
+            let mut response = json!({ "allowed": true });
+            if !patch.0.is_empty() {
+                let patch = serde_json::to_vec(&patch).expect("a patch serializes");
+                response["patchType"] = "JSONPatch".into();
+                response["patch"] = base64::engine::general_purpose::STANDARD
+                    .encode(patch)
+                    .into();
+            }
+            if !warnings.is_empty() {
+                response["warnings"] = warnings
+                    .into_iter()
+                    .map(|w| Json::String(format!("lameduck: {w}")))
+                    .collect();
+            }
+            Ok(answer(response))
+        }
+        Err(e) => Ok(answer(json!({
+            "allowed": false,
+            "status": { "code": 403, "message": format!("lameduck: {e}") },
+        }))),
+    }
+}
+
+// === certificates ===
+
+/// The serving certificate, re-read from its files when they change.
+#[derive(Debug)]
+pub struct CertStore {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    /// The file contents behind `current`, to notice a change.
+    loaded: Mutex<(Vec<u8>, Vec<u8>)>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Loads the pair now; an unusable pair is an error.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertStore, TlsError> {
+        let (cert_pem, key_pem) = read_pair(cert_path, key_path)?;
+        let key = parse_pair(cert_path, key_path, &cert_pem, &key_pem)?;
+        Ok(CertStore {
+            cert_path: cert_path.to_owned(),
+            key_path: key_path.to_owned(),
+            loaded: Mutex::new((cert_pem, key_pem)),
+            current: RwLock::new(Arc::new(key)),
+        })
+    }
+
+    /// Re-reads the files; swaps the pair in if they changed and are valid. `Ok(true)`: a
+    /// new pair is in use. On error the previous pair stays.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let (cert_pem, key_pem) = read_pair(&self.cert_path, &self.key_path)?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.0 == cert_pem && loaded.1 == key_pem {
+            return Ok(false);
+        }
+        let key = parse_pair(&self.cert_path, &self.key_path, &cert_pem, &key_pem)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
+        *loaded = (cert_pem, key_pem);
+        Ok(true)
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })
+    };
+    Ok((read(cert)?, read(key)?))
+}
+
+fn parse_pair(
+    cert_path: &Path,
+    key_path: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, TlsError> {
+    let invalid = |path: &Path, reason: String| TlsError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(cert_path, format!("not a PEM certificate chain: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(cert_path, "no certificate in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| invalid(key_path, format!("not a PEM private key: {e}")))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| invalid(key_path, format!("unsupported private key: {e}")))?;
+    let certified = CertifiedKey::new(certs, signer);
+    // A rotation caught half-way (new certificate, old key) must not be served.
+    certified.keys_match().map_err(|e| {
+        invalid(
+            key_path,
+            format!("does not match {}: {e}", cert_path.display()),
+        )
+    })?;
+    Ok(certified)
+}
+
+// === the server ===
+
+/// A webhook whose port is bound and whose certificate is loaded; [`Bound::run`] serves.
+pub struct Bound {
+    listener: TcpListener,
+    certs: Arc<CertStore>,
+    settings: Arc<Settings>,
+    reload_interval: Duration,
+}
+
+impl Bound {
+    /// Loads the certificate and binds the port: both fail here, before serving.
+    pub async fn bind(args: &WebhookArgs) -> Result<Bound, WebhookError> {
+        let certs = Arc::new(CertStore::load(&args.tls_cert, &args.tls_key)?);
+        let listener =
+            TcpListener::bind(args.listen)
+                .await
+                .map_err(|source| WebhookError::Bind {
+                    addr: args.listen,
+                    source,
+                })?;
+        Ok(Bound {
+            listener,
+            certs,
+            settings: Arc::new(args.sidecar.settings()),
+            reload_interval: args.tls_reload_interval.max(Duration::from_millis(10)),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound socket has an address")
+    }
+
+    /// Serves until `shutdown` completes, then gives in-flight reviews a few seconds.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Bound {
+            listener,
+            certs,
+            settings,
+            reload_interval,
+        } = self;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(certs.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+
+        let reloader = tokio::spawn(reload_loop(certs, reload_interval));
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // EMFILE and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let settings = settings.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let service = service_fn(move |req| {
+                    let settings = settings.clone();
+                    async move { Ok::<_, Infallible>(handle(req, &settings).await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
+                    .serve_connection(TokioIo::new(tls), service);
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        reloader.abort();
+        drop(listener);
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("reviews still in flight at shutdown were cut off");
+        }
+    }
+}
+
+async fn reload_loop(certs: Arc<CertStore>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last_error = None;
+    loop {
+        tick.tick().await;
+        match certs.reload() {
+            Ok(true) => {
+                tracing::info!("TLS certificate reloaded");
+                last_error = None;
+            }
+            Ok(false) => last_error = None,
+            Err(e) => {
+                // Once per distinct error, not every tick.
+                let text = e.to_string();
+                if last_error.as_ref() != Some(&text) {
+                    tracing::warn!(error = %text, "TLS certificate not reloaded; keeping the current one");
+                    last_error = Some(text);
+                }
+            }
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+/// Routes one request (see the endpoint table above). Public so tests can drive it
+/// without a socket.
+pub async fn handle<B>(req: Request<B>, settings: &Settings) -> Resp
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::POST, "/mutate") => {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > MAX_BODY as u64) {
+                return too_large();
+            }
+            let body = Limited::new(req.into_body(), MAX_BODY).collect();
+            let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {
+                Ok(Ok(body)) => body.to_bytes(),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+                Ok(Err(e)) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("cannot read the request body: {e}\n"),
+                    )
+                }
+                Err(_) => {
+                    return text(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request body did not arrive in time\n",
+                    )
+                }
+            };
+            match review(&body, settings) {
+                Ok(answer) => {
+                    log_answer(&answer);
+                    let mut resp = Response::new(Full::new(Bytes::from(
+                        serde_json::to_vec(&answer).expect("a JSON value serializes"),
+                    )));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad AdmissionReview");
+                    text(StatusCode::BAD_REQUEST, &format!("{e}\n"))
+                }
+            }
+        }
+        (_, "/mutate" | "/healthz") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn log_answer(answer: &Json) {
+    let r = &answer["response"];
+    let uid = r["uid"].as_str().unwrap_or_default();
+    if r["allowed"] == Json::Bool(false) {
+        tracing::warn!(
+            uid,
+            reason = r["status"]["message"].as_str().unwrap_or_default(),
+            "pod denied"
+        );
+    } else if r.get("patch").is_some() {
+        tracing::info!(uid, "pod injected");
+    } else {
+        tracing::debug!(uid, "pod allowed unchanged");
+    }
+}
+
+fn too_large() -> Resp {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the AdmissionReview exceeds {MAX_BODY} bytes\n"),
+    )
+}
+
+fn text(status: StatusCode, body: &str) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings::default()
+    }
+
+    fn body(object: Json, kind: &str) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": kind},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "operation": "CREATE",
+                "object": object,
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn garbage_is_a_bad_review() {
+        for garbage in [
+            &b""[..],
+            b"{",
+            b"[]",
+            b"null",
+            b"\xff\xfe",
+            b"{\"kind\":\"Pod\"}",
+        ] {
+            assert!(review(garbage, &settings()).is_err(), "{garbage:?}");
+        }
+        let no_request = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#;
+        assert!(review(no_request, &settings()).is_err());
+        let old = br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{"uid":"x","kind":{"kind":"Pod"}}}"#;
+        assert!(review(old, &settings()).is_err());
+    }
+
+    #[test]
+    fn non_pods_and_unlabelled_pods_pass() {
+        let a = review(&body(json!({"metadata": {}}), "ConfigMap"), &settings()).unwrap();
+        assert_eq!(a["response"]["allowed"], true);
+        assert!(a["response"].get("patch").is_none());
+        let pod =
+            json!({"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "a"}]}});
+        let a = review(&body(pod, "Pod"), &settings()).unwrap();
+        assert_eq!(a["response"]["allowed"], true);
+        assert_eq!(a["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+        assert!(a["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn odd_pods_never_panic() {
+        for pod in [
+            json!(null),
+            json!({"metadata": {"labels": {"lameduck.io/inject": "true"}}}),
+            json!({"metadata": {"labels": {"lameduck.io/inject": "true"}}, "spec": 3}),
+            json!({"metadata": {"labels": {"lameduck.io/inject": "true"}}, "spec": {"containers": []}}),
+            json!({"metadata": {"labels": {"lameduck.io/inject": "true"}}, "spec": {"containers": [{"name": "a", "ports": [{"containerPort": "x"}]}]}}),
+            json!({"metadata": {"labels": {"lameduck.io/inject": true}}, "spec": {}}),
+        ] {
+            let a = review(&body(pod.clone(), "Pod"), &settings()).unwrap();
+            assert!(a["response"]["allowed"].is_boolean(), "{pod}");
+        }
+    }
+}

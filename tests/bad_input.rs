@@ -1,0 +1,157 @@
+//! Bad input gets a clear answer and loses nothing: bad flags exit 2 with one line before
+//! serving; bad requests get the right 4xx without disturbing other connections.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_exit_2_with_one_line() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["proxy", "--drain-max", "soon"], "--drain-max"),
+        (
+            &["proxy", "--drain-min", "1m", "--drain-max", "30s"],
+            "--drain-min (1m) must not exceed --drain-max (30s)",
+        ),
+        (&["proxy", "--listen", "not-an-address"], "--listen"),
+        (&["proxy", "--upstream", "no-port"], "--upstream"),
+        (&["proxy", "--health-path", "healthz"], "absolute path"),
+        (&["proxy", "--log-format", "xml"], "--log-format"),
+        (&["proxy", "--no-such-flag"], "--no-such-flag"),
+        (&["frobnicate"], "frobnicate"),
+    ];
+    for (args, needle) in cases {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "{args:?} printed more than one line:\n{err}"
+        );
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn env_vars_are_read_and_checked() {
+    let out = Command::new(BIN)
+        .args(["proxy"])
+        .env("LAMEDUCK_DRAIN_MAX", "forever")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--drain-max"));
+}
+
+#[test]
+fn port_in_use_exits_2_before_serving() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, err) = run(&["proxy", "--listen", &addr, "--admin", "127.0.0.1:0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (--listen)")),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    let out = Command::new(BIN)
+        .args(["proxy", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--admin",
+        "--drain-min",
+        "--quiet",
+        "--drain-max",
+        "--health-path",
+        "--upstream-health",
+        "--log-format",
+        "--drain-token",
+        "--upstream-connect-timeout",
+        "--idle-timeout",
+        "--header-read-timeout",
+        "--upstream-idle-timeout",
+        "--upstream-protocol",
+        "LAMEDUCK_DRAIN_MAX",
+        "terminationGracePeriodSeconds",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[tokio::test]
+async fn malformed_requests_get_4xx_and_do_not_disturb_other_connections() {
+    let up = upstream(UpOpts::default()).await;
+    let p = Proxy::start(up.addr, &["--header-read-timeout", "500ms"]);
+    // A good keep-alive connection that must survive everything below.
+    let mut good = H1::connect(p.traffic).await;
+    assert_eq!(good.get("/").await.unwrap().status, 200);
+
+    let t = Duration::from_secs(5);
+    let r = raw(p.traffic, b"NOT A REQUEST LINE\r\n\r\n", t).await;
+    assert!(
+        r.starts_with("HTTP/1.1 400"),
+        "malformed request line: {r:?}"
+    );
+
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(80 * 1024)
+    );
+    let r = raw(p.traffic, big.as_bytes(), t).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "oversized headers: {r:?}");
+
+    let r = raw(
+        p.traffic,
+        b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        t,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "conflicting CL/TE: {r:?}");
+
+    let r = raw(
+        p.traffic,
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        t,
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 400"),
+        "conflicting Content-Length: {r:?}"
+    );
+
+    // Slowloris: a head that never completes is closed after the header timeout.
+    let started = Instant::now();
+    let r = raw(p.traffic, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ", t).await;
+    let took = started.elapsed();
+    assert!(r.is_empty(), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+
+    assert_eq!(good.get("/").await.unwrap().status, 200);
+    assert!(p.logs().iter().all(|l| !l.contains("panicked")));
+}

@@ -1,0 +1,80 @@
+//! README, `--help` and the code agree: every flag `--help` lists and every metric the
+//! registry exposes is documented in the README.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lameduck");
+
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+}
+
+fn flags(subcommand: &str) -> BTreeSet<String> {
+    let out = Command::new(BIN)
+        .args([subcommand, "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_owned()
+        })
+        .filter(|f| f != "--help" && f != "--version")
+        .collect()
+}
+
+#[test]
+fn every_flag_is_in_the_readme() {
+    let readme = readme();
+    for sub in ["proxy", "drain"] {
+        let flags = flags(sub);
+        assert!(flags.len() > 2, "{sub}: parsed no flags from --help");
+        for f in flags {
+            assert!(
+                readme.contains(&format!("`{f}")) || readme.contains(&format!("[{f}")),
+                "`lameduck {sub} {f}` is not documented in README.md"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_metric_is_in_the_readme() {
+    use lameduck::drain::{DrainSettings, Lifecycle, RequestKind};
+    use std::time::Duration;
+    let lc = Lifecycle::new(DrainSettings::fixed(
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::from_secs(1),
+    ));
+    let m = lameduck::metrics::Metrics::new(lc.clone());
+    // Labelled families appear once they have a sample.
+    m.upstream_error("connect");
+    let serving = lameduck::drain::Phase::Serving;
+    m.record_request(200, serving, RequestKind::Traffic, Duration::from_millis(1));
+    m.record_request(
+        200,
+        serving,
+        RequestKind::HealthCheck,
+        Duration::from_millis(1),
+    );
+    lc.request(RequestKind::HealthCheck, [10, 0, 0, 1].into());
+    let text = String::from_utf8(m.render()).unwrap();
+    let names: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(names.len() >= 10, "{names:?}");
+    let readme = readme();
+    for n in names {
+        assert!(
+            readme.contains(&format!("`{n}`")),
+            "metric {n} is not documented in README.md"
+        );
+    }
+}

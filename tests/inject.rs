@@ -1,0 +1,428 @@
+//! Golden tests for injection: `tests/golden/inject/<case>.in.yaml` → `<case>.out.yaml`
+//! (stdout), `<case>.warnings.txt` (stderr warnings, one per line; absent: none) or
+//! `<case>.error.txt` (the exit-2 message). A first line `# args: …` in the input gives the
+//! `lameduck inject` flags for that case.
+//!
+//! Regenerate with `UPDATE_GOLDEN=1 cargo test --test inject`, then read every changed
+//! golden: a golden is an assertion about what injection must produce, not a snapshot.
+//!
+//! Beyond the goldens: every output re-injected is unchanged (idempotence); the JSON Patch
+//! that the webhook would send, applied with the json-patch crate, gives the same pod as the
+//! CLI's YAML rewrite; and the binary itself is run for its stdin/file/exit-code behaviour.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use lameduck::inject::{self, Settings};
+use serde_json::Value as Json;
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/inject")
+}
+
+fn cases() -> Vec<(String, PathBuf)> {
+    let mut cases: Vec<_> = std::fs::read_dir(golden_dir())
+        .expect("tests/golden/inject exists")
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let name = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".in.yaml")?
+                .to_owned();
+            Some((name, path))
+        })
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 20, "golden cases went missing");
+    cases
+}
+
+/// The flags of a case, from its `# args:` line.
+fn case_args(input: &str) -> Vec<String> {
+    input
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# args:"))
+        .map(|a| a.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+fn settings_of(args: &[String]) -> (Settings, bool) {
+    let mut settings = Settings::default();
+    let mut all = false;
+    for a in args {
+        match a.as_str() {
+            "--all" => all = true,
+            "--native-sidecar=false" => settings.native_sidecar = false,
+            "--native-sidecar=true" => settings.native_sidecar = true,
+            other => match other.strip_prefix("--sidecar-image=") {
+                Some(img) => settings.sidecar_image = img.to_owned(),
+                None => panic!("unknown case flag {other}"),
+            },
+        }
+    }
+    (settings, all)
+}
+
+fn check_golden(path: &Path, actual: Option<&str>) -> Result<(), String> {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let expected = std::fs::read_to_string(path).ok();
+    if update {
+        match actual {
+            Some(a) => std::fs::write(path, a).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        return Ok(());
+    }
+    if expected.as_deref() == actual {
+        return Ok(());
+    }
+    Err(format!(
+        "{} differs\n--- expected\n{}\n--- actual\n{}",
+        path.display(),
+        expected.as_deref().unwrap_or("(no file)"),
+        actual.unwrap_or("(nothing)")
+    ))
+}
+
+#[test]
+fn goldens() {
+    let mut failures = Vec::new();
+    for (name, input_path) in cases() {
+        let input = std::fs::read_to_string(&input_path).unwrap();
+        let (settings, all) = settings_of(&case_args(&input));
+        let base = golden_dir().join(&name);
+        let out = base.with_extension("out.yaml");
+        let warnings = base.with_extension("warnings.txt");
+        let error = base.with_extension("error.txt");
+        let results = match inject::inject_manifests(&input, &settings, all) {
+            Ok(r) => {
+                let w = (!r.warnings.is_empty()).then(|| r.warnings.join("\n") + "\n");
+                [
+                    check_golden(&out, Some(&r.yaml)),
+                    check_golden(&warnings, w.as_deref()),
+                    check_golden(&error, None),
+                ]
+            }
+            Err(e) => [
+                check_golden(&out, None),
+                check_golden(&warnings, None),
+                check_golden(&error, Some(&format!("{e}\n"))),
+            ],
+        };
+        failures.extend(results.into_iter().filter_map(Result::err));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    for (name, input_path) in cases() {
+        let input = std::fs::read_to_string(&input_path).unwrap();
+        let (settings, all) = settings_of(&case_args(&input));
+        let Ok(once) = inject::inject_manifests(&input, &settings, all) else {
+            continue;
+        };
+        let twice = inject::inject_manifests(&once.yaml, &settings, all)
+            .unwrap_or_else(|e| panic!("{name}: re-injecting failed: {e}"));
+        assert_eq!(
+            twice.yaml, once.yaml,
+            "{name}: re-injecting changed the output"
+        );
+        assert_eq!(twice.injected, 0, "{name}");
+    }
+}
+
+/// The webhook's path (JSON Patch against the pod template, applied by the API server)
+/// and the CLI's path (the same patch applied to YAML) agree on every golden.
+#[test]
+fn json_patch_and_yaml_rewrite_agree() {
+    for (name, input_path) in cases() {
+        let input = std::fs::read_to_string(&input_path).unwrap();
+        let (settings, all) = settings_of(&case_args(&input));
+        let Ok(rewritten) = inject::inject_manifests(&input, &settings, all) else {
+            continue;
+        };
+        let before = documents(&input);
+        let after = documents(&rewritten.yaml);
+        assert_eq!(before.len(), after.len(), "{name}: document count changed");
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            for (pointer, template) in templates(b) {
+                let label = &template["metadata"]["labels"][inject::INJECT_LABEL];
+                if !(label == "true" || (all && label != "false")) {
+                    continue;
+                }
+                let (patch, _) = inject::template_patch(&template, &settings)
+                    .unwrap_or_else(|e| panic!("{name} doc {i}: {e}"));
+                // A Pod's patch applies to the whole object, as the API server does it.
+                let mut patched = b.pointer(&pointer).unwrap().clone();
+                json_patch::patch(&mut patched, &patch).unwrap();
+                let expected = a.pointer(&pointer).unwrap();
+                assert_eq!(&patched, expected, "{name} doc {}: {pointer}", i + 1);
+            }
+        }
+    }
+}
+
+/// Every injected sidecar's arguments are ones `lameduck proxy` accepts and validates, its
+/// admin port is where the app's preStop hook and its own probes go, and the grace period
+/// covers drain-max + 30 s.
+#[test]
+fn injected_sidecars_agree_with_the_proxy() {
+    use clap::Parser as _;
+    use lameduck::cli::{Cli, Command as Sub};
+    let mut checked = 0;
+    for (name, _) in cases() {
+        let out = golden_dir().join(format!("{name}.out.yaml"));
+        let Ok(out) = std::fs::read_to_string(out) else {
+            continue;
+        };
+        for doc in documents(&out) {
+            for (_, template) in templates(&doc) {
+                if template["metadata"]["annotations"][inject::STATUS_ANNOTATION] != "injected" {
+                    continue;
+                }
+                let spec = &template["spec"];
+                let all: Vec<&Json> = spec["containers"]
+                    .as_array()
+                    .into_iter()
+                    .chain(spec["initContainers"].as_array())
+                    .flatten()
+                    .collect();
+                let Some(sidecar) = all.iter().find(|c| c["name"] == inject::CONTAINER_NAME) else {
+                    // Only the hand-made "marked as injected" input lacks it.
+                    assert_eq!(name, "already-injected", "an injected pod has the sidecar");
+                    continue;
+                };
+                let args = sidecar["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap());
+                let cli = Cli::try_parse_from(std::iter::once("lameduck").chain(args))
+                    .unwrap_or_else(|e| panic!("{name}: sidecar args rejected: {e}"));
+                let Sub::Proxy(proxy) = cli.command else {
+                    panic!("{name}: the sidecar does not run `lameduck proxy`")
+                };
+                proxy
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{name}: sidecar args invalid: {e}"));
+                let admin = i64::from(proxy.admin.port());
+                assert_eq!(sidecar["ports"][1]["containerPort"], admin, "{name}");
+                assert_eq!(
+                    sidecar["readinessProbe"]["httpGet"]["port"], admin,
+                    "{name}"
+                );
+                assert_eq!(sidecar["startupProbe"]["httpGet"]["port"], admin, "{name}");
+                assert_eq!(
+                    sidecar["ports"][0]["containerPort"],
+                    i64::from(proxy.listen.port()),
+                    "{name}"
+                );
+                // The app container: the one whose port the proxy forwards to.
+                let upstream = i64::from(proxy.upstream.port());
+                let app = spec["containers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| {
+                        c["ports"]
+                            .as_array()
+                            .is_some_and(|p| p.iter().any(|p| p["containerPort"] == upstream))
+                    })
+                    .expect("the upstream port belongs to a container");
+                let pre_stop = &app["lifecycle"]["preStop"];
+                if pre_stop.get("httpGet").is_some() {
+                    assert_eq!(pre_stop["httpGet"]["port"], admin, "{name}");
+                    assert_eq!(pre_stop["httpGet"]["path"], "/drain", "{name}");
+                }
+                let grace = spec["terminationGracePeriodSeconds"].as_i64().unwrap();
+                assert!(
+                    grace as f64 >= proxy.drain_max.as_secs_f64() + 30.0,
+                    "{name}: grace {grace}s < drain-max {:?} + 30s",
+                    proxy.drain_max
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} injected templates checked");
+}
+
+/// Injection checks annotation values against the proxy's defaults the way the proxy
+/// will; those mirrored defaults must be the proxy's real ones.
+#[test]
+fn mirrored_proxy_defaults_are_the_proxys() {
+    use clap::Parser as _;
+    use lameduck::cli::{Cli, Command as Sub};
+    let Sub::Proxy(p) = Cli::try_parse_from(["lameduck", "proxy"]).unwrap().command else {
+        unreachable!()
+    };
+    assert_eq!(p.drain_min, inject::PROXY_DRAIN_MIN);
+    assert_eq!(p.quiet, inject::PROXY_QUIET);
+    assert_eq!(p.quiet_fallback, inject::PROXY_QUIET_FALLBACK);
+    assert_eq!(p.drain_max, inject::PROXY_DRAIN_MAX);
+    if let Some(q) = inject::DEFAULT_QUIET {
+        lameduck::cli::parse_quiet(q).expect("DEFAULT_QUIET is a valid --quiet");
+    }
+}
+
+fn documents(yaml: &str) -> Vec<Json> {
+    use serde::Deserialize;
+    yaml_serde::Deserializer::from_str(yaml)
+        .map(|d| {
+            let mut v = yaml_serde::Value::deserialize(d).unwrap();
+            v.apply_merge().unwrap();
+            serde_json::to_value(v).unwrap()
+        })
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// (pointer, template) for the pod templates of a document, Lists included.
+fn templates(doc: &Json) -> Vec<(String, Json)> {
+    let api = doc["apiVersion"].as_str().unwrap_or_default();
+    let kind = doc["kind"].as_str().unwrap_or_default();
+    if let Some(items) = doc["items"].as_array() {
+        return items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| {
+                templates(item)
+                    .into_iter()
+                    .map(move |(p, t)| (format!("/items/{i}{p}"), t))
+            })
+            .collect();
+    }
+    match inject::template_pointer(api, kind) {
+        Some(p) => match doc.pointer(p) {
+            Some(t) if p.is_empty() => vec![(
+                p.to_owned(),
+                serde_json::json!({"metadata": t["metadata"], "spec": t["spec"]}),
+            )],
+            Some(t) => vec![(p.to_owned(), t.clone())],
+            None => vec![],
+        },
+        None => vec![],
+    }
+}
+
+// === the binary ===
+
+fn lameduck(args: &[&str], stdin: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lameduck"))
+        .args(args)
+        .env_remove("LAMEDUCK_SIDECAR_IMAGE")
+        .env_remove("LAMEDUCK_NATIVE_SIDECAR")
+        .env_remove("LAMEDUCK_INJECT_ALL")
+        .env_remove("LAMEDUCK_FILENAME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn cli_reads_stdin_and_files_alike() {
+    let path = golden_dir().join("deployment.in.yaml");
+    let input = std::fs::read_to_string(&path).unwrap();
+    let expected = std::fs::read_to_string(golden_dir().join("deployment.out.yaml")).unwrap();
+    let (code, stdout, stderr) = lameduck(&["inject"], &input);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+    assert_eq!(stdout, expected);
+    let (code, stdout, _) = lameduck(&["inject", "-f", path.to_str().unwrap()], "");
+    assert_eq!(code, 0);
+    assert_eq!(stdout, expected);
+    let (code, stdout, _) = lameduck(&["inject", "-f", "-"], &input);
+    assert_eq!(code, 0);
+    assert_eq!(stdout, expected);
+}
+
+#[test]
+fn cli_flags_reach_the_injection() {
+    let input = std::fs::read_to_string(golden_dir().join("deployment.in.yaml")).unwrap();
+    let (code, stdout, _) = lameduck(
+        &[
+            "inject",
+            "--sidecar-image",
+            "registry.example/lameduck:test",
+            "--native-sidecar=false",
+        ],
+        &input,
+    );
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("image: registry.example/lameduck:test"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("initContainers"), "{stdout}");
+    assert!(!stdout.contains("restartPolicy: Always"), "{stdout}");
+}
+
+#[test]
+fn cli_warnings_go_to_stderr() {
+    let input =
+        std::fs::read_to_string(golden_dir().join("service-numeric-target-port.in.yaml")).unwrap();
+    let (code, stdout, stderr) = lameduck(&["inject"], &input);
+    assert_eq!(code, 0);
+    assert!(
+        stderr.starts_with("lameduck: warning: document "),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("warning"), "{stdout}");
+}
+
+#[test]
+fn cli_invalid_document_exits_2_naming_it() {
+    let input = std::fs::read_to_string(golden_dir().join("invalid-drain-max.in.yaml")).unwrap();
+    let (code, stdout, stderr) = lameduck(&["inject"], &input);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stdout, "", "nothing is written when a document fails");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr
+            .starts_with("lameduck: document 2 (Deployment api): annotation lameduck.io/drain-max"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = lameduck(&["inject"], "a: [unclosed\n");
+    assert_eq!(code, 2);
+    assert!(
+        stderr.starts_with("lameduck: document 1 (unreadable)"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = lameduck(&["inject", "-f", "/nonexistent/manifest.yaml"], "");
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("cannot read /nonexistent/manifest.yaml"),
+        "{stderr}"
+    );
+
+    let (code, _, stderr) = lameduck(&["inject", "--native-sidecar=maybe"], "");
+    assert_eq!(code, 2);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn cli_empty_input_is_empty_output() {
+    let (code, stdout, stderr) = lameduck(&["inject"], "");
+    assert_eq!((code, stdout.as_str(), stderr.as_str()), (0, "", ""));
+}

@@ -1,0 +1,437 @@
+//! Test support: the real `lameduck` binary as a child process, a real upstream app on
+//! 127.0.0.1:0, and small HTTP clients. Everything on loopback, every wait bounded.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_lameduck");
+
+/// Upper bound for any single wait in the tests.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+// === the proxy under test ===
+
+pub struct Proxy {
+    pub child: Child,
+    pub traffic: SocketAddr,
+    pub admin: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    /// Starts `lameduck proxy` on ephemeral loopback ports in front of `upstream`.
+    pub fn start(upstream: SocketAddr, extra: &[&str]) -> Proxy {
+        let up = upstream.to_string();
+        let mut args = vec![
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--upstream",
+            &up,
+            "--log-format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lameduck");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("lameduck proxy serving") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let line = match rx.recv_timeout(PATIENCE) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("proxy did not start; logs: {:?}", logs.lock().unwrap());
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+        let addr = |k: &str| v[k].as_str().unwrap().parse::<SocketAddr>().unwrap();
+        Proxy {
+            traffic: addr("listen"),
+            admin: addr("admin"),
+            child,
+            logs,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `TERM` or `INT` to the proxy.
+    pub fn signal(&self, sig: &str) {
+        let sig = match sig {
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            other => panic!("unknown signal {other}"),
+        };
+        // SAFETY: kill(2) with a pid this test spawned and still owns.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill failed: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits (polling, bounded) for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    pub async fn metric(&self, name_and_labels: &str) -> f64 {
+        let text = get(self.admin, "/metrics").await.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === clients ===
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection.
+pub struct H1 {
+    tx: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    pub addr: SocketAddr,
+    pub closed: Arc<tokio::sync::Notify>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl H1 {
+    pub async fn connect(addr: SocketAddr) -> H1 {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, d) = (closed.clone(), done.clone());
+        tokio::spawn(async move {
+            let _ = conn.await;
+            d.store(true, Ordering::SeqCst);
+            c.notify_waiters();
+        });
+        H1 {
+            tx,
+            addr,
+            closed,
+            done,
+        }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Result<Resp, hyper::Error> {
+        self.tx.ready().await?;
+        let resp = self.tx.send_request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<Resp, hyper::Error> {
+        self.send(req("GET", path)).await
+    }
+
+    /// Resolves when the server closed the connection (bounded by `within`).
+    pub async fn wait_closed(&self, within: Duration) -> bool {
+        let notified = self.closed.notified();
+        if self.is_closed() {
+            return true;
+        }
+        tokio::time::timeout(within, notified).await.is_ok() || self.is_closed()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.done.load(Ordering::SeqCst) || self.tx.is_closed()
+    }
+}
+
+pub fn req(method: &str, path: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "app.test")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A GET on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Resp {
+    tokio::time::timeout(PATIENCE, async {
+        H1::connect(addr).await.get(path).await.expect("request")
+    })
+    .await
+    .expect("request timed out")
+}
+
+pub async fn post(addr: SocketAddr, path: &str) -> Resp {
+    tokio::time::timeout(PATIENCE, async {
+        H1::connect(addr)
+            .await
+            .send(req("POST", path))
+            .await
+            .expect("request")
+    })
+    .await
+    .expect("request timed out")
+}
+
+/// Sends raw bytes and reads until the server closes or `within` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], within: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Polls `f` every 10 ms until it is true, for at most `within`.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// === the upstream app ===
+
+#[derive(Clone, Default)]
+pub struct UpOpts {
+    /// Close idle keep-alive connections after this long (like Node's keepAliveTimeout).
+    pub idle_close: Option<Duration>,
+    /// Serve h2c (prior knowledge) instead of HTTP/1.1.
+    pub h2: bool,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A test app. Routes:
+/// - `/headers`: the request's method, path and headers, one `name: value` per line
+/// - `/sleep/MS`: answers after MS milliseconds
+/// - `/bytes/N`: streams N bytes in 64 KiB chunks
+/// - `POST /sink`: reads the body and answers its length
+/// - `/hop`: answers with hop-by-hop headers that must not reach the client
+/// - any request with `Upgrade: echo`: 101, then echoes bytes on the upgraded connection
+/// - anything else: 200 `ok`
+pub async fn upstream(opts: UpOpts) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (conns, reqs) = (connections.clone(), requests.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            conns.fetch_add(1, Ordering::SeqCst);
+            let reqs = reqs.clone();
+            let opts = opts.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    reqs.fetch_add(1, Ordering::SeqCst);
+                    app(req)
+                });
+                let io = TokioIo::new(stream);
+                if opts.h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    b.timer(TokioTimer::new());
+                    // hyper's header read timeout also runs while a keep-alive connection
+                    // is idle: exactly an app's idle keep-alive timeout.
+                    b.header_read_timeout(opts.idle_close.or(Some(Duration::from_secs(600))));
+                    let _ = b.serve_connection(io, svc).with_upgrades().await;
+                }
+            });
+        }
+    });
+    Upstream {
+        addr,
+        connections,
+        requests,
+        task,
+    }
+}
+
+fn full(s: impl Into<Bytes>) -> UpBody {
+    Full::new(s.into()).boxed()
+}
+
+async fn app(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "echo")
+            .body(full(""))
+            .unwrap());
+    }
+    if path == "/headers" {
+        let mut out = format!("{} {}\n", req.method(), req.uri());
+        for (k, v) in req.headers() {
+            out.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        return Ok(Response::new(full(out)));
+    }
+    if let Some(ms) = path.strip_prefix("/sleep/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        return Ok(Response::new(full("slept")));
+    }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let total: usize = n.parse().unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::unfold(total, move |left| {
+            let chunk = chunk.clone();
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                let n = left.min(chunk.len());
+                Some((Ok::<_, Infallible>(Frame::data(chunk.slice(..n))), left - n))
+            }
+        });
+        return Ok(Response::builder()
+            .header("content-length", total)
+            .body(StreamBody::new(stream).boxed())
+            .unwrap());
+    }
+    if path == "/sink" {
+        let mut body = req.into_body();
+        let mut n = 0usize;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => n += f.data_ref().map_or(0, |d| d.len()),
+                Err(_) => break,
+            }
+        }
+        return Ok(Response::new(full(n.to_string())));
+    }
+    if path == "/hop" {
+        return Ok(Response::builder()
+            .header("connection", "x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-end", "kept")
+            .body(full("hop"))
+            .unwrap());
+    }
+    Ok(Response::new(full("ok")))
+}
