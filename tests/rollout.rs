@@ -45,12 +45,13 @@ async fn run(s: Scenario) -> Report {
 /// Everything a failed assertion needs to be understood.
 fn explain(r: &Report) -> String {
     let mut out = format!(
-        "{} ({:?}, lameduck {}):\n  traffic {:?}\n  health checks {:?}\n",
+        "{} ({:?}, lameduck {}):\n  traffic {:?}\n  health checks {:?}\n  drain {:?}\n",
         r.scenario.label,
         r.scenario.mode,
         r.scenario.proxy_args.join(" "),
         r.traffic,
-        r.health_checks
+        r.health_checks,
+        r.drain.as_ref().map(|d| &d.json)
     );
     for e in &r.events {
         let _ = writeln!(out, "  t0{:+.3}s  {}", e.at, e.kind);
@@ -125,6 +126,29 @@ async fn with_lameduck_no_request_fails_regular_or_native() {
     assert!(sidecar_sigterm >= native.app_exit.expect("the app exited"));
 }
 
+/// `--quiet auto`: lameduck learns the health-check interval while serving (four checks
+/// before t0), drains on the learned window, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_auto_learns_the_window_and_loses_nothing() {
+    let mut s = short(Mode::Native);
+    s.label = "lameduck, native, --quiet auto".into();
+    s.warmup = MS(2500);
+    s.set_proxy_arg("--quiet", "auto");
+    s.set_proxy_arg("--quiet-fallback", "1500ms");
+    let r = run(s).await;
+    assert_no_errors(&r);
+    let (window, kind) = r
+        .drain
+        .as_ref()
+        .and_then(|d| d.window.clone())
+        .expect("/drain names its quiet window");
+    assert_eq!(kind, "learned", "{}", explain(&r));
+    assert!(
+        window > 0.5,
+        "a learned window of {window}s does not exceed the 0.5s health-check interval"
+    );
+}
+
 /// Two requests a second over eight connections: between requests the port is silent for
 /// longer than `--quiet`, so only the health checks keep the drain going until the load
 /// balancer lets go.
@@ -176,24 +200,4 @@ async fn slow_requests_in_flight_still_complete() {
             explain(r)
         );
     }
-}
-
-/// Found while building the demo: two ephemeral ports on the same address are rejected as
-/// "the same address". `sim/pod.rs` works around it.
-#[test]
-#[ignore = "proxy bug: ProxyArgs::validate rejects --listen 127.0.0.1:0 --admin 127.0.0.1:0"]
-fn ephemeral_listen_and_admin_ports_are_valid() {
-    use lameduck::cli::{Cli, Command};
-    let argv = [
-        "lameduck",
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-    ];
-    let Command::Proxy(args) = <Cli as clap::Parser>::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    assert_eq!(args.validate(), Ok(()));
 }

@@ -15,6 +15,7 @@ mod plot;
 mod sim;
 
 use std::io::{IsTerminal, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,15 @@ struct Args {
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration,
           help_heading = "Load balancer")]
     health_check_interval: Duration,
+    /// Health checks come from this many addresses, 127.0.0.1 up (an ALB checks from each
+    /// of its nodes). More than 1 needs the whole 127.0.0.0/8 on loopback, as on Linux.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        help_heading = "Load balancer"
+    )]
+    health_check_sources: u8,
     /// Deregistration lag: the load balancer keeps sending this long after the pod is
     /// deleted (the AWS Load Balancer Controller's, 70 s seen in production).
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration,
@@ -74,7 +84,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "alone,regular,native",
+        default_value = "alone,regular,native,auto",
         help_heading = "Pod"
     )]
     runs: Vec<Run>,
@@ -119,9 +129,14 @@ the app be signalled before deregistration.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Run {
+    /// The app alone.
     Alone,
+    /// lameduck as a regular sidecar, fixed --quiet.
     Regular,
+    /// lameduck as a native sidecar, fixed --quiet.
     Native,
+    /// lameduck as a native sidecar with --quiet auto (--quiet as its --quiet-fallback).
+    Auto,
 }
 
 fn main() -> ExitCode {
@@ -139,7 +154,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    print_header(&args, &scenarios[0]);
+    // The header describes the runs with a fixed --quiet; a run that differs says so.
+    let base = scenarios
+        .iter()
+        .find(|s| s.mode != Mode::AppAlone && s.proxy_arg("--quiet") != Some("auto"))
+        .unwrap_or(&scenarios[0])
+        .clone();
+    print_header(&args, &base);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -148,7 +169,7 @@ fn main() -> ExitCode {
         .expect("the runtime starts");
     let mut reports = Vec::new();
     for scn in &scenarios {
-        match runtime.block_on(run_one(scn)) {
+        match runtime.block_on(run_one(scn, &base)) {
             Ok(r) => reports.push(r),
             Err(e) => {
                 eprintln!("rollout: {}: {e}", scn.label);
@@ -201,9 +222,12 @@ fn scenarios(a: &Args) -> Result<Vec<Scenario>, String> {
         let mode = match run {
             Run::Alone => Mode::AppAlone,
             Run::Regular => Mode::Regular,
-            Run::Native => Mode::Native,
+            Run::Native | Run::Auto => Mode::Native,
         };
         let mut s = Scenario::new(mode);
+        s.health_check_sources = (1..=a.health_check_sources.clamp(1, 200))
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+            .collect();
         s.rate = a.rate;
         s.connections = a.connections.max(1);
         s.max_connections = s.max_connections.max(s.connections);
@@ -217,6 +241,18 @@ fn scenarios(a: &Args) -> Result<Vec<Scenario>, String> {
         s.grace = grace;
         s.request_timeout = s.request_timeout.max(a.slow_delay + Duration::from_secs(5));
         s.proxy_args = sim::drain_args(a.drain_min, quiet, drain_max);
+        if *run == Run::Auto {
+            // lameduck fixes the window when the drain starts, from the checks it has seen
+            // while serving: four from a source before t0 (a pod that just started falls
+            // back to --quiet-fallback).
+            s.warmup = s.warmup.max(interval * 7 / 2);
+            s.label = "lameduck, native, --quiet auto".into();
+            s.set_proxy_arg("--quiet", "auto");
+            s.set_proxy_arg(
+                "--quiet-fallback",
+                &humantime::format_duration(quiet).to_string(),
+            );
+        }
         for extra in &a.proxy_arg {
             match extra.split_once('=') {
                 Some((flag, value)) if flag.starts_with("--") => s.set_proxy_arg(flag, value),
@@ -302,9 +338,18 @@ fn print_header(a: &Args, s: &Scenario) {
 }
 
 /// One run, with live output: events as lines, and a progress line on a terminal.
-async fn run_one(scn: &Scenario) -> Result<Report, String> {
+async fn run_one(scn: &Scenario, base: &Scenario) -> Result<Report, String> {
     let tty = std::io::stdout().is_terminal();
     println!("\n▶ {}", scn.label);
+    if scn.mode != Mode::AppAlone && scn.proxy_args != base.proxy_args {
+        println!("  lameduck {}", scn.proxy_args.join(" "));
+    }
+    if scn.warmup != base.warmup {
+        println!(
+            "  {} of steady load before t0, so that lameduck sees the health checks it learns from",
+            humantime::format_duration(scn.warmup)
+        );
+    }
     tracing::info!(run = %scn.label, "=== run starts ===");
     let rec = Recorder::new();
     let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -384,6 +429,7 @@ fn print_table(reports: &[Report]) {
         "timeout",
         "error rate",
         "hc failed",
+        "quiet window",
         "drain",
         "app SIGTERM vs deregistration",
     ]
@@ -419,6 +465,10 @@ fn print_table(reports: &[Report]) {
             t.timeout.to_string(),
             format!("{:.2} %", t.error_rate() * 100.0),
             format!("{} of {}", r.health_checks.errors(), r.health_checks.total),
+            r.drain
+                .as_ref()
+                .and_then(|d| d.window.as_ref())
+                .map_or("-".to_owned(), |(secs, kind)| format!("{secs:.2}s {kind}")),
             drain,
             sigterm,
         ]);

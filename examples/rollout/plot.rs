@@ -38,7 +38,10 @@ fn draw(path: &str, reports: &[Report]) -> Result<(), Box<dyn std::error::Error>
         .fold(1.0, f64::max)
         .ceil()
         + 1.0;
-    let series: Vec<_> = reports.iter().map(|r| rates(r, x0, x1)).collect();
+    let series: Vec<_> = reports
+        .iter()
+        .map(|r| rates(r, -r.scenario.warmup.as_secs_f64(), x1))
+        .collect();
     let ymax = series
         .iter()
         .flat_map(|(ok, err)| ok.iter().chain(err).map(|p| p.1))
@@ -125,7 +128,8 @@ fn draw(path: &str, reports: &[Report]) -> Result<(), Box<dyn std::error::Error>
     Ok(())
 }
 
-/// Traffic answered fine and failed per second, in `BUCKET` steps, by completion time.
+/// Traffic answered fine and failed per second, in `BUCKET` steps from `x0` (the run's
+/// start), by completion time.
 fn rates(r: &Report, x0: f64, x1: f64) -> (Points, Points) {
     let n = ((x1 - x0) / BUCKET).ceil() as usize;
     let (mut ok, mut err) = (vec![0u32; n], vec![0u32; n]);

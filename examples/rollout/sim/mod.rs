@@ -270,11 +270,17 @@ impl fmt::Display for EventKind {
             EventKind::AllAnswered => f.write_str("every request sent has completed"),
             EventKind::PreStop(c) => write!(f, "{c}: preStop httpGet /drain"),
             EventKind::PreStopDone(c, Ok(answer)) => match parse_drain_answer(answer) {
-                Some(d) => write!(
-                    f,
-                    "{c}: preStop answered: drained ({}) after {:.1}s, {} requests served while draining",
-                    d.reason, d.seconds, d.requests_during_drain
-                ),
+                Some(d) => {
+                    write!(
+                        f,
+                        "{c}: preStop answered: drained ({}) after {:.1}s, {} requests served while draining",
+                        d.reason, d.seconds, d.requests_during_drain
+                    )?;
+                    match &d.window_why {
+                        Some(why) => write!(f, "; quiet window {why}"),
+                        None => Ok(()),
+                    }
+                }
                 None => write!(f, "{c}: preStop answered {answer}"),
             },
             EventKind::PreStopDone(c, Err(e)) => write!(f, "{c}: preStop failed: {e}"),
@@ -410,6 +416,10 @@ pub struct DrainAnswer {
     pub reason: String,
     pub seconds: f64,
     pub requests_during_drain: u64,
+    /// The quiet window the drain used, in seconds, and how it was chosen (`fixed`,
+    /// `learned` with `--quiet auto`, or `fallback`); lameduck's explanation of it.
+    pub window: Option<(f64, String)>,
+    pub window_why: Option<String>,
     /// The whole JSON, for fields a later lameduck adds.
     pub json: serde_json::Value,
 }
@@ -514,6 +524,10 @@ fn parse_drain_answer(answer: &str) -> Option<DrainAnswer> {
         reason: json["reason"].as_str()?.to_owned(),
         seconds: json["drain_seconds"].as_f64()?,
         requests_during_drain: json["requests_during_drain"].as_u64().unwrap_or(0),
+        window: json["quiet_window_seconds"]
+            .as_f64()
+            .zip(json["quiet_window"].as_str().map(str::to_owned)),
+        window_why: json["quiet_window_why"].as_str().map(str::to_owned),
         json,
     })
 }
@@ -617,6 +631,12 @@ mod tests {
         assert_eq!(a.reason, "quiet");
         assert_eq!(a.seconds, 8.2);
         assert_eq!(a.requests_during_drain, 912);
+        assert_eq!(a.window, None);
+        let a = parse_drain_answer(
+            r#"200 {"reason":"quiet","drain_seconds":8.2,"quiet_window_seconds":4.25,"quiet_window":"learned"}"#,
+        )
+        .unwrap();
+        assert_eq!(a.window, Some((4.25, "learned".to_owned())));
         assert_eq!(parse_drain_answer("503 draining"), None);
     }
 }

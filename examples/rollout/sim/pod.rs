@@ -176,12 +176,7 @@ pub async fn start_sidecar(app: SocketAddr, extra_args: &[String]) -> Result<Sid
     let Command::Proxy(args) = cli.command else {
         unreachable!("argv starts with `lameduck proxy`")
     };
-    // `validate` compares the two addresses as given, so `127.0.0.1:0` twice fails as
-    // "must differ" although port 0 binds two different ephemeral ports. Check everything
-    // else with a stand-in admin port.
-    let mut check = args.clone();
-    check.admin.set_port(1);
-    check.validate()?;
+    args.validate()?;
     let (addr_tx, addr_rx) = oneshot::channel();
     let container = Container::spawn("lameduck", true, move |term| async move {
         let bound = match Bound::bind(args).await {
