@@ -33,6 +33,9 @@ use tokio::time::Instant;
 /// Idle HTTP/1 connections kept at most; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
 
+/// Largest read buffer per app connection.
+const UPSTREAM_READ_BUF: usize = 32 * 1024;
+
 /// A reused connection idle at least this long may be one the app is closing for
 /// idleness, so a request sent on it keeps what it needs to be rebuilt. Below every real
 /// app keep-alive timeout (gunicorn's 2 s is the lowest common one); a connection reused
@@ -323,6 +326,11 @@ impl Upstream {
     ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let stream = self.connect_tcp().await?;
         let (tx, conn) = http1::Builder::new()
+            // hyper's read buffer grows with each full read (up to ~400 KB by default) and a
+            // body chunk still on its way downstream pins the old one: cap it, so memory per
+            // connection stays small with large bodies (bench, 64 conns x 64 KiB responses: peak RSS
+            // 21 -> 13 MiB).
+            .max_buf_size(UPSTREAM_READ_BUF)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::new(ErrorKind::Connect, e))?;
