@@ -110,14 +110,15 @@ def tree(pid):
 
 
 def cpu_ticks(pids):
-    """utime + stime of whole processes (all threads), in clock ticks."""
-    total = 0
+    """(utime, stime) of whole processes (all threads), in clock ticks."""
+    user = system = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         # fields[0] is field 3 (state); utime is field 14, stime 15.
-        total += int(fields[11]) + int(fields[12])
-    return total
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
 
 
 def status_kib(pids, key):
@@ -327,11 +328,15 @@ SCENARIOS = {
 def measure(target, scenario, duration):
     _, path, runner = SCENARIOS[scenario]
     pids = target.pids()
-    before = cpu_ticks(pids) if pids else 0
+    before = cpu_ticks(pids) if pids else (0, 0)
     r = runner(target.tools, f"http://127.0.0.1:{target.port}{path}", duration)
-    after = cpu_ticks(pids) if pids else 0
-    r["cpu_s"] = (after - before) / CLK_TCK
-    r["cpu_us_per_req"] = (r["cpu_s"] * 1e6 / r["requests"]) if pids and r["requests"] else None
+    after = cpu_ticks(pids) if pids else (0, 0)
+    usr, sys_ = ((a - b) / CLK_TCK for a, b in zip(after, before))
+    r["cpu_s"] = usr + sys_
+    per = (lambda s: s * 1e6 / r["requests"]) if pids and r["requests"] else (lambda s: None)
+    r["cpu_us_per_req"] = per(usr + sys_)
+    r["usr_us_per_req"] = per(usr)
+    r["sys_us_per_req"] = per(sys_)
     return r
 
 
@@ -485,7 +490,8 @@ def fmt(v, digits=0):
 
 def aggregate(runs):
     """Median of every figure over the rounds."""
-    keys = ["rps", "p50", "p99", "p999", "cpu_us_per_req", "hwm_mib"]
+    keys = ["rps", "p50", "p99", "p999", "cpu_us_per_req", "usr_us_per_req",
+            "sys_us_per_req", "hwm_mib"]
     out = {k: med([r.get(k) for r in runs]) for k in keys}
     out["errors"] = sum(r["errors"] for r in runs)
     out["requests"] = sum(r["requests"] for r in runs)
@@ -515,7 +521,7 @@ def render(meta, results, mem, extras, budget):
              "Warm-up of 1 s (scenario a) per target per round, not counted.")
     L.append("- Upstream: `examples/bench_upstream.rs` (hyper 1, current-thread, static bodies: "
              "3 bytes on `/`, 65,536 bytes on `/64k`).")
-    L.append("- CPU µs/req: proxy's utime+stime from /proc/PID/stat (all its processes and "
+    L.append("- CPU µs/req: proxy's utime+stime (split usr / sys) from /proc/PID/stat (all its processes and "
              "threads) over the load generator's run, divided by the requests it completed. "
              f"Clock tick {1e6 / CLK_TCK:,.0f} µs.")
     L.append("- Latencies in µs. (a),(c): wrk; (b): oha, open loop with latency correction "
@@ -532,8 +538,8 @@ def render(meta, results, mem, extras, budget):
         L.append(f"### ({sc}) {SCENARIOS[sc][0]}")
         L.append("")
         L.append("| target | req/s | ratio to direct | p50 | p99 | p99.9 | +p50 | +p99 "
-                 "| CPU µs/req | errors |")
-        L.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+                 "| CPU µs/req | usr / sys | errors |")
+        L.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         direct = rows.get("direct")
         for name, r in rows.items():
             ratio = r["rps"] / direct["rps"] if direct else None
@@ -542,21 +548,26 @@ def render(meta, results, mem, extras, budget):
             L.append(
                 f"| {meta['labels'][name]} | {fmt(r['rps'])} | {fmt(ratio, 3)} | {fmt(r['p50'])} "
                 f"| {fmt(r['p99'])} | {fmt(r['p999'])} | {fmt(ad50)} | {fmt(ad99)} "
-                f"| {fmt(r['cpu_us_per_req'], 1)} | {r['errors']} |"
+                f"| {fmt(r['cpu_us_per_req'], 1)} "
+                f"| {fmt(r['usr_us_per_req'], 1)} / {fmt(r['sys_us_per_req'], 1)} | {r['errors']} |"
             )
         L.append("")
     L.append("### Memory")
     L.append("")
-    L.append("Sum over the proxy's processes (nginx: master + worker). Idle: after start and "
-             "readiness, before load. Peak: VmHWM after every scenario above (before the "
-             "idle-connection test). 1,000 idle: VmRSS while 1,000 keep-alive connections, "
-             "each having carried one request, are held open.")
+    L.append("Sum over the proxy's processes (nginx: master + worker), RSS as the kernel "
+             "counts it (file-backed pages of the binary and libc included). Idle: after start "
+             "and readiness, before load. Peak: VmHWM after every scenario above. 1,000 idle: "
+             "VmRSS of a fresh process while 1,000 keep-alive connections, each having carried "
+             "one request, are held open; per conn = (that − idle) / 1,000.")
     L.append("")
-    L.append("| target | idle RSS MiB | peak RSS (VmHWM) MiB | RSS, 1,000 idle conns MiB |")
-    L.append("|---|--:|--:|--:|")
+    L.append("| target | idle RSS MiB | peak RSS (VmHWM) MiB | RSS, 1,000 idle conns MiB "
+             "| per idle conn KiB |")
+    L.append("|---|--:|--:|--:|--:|")
     for name, r in mem.items():
+        per = ((r["conns1k"] - r["idle"]) * 1024 / 1000
+               if r["conns1k"] is not None and r["idle"] is not None else None)
         L.append(f"| {meta['labels'][name]} | {fmt(r['idle'], 2)} | {fmt(r['peak'], 2)} "
-                 f"| {fmt(r['conns1k'], 2)} |")
+                 f"| {fmt(r['conns1k'], 2)} | {fmt(per, 1)} |")
     L.append("")
     L.append("VmHWM (MiB) after each scenario, in run order (cumulative: it only grows), "
              "to show which workload sets the peak:")
@@ -713,15 +724,22 @@ def main():
                               flush=True)
                     if pids:
                         mem_runs[name]["peak"].append(status_kib(pids, "VmHWM") / 1024)
-                        if rnd == 1:
-                            kib = idle_conns_rss(tgt)
-                            mem_runs[name]["conns1k"].append(kib / 1024)
-                            print(f"[round {rnd}] {name:18} RSS with 1,000 idle conns "
-                                  f"{kib / 1024:.2f} MiB", flush=True)
                     if name == "lameduck-draining":
                         tgt.require_state("draining")  # still draining at the end
                 finally:
                     tgt.stop()
+                if name != "direct" and rnd == 1:
+                    # On a fresh process, so the figure does not depend on what the heap
+                    # kept from the load scenarios.
+                    tgt = Target(name, LABELS[name], tools, workdir, up_port)
+                    tgt.start()
+                    try:
+                        kib = idle_conns_rss(tgt)
+                        mem_runs[name]["conns1k"].append(kib / 1024)
+                        print(f"[round {rnd}] {name:18} RSS with 1,000 idle conns "
+                              f"{kib / 1024:.2f} MiB", flush=True)
+                    finally:
+                        tgt.stop()
 
         extras = {}
         if "lameduck" in targets:
