@@ -283,6 +283,7 @@ def run_wrk(tools, url, conns, duration):
         "rps": r["requests"] / (r["duration_us"] / 1e6),
         "p50": r["p50"], "p99": r["p99"], "p999": r["p999"],
         "errors": r["errors"] + r["non2xx"],
+        "timeouts": r["timeouts"],  # wrk: no answer within 2 s (counted in requests too)
     }
 
 
@@ -310,6 +311,7 @@ def run_oha(tools, url, conns, rate, duration):
         "rps": s["requestsPerSec"],
         "p50": pct["p50"] * 1e6, "p99": pct["p99"] * 1e6, "p999": pct["p99.9"] * 1e6,
         "errors": bad,
+        "timeouts": 0,
     }
 
 
@@ -325,12 +327,61 @@ SCENARIOS = {
 }
 
 
+def core_busy():
+    """Busy clock ticks of each core since boot (everything but idle and iowait)."""
+    busy = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            m = re.match(r"cpu(\d+)\s+(.*)", line)
+            if m:
+                v = [int(x) for x in m.group(2).split()]
+                busy[int(m.group(1))] = sum(v[:8]) - v[3] - v[4]
+    return busy
+
+
+def own_ticks(pids):
+    """CPU ticks of everything this bench runs: the given pids, this driver, and its
+    waited-for children (the load generators)."""
+    import resource
+    t = sum(cpu_ticks(pids)) if pids else 0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        t += (ru.ru_utime + ru.ru_stime) * CLK_TCK
+    return t
+
+
+def wait_idle(max_wait, others, threshold=0.10):
+    """Waits (up to max_wait s) until processes that are not ours use under `threshold`
+    of both cores for a 1 s sample. Returns the foreign share last seen."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, o0 = core_busy(), own_ticks(others)
+        time.sleep(1.0)
+        b1, o1 = core_busy(), own_ticks(others)
+        used = sum(b1.values()) - sum(b0.values()) - (o1 - o0)
+        share = max(0.0, used / (len(b1) * CLK_TCK))
+        if share < threshold or time.monotonic() >= deadline:
+            return share
+        time.sleep(4.0)
+
+
+BACKGROUND = []  # pids of our own long-running helpers (the upstream)
+
+
 def measure(target, scenario, duration):
     _, path, runner = SCENARIOS[scenario]
     pids = target.pids()
+    ours = pids + BACKGROUND
+    busy0, own0 = core_busy(), own_ticks(ours)
+    t0 = time.monotonic()
     before = cpu_ticks(pids) if pids else (0, 0)
     r = runner(target.tools, f"http://127.0.0.1:{target.port}{path}", duration)
     after = cpu_ticks(pids) if pids else (0, 0)
+    busy1, own1 = core_busy(), own_ticks(ours)
+    window = (time.monotonic() - t0) * CLK_TCK * len(busy1)
+    foreign = sum(busy1.values()) - sum(busy0.values()) - (own1 - own0)
+    # Share of the two cores used by processes that are not part of the bench.
+    r["foreign"] = max(0.0, foreign / window) if window else 0.0
     usr, sys_ = ((a - b) / CLK_TCK for a, b in zip(after, before))
     r["cpu_s"] = usr + sys_
     per = (lambda s: s * 1e6 / r["requests"]) if pids and r["requests"] else (lambda s: None)
@@ -489,15 +540,14 @@ def fmt(v, digits=0):
 
 
 def aggregate(runs):
-    """Median of every figure over the rounds."""
-    keys = ["rps", "p50", "p99", "p999", "cpu_us_per_req", "usr_us_per_req",
-            "sys_us_per_req", "hwm_mib"]
-    out = {k: med([r.get(k) for r in runs]) for k in keys}
-    out["errors"] = sum(r["errors"] for r in runs)
-    out["requests"] = sum(r["requests"] for r in runs)
-    out["spread_rps"] = (min(r["rps"] for r in runs), max(r["rps"] for r in runs))
-    cpu = [r["cpu_us_per_req"] for r in runs if r["cpu_us_per_req"] is not None]
-    out["spread_cpu"] = (min(cpu), max(cpu)) if cpu else (0, 0)
+    """The round least disturbed by other processes (lowest foreign CPU share; ties: the
+    first). Other processes only ever slow a run down, so the cleanest round is the best
+    estimate on a shared machine; the medians over rounds are kept alongside."""
+    best = min(runs, key=lambda r: round(r["foreign"], 2))
+    out = dict(best)
+    out["round"] = runs.index(best) + 1
+    out["median_rps"] = med([r["rps"] for r in runs])
+    out["median_cpu"] = med([r["cpu_us_per_req"] for r in runs])
     return out
 
 
@@ -517,8 +567,13 @@ def render(meta, results, mem, extras, budget):
     L.append(f"- Pinning (same for every target): the proxy alone on core {PROXY_CORE}; the load "
              f"generator, the bench upstream and the driver on core {LOADGEN_CORE} (`taskset`).")
     L.append(f"- {meta['duration']} s per measurement, {meta['rounds']} round(s), targets "
-             "interleaved round by round; each figure is the median over rounds. "
-             "Warm-up of 1 s (scenario a) per target per round, not counted.")
+             "interleaved round by round. Before each measurement the driver waits (up to "
+             f"{meta['idle_wait']} s) until processes outside the bench use < 10 % of the CPUs, "
+             "and measures again once if they used more than 10 % during it. Each row is the "
+             "round with the least such *foreign CPU* (shown; it only ever slows a run down); "
+             "the medians over all rounds are in the last column. Warm-up of 1 s (scenario a) "
+             "per target per round, not counted. errors: connect/read/write errors and non-2xx; "
+             "timeouts: wrk got no answer within 2 s.")
     L.append("- Upstream: `examples/bench_upstream.rs` (hyper 1, current-thread, static bodies: "
              "3 bytes on `/`, 65,536 bytes on `/64k`).")
     L.append("- CPU µs/req: proxy's utime+stime (split usr / sys) from /proc/PID/stat (all its processes and "
@@ -538,8 +593,9 @@ def render(meta, results, mem, extras, budget):
         L.append(f"### ({sc}) {SCENARIOS[sc][0]}")
         L.append("")
         L.append("| target | req/s | ratio to direct | p50 | p99 | p99.9 | +p50 | +p99 "
-                 "| CPU µs/req | usr / sys | errors |")
-        L.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+                 "| CPU µs/req | usr / sys | errors / timeouts | round, foreign CPU "
+                 "| median over rounds: req/s, CPU |")
+        L.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         direct = rows.get("direct")
         for name, r in rows.items():
             ratio = r["rps"] / direct["rps"] if direct else None
@@ -549,14 +605,17 @@ def render(meta, results, mem, extras, budget):
                 f"| {meta['labels'][name]} | {fmt(r['rps'])} | {fmt(ratio, 3)} | {fmt(r['p50'])} "
                 f"| {fmt(r['p99'])} | {fmt(r['p999'])} | {fmt(ad50)} | {fmt(ad99)} "
                 f"| {fmt(r['cpu_us_per_req'], 1)} "
-                f"| {fmt(r['usr_us_per_req'], 1)} / {fmt(r['sys_us_per_req'], 1)} | {r['errors']} |"
+                f"| {fmt(r['usr_us_per_req'], 1)} / {fmt(r['sys_us_per_req'], 1)} "
+                f"| {r['errors']} / {r['timeouts']} | {r['round']}, {r['foreign']:.0%} "
+                f"| {fmt(r['median_rps'])}, {fmt(r['median_cpu'], 1)} |"
             )
         L.append("")
     L.append("### Memory")
     L.append("")
     L.append("Sum over the proxy's processes (nginx: master + worker), RSS as the kernel "
              "counts it (file-backed pages of the binary and libc included). Idle: after start "
-             "and readiness, before load. Peak: VmHWM after every scenario above. 1,000 idle: "
+             "and readiness, before load (median over rounds). Peak: VmHWM after every scenario "
+             "above, the highest of all rounds. 1,000 idle: "
              "VmRSS of a fresh process while 1,000 keep-alive connections, each having carried "
              "one request, are held open; per conn = (that − idle) / 1,000.")
     L.append("")
@@ -625,14 +684,12 @@ def evaluate_budget(results, mem):
         s, dr = rows.get("lameduck"), rows.get("lameduck-draining")
         if not s or not dr:
             continue
-        # One-sided: draining may not be slower or costlier than serving beyond noise
-        # (5 %, or the spread of serving's own rounds if larger).
-        lo, hi = s["spread_rps"]
-        tol = max(0.05 * s["rps"], hi - lo)
+        # One-sided: draining may not be slower or costlier than serving by more than
+        # 10 % (the run-to-run noise seen here on a quiet machine is 5-10 %).
+        tol = 0.10 * s["rps"]
         ok_rps = dr["rps"] >= s["rps"] - tol
         cs, cd = s["cpu_us_per_req"], dr["cpu_us_per_req"]
-        lo, hi = s["spread_cpu"]
-        ctol = None if cs is None else max(0.05 * cs, hi - lo)
+        ctol = None if cs is None else 0.10 * cs
         cpu_ok = cs is None or cd is None or cd <= cs + ctol
         b.append((f"draining costs nothing in ({sc}): req/s, CPU µs/req",
                   f"{fmt(dr['rps'])}, {fmt(cd, 1)}",
@@ -665,6 +722,9 @@ def main():
     ap.add_argument("--scenarios", default=os.environ.get("BENCH_SCENARIOS", "a,b,c,a64k,b64k"))
     ap.add_argument("--wait-quiet", type=int, default=int(os.environ.get("BENCH_WAIT_QUIET", 0)),
                     help="wait up to this many seconds for 1-min load < 0.7 first (default 0)")
+    ap.add_argument("--idle-wait", type=int, default=int(os.environ.get("BENCH_IDLE_WAIT", 120)),
+                    help="before each measurement, wait up to this many seconds until other "
+                         "processes use < 10%% of the CPUs (default 120)")
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", os.path.join(HERE, "results")))
     ap.add_argument("--tools", required=True, help="JSON: paths of lameduck, upstream, nginx, ...")
     args = ap.parse_args()
@@ -699,6 +759,7 @@ def main():
         up_port = free_port()
         up_log = open(os.path.join(workdir, "upstream.log"), "w")
         upstream = spawn([tools["upstream"], f"127.0.0.1:{up_port}"], LOADGEN_CORE, up_log)
+        BACKGROUND.append(upstream.pid)
         wait_http(up_port, "/")
 
         runs = {sc: {t: [] for t in targets} for sc in scenarios}
@@ -713,14 +774,26 @@ def main():
                         mem_runs[name]["idle"].append(status_kib(pids, "VmRSS") / 1024)
                     run_wrk(tools, f"http://127.0.0.1:{tgt.port}/", 64, 1)  # warm-up
                     for sc in scenarios:
+                        ours = pids + BACKGROUND
+                        wait_idle(args.idle_wait, ours)
                         r = measure(tgt, sc, args.duration)
+                        if r["foreign"] > 0.10:
+                            # Someone else used the machine meanwhile: measure once more
+                            # when it is idle again, keep the cleaner of the two.
+                            print(f"  ({name} {sc}: {r['foreign']:.0%} of the CPUs used by "
+                                  "other processes; measuring again)", flush=True)
+                            wait_idle(args.idle_wait, ours)
+                            again = measure(tgt, sc, args.duration)
+                            if again["foreign"] < r["foreign"]:
+                                r = again
                         if pids:
                             r["hwm_mib"] = status_kib(pids, "VmHWM") / 1024
                         runs[sc][name].append(r)
                         print(f"[round {rnd}] {name:18} ({sc:4}) {r['rps']:>9,.0f} req/s  "
                               f"p50 {r['p50']:>7,.0f}  p99 {r['p99']:>8,.0f}  "
                               f"p99.9 {r['p999']:>8,.0f} µs  cpu/req "
-                              f"{fmt(r['cpu_us_per_req'], 1):>6} µs  errors {r['errors']}",
+                              f"{fmt(r['cpu_us_per_req'], 1):>6} µs  errors {r['errors']}"
+                              f"  timeouts {r['timeouts']}  foreign CPU {r['foreign']:.0%}",
                               flush=True)
                     if pids:
                         mem_runs[name]["peak"].append(status_kib(pids, "VmHWM") / 1024)
@@ -755,7 +828,9 @@ def main():
         stop_all()
 
     results = {sc: {t: aggregate(rs) for t, rs in per.items()} for sc, per in runs.items()}
-    mem = {t: {k: med(v) for k, v in m.items()} for t, m in mem_runs.items()}
+    # Idle: median over rounds; peak: the highest of any round (the whole bench).
+    mem = {t: {"idle": med(m["idle"]), "peak": max(m["peak"], default=None),
+               "conns1k": med(m["conns1k"])} for t, m in mem_runs.items()}
     meta = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -765,6 +840,7 @@ def main():
         "quiet_note": quiet_note,
         "duration": args.duration,
         "rounds": args.rounds,
+        "idle_wait": args.idle_wait,
         "labels": LABELS,
     }
     budget = evaluate_budget(results, mem)

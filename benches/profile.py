@@ -57,7 +57,7 @@ SYSCALLS = ["read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg",
             "setsockopt", "getsockopt", "splice", "sched_yield", "ioctl"]
 
 
-def syscall_profile(tgt, tools, n):
+def syscall_profile(tgt, tools, n, conns=64):
     pids = ",".join(str(p) for p in tgt.pids())
     events = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{s}" for s in SYSCALLS]
     oha_n(tools, tgt.port, 2000)  # warm-up: pools filled
@@ -70,7 +70,7 @@ def syscall_profile(tgt, tools, n):
     compare.STARTED.append(perf)
     time.sleep(0.5)
     segs0 = nstat_segs()
-    ok, _ = oha_n(tools, tgt.port, n)
+    ok, _ = oha_n(tools, tgt.port, n, conns)
     segs1 = nstat_segs()
     perf.send_signal(2)
     perf.wait(10)
@@ -311,15 +311,17 @@ def main():
             tgt = compare.Target(name, name, tools, workdir, up_port)
             tgt.start()
             try:
-                if name == "direct":
-                    ok, _ = oha_n(tools, tgt.port, 2000)
-                    s0 = nstat_segs()
-                    ok, _ = oha_n(tools, tgt.port, args.requests)
-                    sysc[name] = {"tcp_segments_all_hops": (nstat_segs() - s0) / ok}
-                else:
-                    sysc[name] = syscall_profile(tgt, tools, args.requests)
-                print(f"syscalls/req {name}: "
-                      + ", ".join(f"{k} {v:.2f}" for k, v in sysc[name].items()), flush=True)
+                for conns, key, n in ((64, name, args.requests),
+                                      (1, f"{name}, 1 conn", args.requests // 10)):
+                    if name == "direct":
+                        oha_n(tools, tgt.port, 2000)
+                        s0 = nstat_segs()
+                        ok, _ = oha_n(tools, tgt.port, n, conns)
+                        sysc[key] = {"tcp_segments_all_hops": (nstat_segs() - s0) / ok}
+                    else:
+                        sysc[key] = syscall_profile(tgt, tools, n, conns)
+                    print(f"syscalls/req {key}: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in sysc[key].items()), flush=True)
             finally:
                 tgt.stop()
         report["syscalls"] = sysc
@@ -382,7 +384,8 @@ def render(rep, args):
     L.append("Versions: " + "; ".join(f"{k} {v}" for k, v in rep["versions"].items()))
     L.append("")
     L.append(f"## 1. Syscalls and TCP segments per request ({args.requests:,} requests, "
-             "closed loop, 64 connections, `oha -n`)")
+             f"closed loop, 64 connections, `oha -n`; rows marked 1 conn: "
+             f"{args.requests // 10:,} requests on one connection)")
     L.append("")
     L.append("perf stat on syscall tracepoints of the proxy's processes. Segments: `nstat` "
              "TcpOutSegs over the whole machine (client↔proxy and proxy↔upstream, both "
