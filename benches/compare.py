@@ -539,15 +539,25 @@ def fmt(v, digits=0):
     return f"{v:,.{digits}f}"
 
 
+CLEAN = 0.05  # a measurement during which other processes used < 5 % of the CPUs
+
+
 def aggregate(runs):
-    """The round least disturbed by other processes (lowest foreign CPU share; ties: the
-    first). Other processes only ever slow a run down, so the cleanest round is the best
-    estimate on a shared machine; the medians over rounds are kept alongside."""
-    best = min(runs, key=lambda r: round(r["foreign"], 2))
-    out = dict(best)
-    out["round"] = runs.index(best) + 1
-    out["median_rps"] = med([r["rps"] for r in runs])
-    out["median_cpu"] = med([r["cpu_us_per_req"] for r in runs])
+    """Median, per figure, over the clean rounds (other processes used < 5 % of the CPUs
+    during the measurement); if no round was clean, the least disturbed one alone."""
+    clean = [r for r in runs if r["foreign"] < CLEAN]
+    use = clean or [min(runs, key=lambda r: r["foreign"])]
+    keys = ["rps", "p50", "p99", "p999", "cpu_us_per_req", "usr_us_per_req",
+            "sys_us_per_req", "hwm_mib"]
+    out = {k: med([r.get(k) for r in use]) for k in keys}
+    out["errors"] = sum(r["errors"] for r in use)
+    out["timeouts"] = sum(r.get("timeouts", 0) for r in use)
+    out["used"] = len(use)
+    out["rounds"] = len(runs)
+    out["foreign"] = max(r["foreign"] for r in use)
+    out["rps_range"] = (min(r["rps"] for r in use), max(r["rps"] for r in use))
+    cpu = [r["cpu_us_per_req"] for r in use if r["cpu_us_per_req"] is not None]
+    out["cpu_range"] = (min(cpu), max(cpu)) if cpu else None
     return out
 
 
@@ -569,9 +579,10 @@ def render(meta, results, mem, extras, budget):
     L.append(f"- {meta['duration']} s per measurement, {meta['rounds']} round(s), targets "
              "interleaved round by round. Before each measurement the driver waits (up to "
              f"{meta['idle_wait']} s) until processes outside the bench use < 10 % of the CPUs, "
-             "and measures again once if they used more than 10 % during it. Each row is the "
-             "round with the least such *foreign CPU* (shown; it only ever slows a run down); "
-             "the medians over all rounds are in the last column. Warm-up of 1 s (scenario a) "
+             "and measures again once if they used more than 10 % during it. Each figure is the "
+             "median over the *clean* rounds (other processes used < 5 % of the CPUs during "
+             "the measurement; how many, and the range of req/s and CPU over them, are in the "
+             "last columns). Warm-up of 1 s (scenario a) "
              "per target per round, not counted. errors: connect/read/write errors and non-2xx; "
              "timeouts: wrk got no answer within 2 s.")
     L.append("- Upstream: `examples/bench_upstream.rs` (hyper 1, current-thread, static bodies: "
@@ -593,8 +604,8 @@ def render(meta, results, mem, extras, budget):
         L.append(f"### ({sc}) {SCENARIOS[sc][0]}")
         L.append("")
         L.append("| target | req/s | ratio to direct | p50 | p99 | p99.9 | +p50 | +p99 "
-                 "| CPU µs/req | usr / sys | errors / timeouts | round, foreign CPU "
-                 "| median over rounds: req/s, CPU |")
+                 "| CPU µs/req | usr / sys | errors / timeouts | clean rounds "
+                 "| range: req/s; CPU µs/req |")
         L.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         direct = rows.get("direct")
         for name, r in rows.items():
@@ -606,8 +617,10 @@ def render(meta, results, mem, extras, budget):
                 f"| {fmt(r['p99'])} | {fmt(r['p999'])} | {fmt(ad50)} | {fmt(ad99)} "
                 f"| {fmt(r['cpu_us_per_req'], 1)} "
                 f"| {fmt(r['usr_us_per_req'], 1)} / {fmt(r['sys_us_per_req'], 1)} "
-                f"| {r['errors']} / {r['timeouts']} | {r['round']}, {r['foreign']:.0%} "
-                f"| {fmt(r['median_rps'])}, {fmt(r['median_cpu'], 1)} |"
+                f"| {r['errors']} / {r['timeouts']} | {r['used']} of {r['rounds']} "
+                f"| {fmt(r['rps_range'][0])}–{fmt(r['rps_range'][1])}; "
+                + (f"{fmt(r['cpu_range'][0], 1)}–{fmt(r['cpu_range'][1], 1)} |"
+                   if r["cpu_range"] else "— |")
             )
         L.append("")
     L.append("### Memory")
@@ -726,8 +739,17 @@ def main():
                     help="before each measurement, wait up to this many seconds until other "
                          "processes use < 10%% of the CPUs (default 120)")
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", os.path.join(HERE, "results")))
-    ap.add_argument("--tools", required=True, help="JSON: paths of lameduck, upstream, nginx, ...")
+    ap.add_argument("--tools", help="JSON: paths of lameduck, upstream, nginx, ... (compare.sh)")
+    ap.add_argument("--report-from", metavar="RUN.json",
+                    help="measure nothing: rewrite the report of an earlier run from its JSON")
     args = ap.parse_args()
+    if args.report_from:
+        with open(args.report_from) as f:
+            raw = json.load(f)
+        raw["meta"].setdefault("stamp", os.path.basename(args.report_from)[4:-5])
+        raw["meta"].setdefault("idle_wait", args.idle_wait)
+        write_report(raw, os.path.dirname(os.path.abspath(args.report_from)))
+        return
     tools = json.loads(args.tools)
     targets = args.targets.split(",")
     scenarios = args.scenarios.split(",")
@@ -827,12 +849,9 @@ def main():
     finally:
         stop_all()
 
-    results = {sc: {t: aggregate(rs) for t, rs in per.items()} for sc, per in runs.items()}
-    # Idle: median over rounds; peak: the highest of any round (the whole bench).
-    mem = {t: {"idle": med(m["idle"]), "peak": max(m["peak"], default=None),
-               "conns1k": med(m["conns1k"])} for t, m in mem_runs.items()}
     meta = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "stamp": started.strftime("%Y%m%d-%H%M"),
         "machine": machine(),
         "versions": versions(tools),
         "load_before": load_before,
@@ -843,19 +862,28 @@ def main():
         "idle_wait": args.idle_wait,
         "labels": LABELS,
     }
+    raw = {"meta": meta, "runs": runs, "mem": mem_runs, "extras": extras}
+    with open(os.path.join(args.out, f"run-{meta['stamp']}.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    write_report(raw, args.out)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_report(raw, out_dir):
+    """Aggregates the raw measurements of one run and writes run-<stamp>.md."""
+    meta, runs, mem_runs, extras = raw["meta"], raw["runs"], raw["mem"], raw["extras"]
+    results = {sc: {t: aggregate(rs) for t, rs in per.items()} for sc, per in runs.items()}
+    # Idle: median over rounds; peak: the highest of any round (the whole bench).
+    mem = {t: {"idle": med(m["idle"]), "peak": max(m["peak"], default=None),
+               "conns1k": med(m["conns1k"])} for t, m in mem_runs.items()}
     budget = evaluate_budget(results, mem)
     text = render(meta, results, mem, extras, budget)
     print()
     print(text)
-    stamp = started.strftime("%Y%m%d-%H%M")
-    path = os.path.join(args.out, f"run-{stamp}.md")
+    path = os.path.join(out_dir, f"run-{meta['stamp']}.md")
     with open(path, "w") as f:
         f.write(text)
-    with open(os.path.join(args.out, f"run-{stamp}.json"), "w") as f:
-        json.dump({"meta": meta, "runs": runs, "mem": mem_runs, "extras": extras,
-                   "budget": budget}, f, indent=1)
     print(f"\nwritten: {path}")
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

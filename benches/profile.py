@@ -218,14 +218,26 @@ def perf_profile(tgt, tools, workdir, scenario, duration):
     perf.send_signal(2)
     perf.wait(60)
     compare.STARTED.remove(perf)
+    out = analyze_perf(data)
+    out["result"] = r
+    out["data"] = data
+    return out
+
+
+def analyze_perf(data):
+    """Self and inclusive shares from a perf.data with DWARF call graphs."""
 
     def report(*extra):
         return subprocess.run(["perf", "report", "-i", data, "--stdio", "-g", "none"]
                               + list(extra), capture_output=True, text=True).stdout
 
+    def clean(line):
+        # perf pads lines and may append empty "-" columns.
+        return re.sub(r"(\s+-)+\s*$", "", line).rstrip()
+
     syms = []  # (self %, dso, symbol)
     for line in report("--no-children", "--sort", "dso,symbol").splitlines():
-        m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[[.k]\]\s+(.*?)\s*$", line)
+        m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[[.k]\]\s+(.*?)\s*$", clean(line))
         if m:
             syms.append((float(m.group(1)), m.group(2), m.group(3)))
     dsos = collections.Counter()
@@ -260,7 +272,7 @@ def perf_profile(tgt, tools, workdir, scenario, duration):
         "malloc + free": r"\] (malloc|cfree@GLIBC_2.2.5|free)$",
     }
     kernel_syscalls = []
-    children = report("--children", "--sort", "symbol").splitlines()
+    children = [clean(l) for l in report("--children", "--sort", "symbol").splitlines()]
     for label, pat in paths.items():
         best = 0.0
         for line in children:
@@ -269,7 +281,7 @@ def perf_profile(tgt, tools, workdir, scenario, duration):
                 best = max(best, float(m.group(1)))
         kernel_syscalls.append((best, label))
     user = [(p, s) for p, d, s in syms if not d.startswith("[kernel")]
-    return {"result": r, "dsos": sorted(((v, k) for k, v in dsos.items()), reverse=True),
+    return {"dsos": sorted(((v, k) for k, v in dsos.items()), reverse=True),
             "crates": groups.most_common(20), "syscalls_children": kernel_syscalls[:10],
             "user": user[:30]}
 
@@ -280,15 +292,37 @@ def perf_profile(tgt, tools, workdir, scenario, duration):
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tools", required=True)
-    ap.add_argument("--profiling-binary", required=True,
+    ap.add_argument("--tools")
+    ap.add_argument("--profiling-binary",
                     help="lameduck built with debug info (same code, same release profile)")
     ap.add_argument("--requests", type=int, default=50000, help="requests for syscall counts")
     ap.add_argument("--callgrind-requests", type=int, default=20000)
     ap.add_argument("--duration", type=int, default=10, help="seconds of perf record")
     ap.add_argument("--peers", default="nginx,haproxy,envoy")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--perf-data", type=json.loads, default={},
+                    help='with --report-from: {"a": "perf.a.data", ...} to re-analyse')
+    ap.add_argument("--report-from", metavar="PROFILE.json",
+                    help="measure nothing: rewrite the report of an earlier run from its JSON")
     args = ap.parse_args()
+    if args.report_from:
+        with open(args.report_from) as f:
+            rep = json.load(f)
+        for k in ("requests", "callgrind_requests"):
+            setattr(args, k, rep.get("args", {}).get(k, getattr(args, k)))
+        for sc, p in rep.get("perf", {}).items():
+            # Re-read the perf data when it is still there (same run, newer analysis).
+            data = args.perf_data.get(sc) or p.get("data")
+            if data and os.path.exists(data):
+                p.update(analyze_perf(data))
+                p["data"] = data
+        with open(args.report_from, "w") as f:
+            json.dump(rep, f, indent=1, default=str)
+        text = render(rep, args)
+        with open(args.report_from[:-5] + ".md", "w") as f:
+            f.write(text)
+        print(text)
+        return
     tools = json.loads(args.tools)
     prof_tools = dict(tools, lameduck=args.profiling_binary)
     peers = [p for p in args.peers.split(",") if p]
@@ -299,7 +333,8 @@ def main():
     os.sched_setaffinity(0, {LOADGEN_CORE})
     workdir = tempfile.mkdtemp(prefix="lameduck-profile-")
     started = datetime.datetime.now(datetime.timezone.utc)
-    report = {"load_before": compare.loadavg()}
+    report = {"load_before": compare.loadavg(),
+              "args": {"requests": args.requests, "callgrind_requests": args.callgrind_requests}}
     try:
         up_port = compare.free_port()
         upstream = compare.spawn([tools["upstream"], f"127.0.0.1:{up_port}"], LOADGEN_CORE,
@@ -392,12 +427,17 @@ def render(rep, args):
              "directions), so `direct` is the floor for one hop.")
     L.append("")
     sysc = rep["syscalls"]
-    cols = ["raw_syscalls"] + [s for s in SYSCALLS if any(s in v for v in sysc.values())]
-    L.append("| target | all syscalls | " + " | ".join(cols[1:]) + " | TCP segments |")
-    L.append("|---|" + "--:|" * (len(cols) + 1))
+    # "sys_enter" is the raw_syscalls tracepoint: every syscall.
+    cols = ["sys_enter"] + [s for s in SYSCALLS if any(s in v for v in sysc.values())]
+    L.append("| target | all syscalls | " + " | ".join(cols[1:])
+             + " | other syscalls | TCP segments |")
+    L.append("|---|" + "--:|" * (len(cols) + 2))
     for name, v in sysc.items():
+        other = (v["sys_enter"] - sum(v.get(c, 0) for c in cols[1:])
+                 if "sys_enter" in v else None)
         L.append(f"| {name} | " + " | ".join(
             f"{v[c]:.2f}" if c in v else "—" for c in cols) +
+            f" | {'—' if other is None else f'{other:.2f}'}"
             f" | {v.get('tcp_segments_all_hops', 0):.2f} |")
     L.append("")
     L.append(f"## 2. Instructions and allocations per request (callgrind, "
@@ -453,7 +493,7 @@ def render(rep, args):
         L.append("| % self | symbol |")
         L.append("|--:|---|")
         for v, s in p["user"]:
-            L.append(f"| {v:.2f} | `{s[:160]}` |")
+            L.append(f"| {v:.2f} | `{s.strip()[:160]}` |")
         L.append("")
     return "\n".join(L)
 
