@@ -35,10 +35,8 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         Bytes::from_static(b"ok\n")
     };
     let mut resp = Response::new(Full::new(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     Ok(resp)
 }
 
@@ -53,8 +51,13 @@ fn main() {
         .build()
         .expect("a current-thread runtime starts");
     rt.block_on(async move {
-        let listener = TcpListener::bind(addr).await.expect("bind the upstream address");
-        eprintln!("bench_upstream listening on {}", listener.local_addr().unwrap());
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("bind the upstream address");
+        eprintln!(
+            "bench_upstream listening on {}",
+            listener.local_addr().unwrap()
+        );
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
