@@ -444,21 +444,24 @@ impl Lifecycle {
             if self.phase() != Phase::Draining {
                 return; // cut short
             }
+            let in_flight = self.in_flight();
             let verdict = check(
                 &policy,
                 since.elapsed(),
                 self.idle_for(now_nanos()),
-                self.in_flight(),
+                in_flight,
             );
             match verdict {
                 Verdict::Drained(reason) => {
                     self.finish(reason);
                     return;
                 }
+                // Nothing in flight: a request that starts only pushes the deadline later,
+                // and one that ends cannot bring it earlier, so sleeping until the deadline
+                // and re-checking is enough (no wake-up per request while draining).
+                Verdict::Wait(d) if in_flight == 0 => tokio::time::sleep(d).await,
+                // Requests in flight: the last one ending may end the drain at once.
                 Verdict::Wait(d) => {
-                    // A new request only pushes the deadline later, so sleeping until this
-                    // deadline and re-checking is enough; an ending request can make it
-                    // earlier, hence the notification.
                     tokio::select! {
                         _ = tokio::time::sleep(d) => {}
                         _ = &mut notified => {}
