@@ -202,7 +202,9 @@ impl ConnTrack {
     }
 
     fn on_read(&self, data: &[u8]) {
-        if self.first_read.swap(false, Ordering::AcqRel) {
+        // A load first: the swap (a locked RMW) runs once per connection, not per read.
+        if self.first_read.load(Ordering::Acquire) && self.first_read.swap(false, Ordering::AcqRel)
+        {
             const PREFACE: &[u8] = b"PRI * HTTP/2.0";
             let n = data.len().min(PREFACE.len());
             if n > 0 && data[..n] == PREFACE[..n] {

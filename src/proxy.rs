@@ -522,12 +522,17 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The comma-separated tokens of every `Connection` header.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+        .map(str::trim)
 }
 
 /// Turns the downstream request into the upstream one: hop-by-hop headers removed, Host
@@ -607,15 +612,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION) {
+    if headers.contains_key(header::CONNECTION) {
         // Rare on the hot path (ALBs don't send it); collect the names, then remove them.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .chain(std::iter::once(conn))
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !(keep_upgrade && n == header::UPGRADE))
             .collect();
         for name in named {

@@ -251,7 +251,7 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (mut tx, reused) = match self.pool.checkout() {
             Some((tx, idle)) => (tx, Some(idle)),
-            None => (self.connect_h1(false).await?, None),
+            None => (self.connect_h1().await?, None),
         };
         let replay = match reused {
             Some(idle) if idle >= REPLAY_AFTER_IDLE => Replay::capture(&req),
@@ -270,7 +270,7 @@ impl Upstream {
         };
         tracing::debug!("reused upstream connection failed before a response; retrying once");
         on_retry();
-        let mut tx = self.connect_h1(false).await?;
+        let mut tx = self.connect_h1().await?;
         match tx.send_request(again).await {
             Ok(resp) => Ok(self.pooled(resp, tx)),
             Err(e) => Err(UpstreamError::from_hyper(e)),
@@ -296,7 +296,7 @@ impl Upstream {
         &self,
         req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut tx = self.connect_h1(true).await?;
+        let mut tx = self.connect_h1().await?;
         tx.send_request(req)
             .await
             .map_err(UpstreamError::from_hyper)
@@ -320,10 +320,7 @@ impl Upstream {
         Ok(stream)
     }
 
-    async fn connect_h1(
-        &self,
-        upgrades: bool,
-    ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
         let stream = self.connect_tcp().await?;
         let (tx, conn) = http1::Builder::new()
             // hyper's read buffer grows with each full read (up to ~400 KB by default) and a
@@ -334,19 +331,13 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::new(ErrorKind::Connect, e))?;
-        if upgrades {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
-        } else {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
-        }
+        // Upgrades only ever happen after a 101, on the dedicated connections of
+        // `send_upgrade`; allowing them on pooled ones costs nothing.
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
         Ok(tx)
     }
 
