@@ -4,9 +4,9 @@
 //! | endpoint | method | answers |
 //! |---|---|---|
 //! | `/livez` | GET, HEAD | 200 while the process runs |
-//! | `/readyz` | GET, HEAD | 200 `ready` while serving and the app is reachable; otherwise 503 `starting`, `draining`, `drained` or `upstream-unreachable` |
-//! | `/drain` | GET, POST | starts draining; blocks until drained, then 200 JSON. `?wait=false`: 202 at once. With `--drain-token`, needs header `X-Lameduck-Token` (else 403) |
-//! | `/status` | GET | JSON: state, in-flight requests, open connections, seconds since the last request, drain start, requests during the drain, the quiet window and why, the health-check sources learned |
+//! | `/readyz` | GET, HEAD | 200 `ready` while serving and the app is reachable; otherwise 503 `starting`, `draining`, `drained`, `upstream-unreachable` or `failed` (the traffic port died) |
+//! | `/drain` | GET, POST | starts draining; blocks until released (drained and nothing in flight, or drain-max), then 200 JSON. `?wait=false`: 202 at once. With `--drain-token`, needs header `X-Lameduck-Token` (else 403) |
+//! | `/status` | GET | JSON: state, in-flight requests, open connections, seconds since the last request, drain start, requests during the drain and after it, whether released, the quiet window and why, the health-check sources learned |
 //! | `/metrics` | GET | Prometheus text exposition |
 //!
 //! The kubelet calls `/drain` from the app container's `preStop` hook on the pod IP and
@@ -101,6 +101,9 @@ impl Admin {
     }
 
     async fn readyz(&self) -> Resp {
+        if self.lifecycle.failure().is_some() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "failed");
+        }
         match self.lifecycle.phase() {
             Phase::Draining => return text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
             Phase::Drained => return text(StatusCode::SERVICE_UNAVAILABLE, "drained"),
@@ -163,8 +166,12 @@ impl Admin {
         if !wait {
             return json_response(StatusCode::ACCEPTED, state_json(&self.lifecycle.state()));
         }
-        let state = self.lifecycle.drained().await;
-        json_response(StatusCode::OK, state_json(&state))
+        // The release, not just `Drained`: a request still inside the app (one that started
+        // as the drain ended) must be answered before the kubelet may signal the app.
+        let state = self.lifecycle.released().await;
+        let mut v = state_json(&state);
+        v["requests_after_drained"] = self.lifecycle.snapshot().requests_after_drained.into();
+        json_response(StatusCode::OK, v)
     }
 }
 
@@ -246,6 +253,8 @@ pub fn status_json(s: &Snapshot) -> serde_json::Value {
         "drain_reason": reason,
         "requests_during_drain": s.requests_during_drain,
         "health_checks_during_drain": s.health_checks_during_drain,
+        "requests_after_drained": s.requests_after_drained,
+        "released": s.released,
         "quiet_window_seconds": s.window.window.as_secs_f64(),
         "quiet_window": s.window.kind(),
         "quiet_window_why": s.window.why(),
@@ -416,6 +425,7 @@ mod tests {
             protocol: Protocol::Http1,
             connect_timeout: Duration::from_millis(200),
             idle_timeout: Duration::from_secs(1),
+            cut: Default::default(),
         }));
         let metrics = Arc::new(Metrics::new(lc.clone()));
         Admin::new(lc, metrics, upstream, None, token.map(String::from))

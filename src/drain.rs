@@ -12,6 +12,18 @@
 //! record of the load balancer's health checks from which `--quiet auto` learns its window
 //! (see [`crate::cadence`]). The window is fixed when the drain starts: from then on the
 //! checks are expected to stop, and their silence is what the drain waits for.
+//!
+//! **Release.** `Drained` says traffic has stopped; it does not say the app may go: a request
+//! whose head completed just as the drain clock decided, or a late one, may still be inside
+//! the app. [`Lifecycle::released`] is the one future that says the app may be stopped:
+//! `Drained` *and* nothing in flight (requests whose response has not been read from the app
+//! in full, and upgraded tunnels), or drain-max reached. The admin `/drain` answer (which lets
+//! the kubelet signal the app) and the process's exit both await exactly it.
+//!
+//! **Exit.** The same handle carries the two steps of the ordered shutdown that follows the
+//! release, observed by the listener, every connection and the upstream pool:
+//! [`Lifecycle::close`] (stop accepting, close every connection gracefully) and
+//! [`Lifecycle::cut`] (drain-max is over: end whatever is still open, cleanly).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -19,6 +31,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 use crate::cadence::{self, HealthChecks, Quiet, QuietWindow, SourceInterval};
 // tokio's clock, so tests can pause and advance it; the same as std's in a release build.
@@ -112,6 +125,10 @@ pub enum State {
     },
 }
 
+/// Why the proxy cannot serve any more, whatever the lifecycle says (readiness fails).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure(pub String);
+
 impl State {
     pub fn phase(&self) -> Phase {
         match self {
@@ -197,6 +214,10 @@ pub struct Snapshot {
     pub since_last_request: Option<Duration>,
     pub requests_during_drain: u64,
     pub health_checks_during_drain: u64,
+    /// Application requests that started after the drain had ended.
+    pub requests_after_drained: u64,
+    /// The app may be stopped (see [`Lifecycle::released`]).
+    pub released: bool,
     /// The quiet window in force: the drain's own once draining, else what a drain
     /// starting now would use.
     pub window: QuietWindow,
@@ -228,8 +249,18 @@ struct Inner {
     last_request: AtomicU64,
     requests_during_drain: AtomicU64,
     health_checks_during_drain: AtomicU64,
+    requests_after_drained: AtomicU64,
     /// Woken each time `in_flight` drops to zero.
     idle: Notify,
+    /// Woken each time `connections` drops to zero.
+    no_connections: Notify,
+    /// Set once, when the app may be stopped.
+    released: watch::Sender<bool>,
+    /// Exit step 1: stop accepting, close every connection gracefully.
+    closing: CancellationToken,
+    /// Exit step 2: drain-max is over; end what is still open.
+    cut: CancellationToken,
+    failure: OnceLock<Failure>,
 }
 
 // === impl Lifecycle ===
@@ -247,7 +278,13 @@ impl Lifecycle {
             last_request: AtomicU64::new(0),
             requests_during_drain: AtomicU64::new(0),
             health_checks_during_drain: AtomicU64::new(0),
+            requests_after_drained: AtomicU64::new(0),
             idle: Notify::new(),
+            no_connections: Notify::new(),
+            released: watch::channel(false).0,
+            closing: CancellationToken::new(),
+            cut: CancellationToken::new(),
+            failure: OnceLock::new(),
         }))
     }
 
@@ -327,12 +364,95 @@ impl Lifecycle {
         started
     }
 
-    /// Ends a drain at once, as if `--drain-max` had been reached (a second signal).
+    /// Ends a drain at once, as if `--drain-max` had been reached (a second signal), and
+    /// releases the app at once.
     pub fn cut_short(&self) {
         if self.phase() == Phase::Serving {
             self.start_drain(Trigger::Signal);
         }
         self.finish(DrainReason::Max);
+        self.set_released();
+    }
+
+    /// Resolves with the `Drained` state once the app may be stopped: the drain is over and
+    /// nothing is in flight, or drain-max has been reached. Set once; never unset.
+    pub async fn released(&self) -> State {
+        let mut rx = self.0.released.subscribe();
+        rx.wait_for(|r| *r)
+            .await
+            .expect("the lifecycle owns the sender for as long as a handle exists");
+        self.state()
+    }
+
+    pub fn is_released(&self) -> bool {
+        *self.0.released.borrow()
+    }
+
+    fn set_released(&self) {
+        self.0
+            .released
+            .send_if_modified(|r| !std::mem::replace(r, true));
+    }
+
+    /// Exit step 1: the listener stops accepting and drops its socket; every connection is
+    /// closed gracefully (HTTP/1 after its current response, HTTP/2 by GOAWAY).
+    pub fn close(&self) {
+        if !self.0.closing.is_cancelled() {
+            self.0.closing.cancel();
+            // Wakes every connection's watch of the state: each checks `is_closing`.
+            self.0.state.send_modify(|_| {});
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.0.closing.is_cancelled()
+    }
+
+    pub fn closing_token(&self) -> CancellationToken {
+        self.0.closing.clone()
+    }
+
+    /// Exit step 2: drain-max is over. Connections to the app and upgraded tunnels are
+    /// ended, so every response still open ends now: a gRPC one with `grpc-status: 14`
+    /// trailers, another HTTP/2 one with `RST_STREAM(CANCEL)`. Implies [`Lifecycle::close`].
+    pub fn cut(&self) {
+        self.close();
+        self.0.cut.cancel();
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.0.cut.is_cancelled()
+    }
+
+    pub fn cut_token(&self) -> CancellationToken {
+        self.0.cut.clone()
+    }
+
+    /// Records that the proxy cannot serve (its listener died): readiness fails from now on.
+    /// The first failure recorded is kept.
+    pub fn fail(&self, why: impl Into<String>) {
+        let _ = self.0.failure.set(Failure(why.into()));
+    }
+
+    pub fn failure(&self) -> Option<&Failure> {
+        self.0.failure.get()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.0.connections.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no downstream connection is open (lingering closes included).
+    pub async fn no_connections(&self) {
+        loop {
+            let notified = self.0.no_connections.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.connections() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Resolves with the `Drained` state once the drain is over.
@@ -374,6 +494,8 @@ impl Lifecycle {
                 .then(|| Duration::from_nanos(now_nanos().saturating_sub(last - 1))),
             requests_during_drain: self.0.requests_during_drain.load(Ordering::Acquire),
             health_checks_during_drain: self.0.health_checks_during_drain.load(Ordering::Acquire),
+            requests_after_drained: self.0.requests_after_drained.load(Ordering::Acquire),
+            released: self.is_released(),
             window,
             health_check_sources,
         }
@@ -391,11 +513,17 @@ impl Lifecycle {
             self.0.health_checks.record(source, now);
         }
         if phase != Phase::Serving {
-            match kind {
-                RequestKind::Traffic => &self.0.requests_during_drain,
-                RequestKind::HealthCheck => &self.0.health_checks_during_drain,
+            // Counted by the phase the request started in: a drain's report stops counting
+            // when the drain ends, and late requests have their own count.
+            match (phase, kind) {
+                (Phase::Draining, RequestKind::Traffic) => Some(&self.0.requests_during_drain),
+                (Phase::Draining, RequestKind::HealthCheck) => {
+                    Some(&self.0.health_checks_during_drain)
+                }
+                (_, RequestKind::Traffic) => Some(&self.0.requests_after_drained),
+                (_, RequestKind::HealthCheck) => None,
             }
-            .fetch_add(1, Ordering::Relaxed);
+            .map(|c| c.fetch_add(1, Ordering::Relaxed));
         }
         RequestGuard {
             lifecycle: self.clone(),
@@ -454,6 +582,7 @@ impl Lifecycle {
             match verdict {
                 Verdict::Drained(reason) => {
                     self.finish(reason);
+                    self.release_when_idle(since, reason).await;
                     return;
                 }
                 // Nothing in flight: a request that starts only pushes the deadline later,
@@ -469,6 +598,25 @@ impl Lifecycle {
                 }
             }
         }
+    }
+
+    /// After a quiet drain, requests may still be in flight (one whose head completed as the
+    /// clock decided, a late one): the release waits for them, until drain-max.
+    async fn release_when_idle(&self, since: Instant, reason: DrainReason) {
+        if reason == DrainReason::Quiet {
+            let deadline = since + self.0.settings.max;
+            if tokio::time::timeout_at(deadline, self.idle())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    in_flight = self.in_flight(),
+                    "requests that started after traffic went quiet still in flight at \
+                     drain-max; releasing the app anyway"
+                );
+            }
+        }
+        self.set_released();
     }
 
     fn finish(&self, reason: DrainReason) {
@@ -574,7 +722,9 @@ pub struct ConnectionGuard(Lifecycle);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0 .0.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.0 .0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0 .0.no_connections.notify_waiters();
+        }
     }
 }
 

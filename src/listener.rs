@@ -6,22 +6,30 @@
 //! - **idle** (`--idle-timeout`, default 75 s): a keep-alive connection with nothing in
 //!   flight is closed after this long. It must stay above the load balancer's idle timeout
 //!   (ALB: 60 s), so it is the ALB that closes idle connections, never lameduck — a close
-//!   racing the ALB's reuse of the connection is a 502.
-//! - **header read** (`--header-read-timeout`, default 10 s, HTTP/1 only): once the first
-//!   byte of a request arrives, its head must be complete within this long (slowloris).
+//!   racing the ALB's reuse of the connection is a 502. The rule keeps running after a
+//!   graceful close has begun: an HTTP/2 peer that never acknowledges the GOAWAY's PING
+//!   (so never gets the final GOAWAY) is dropped once idle this long.
+//! - **header read** (`--header-read-timeout`, default 10 s): once the first byte of a
+//!   request arrives, its head must be complete within this long (slowloris). The HTTP/2
+//!   preface counts as a head: a connection is HTTP/2 only once all 24 bytes of it arrived.
 //!
 //! hyper's own `header_read_timeout` is disabled: since hyper 1.6 it also times the idle
 //! gap between keep-alive requests, which would close idle connections at 30 s, before
 //! the ALB's 60 s.
 //!
-//! Connections are *not* closed when draining starts: they keep being served. When the
-//! lifecycle reaches `Drained`, each is shut down gracefully (HTTP/1: closed once idle;
-//! h2: GOAWAY). Connections accepted after that are still served, one request each.
+//! Connections are *not* closed when draining starts: they keep being accepted and served.
+//! When the lifecycle reaches `Drained`, each open one is shut down gracefully (HTTP/1:
+//! closed once idle; h2: GOAWAY, two-phase). Connections accepted after that are still
+//! served: HTTP/1 ones one request each (`connection: close`), h2 ones get GOAWAY with their
+//! first request ([`ConnTrack::go_away`]). At exit ([`Lifecycle::close`]) the accept loop
+//! returns, dropping the socket, and every connection is closed gracefully; the socket of a
+//! closed connection lingers briefly (FIN sent, reads drained) so the peer sees a FIN, not
+//! an RST for data it sent after our last frame.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,15 +37,19 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::drain::{now_nanos, Lifecycle, Phase, State};
+use crate::drain::{now_nanos, ConnectionGuard, Lifecycle, Phase};
 use crate::proxy::Proxy;
 
 /// Largest request head (request line and headers) accepted; larger gets 431. Matches the
 /// ALB's own 64 KiB limit on request headers.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How long a closed connection's socket keeps reading (and discarding) after our FIN, so
+/// that late frames from the peer do not turn the close into an RST.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Downstream connection timeouts.
 #[derive(Clone, Copy, Debug)]
@@ -46,8 +58,20 @@ pub struct Timeouts {
     pub header_read: Duration,
 }
 
-/// Serves the traffic port until the process exits.
-pub async fn serve(listener: TcpListener, lifecycle: Lifecycle, proxy: Proxy, timeouts: Timeouts) {
+/// Why the accept loop stopped serving, other than [`Lifecycle::close`].
+#[derive(Debug, thiserror::Error)]
+#[error("the traffic port stopped accepting: {0}")]
+pub struct AcceptError(#[source] pub io::Error);
+
+/// Serves the traffic port until [`Lifecycle::close`]; then drops the listening socket and
+/// returns `Ok`. Returns an error only if the socket itself fails (accept errors that say
+/// the listening socket is unusable); per-connection and resource errors are retried.
+pub async fn serve(
+    listener: TcpListener,
+    lifecycle: Lifecycle,
+    proxy: Proxy,
+    timeouts: Timeouts,
+) -> Result<(), AcceptError> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -55,17 +79,27 @@ pub async fn serve(listener: TcpListener, lifecycle: Lifecycle, proxy: Proxy, ti
         .header_read_timeout(None)
         .max_buf_size(MAX_HEAD_BYTES);
     let builder = Arc::new(builder);
+    let closing = lifecycle.closing_token();
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) if is_per_connection(&e) => continue,
-            Err(e) => {
-                // Out of file descriptors or similar: back off instead of spinning.
-                tracing::error!(error = %e, "accept failed; retrying in 100ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let accepted = tokio::select! {
+            biased;
+            _ = closing.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted,
         };
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => match AcceptClass::of(&e) {
+                AcceptClass::PerConnection => continue,
+                AcceptClass::Resources => {
+                    // Out of file descriptors or memory: back off instead of spinning.
+                    tracing::error!(error = %e, "accept failed; retrying in 100ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                AcceptClass::Fatal => return Err(AcceptError(e)),
+            },
+        };
+        proxy.accepted();
         let track = Arc::new(ConnTrack::new());
         let svc = proxy.stack(track.clone(), peer.ip().to_canonical());
         tokio::spawn(serve_connection(
@@ -80,14 +114,27 @@ pub async fn serve(listener: TcpListener, lifecycle: Lifecycle, proxy: Proxy, ti
     }
 }
 
-fn is_per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::Interrupted
-    )
+/// What an `accept(2)` error means for the loop.
+#[derive(Debug, PartialEq, Eq)]
+enum AcceptClass {
+    /// The failed connection's own problem (accept(2): treat like EAGAIN and retry).
+    PerConnection,
+    /// The process or system is short of something: retry after a pause.
+    Resources,
+    /// The listening socket is unusable: retrying would spin on a dead port.
+    Fatal,
+}
+
+impl AcceptClass {
+    fn of(e: &io::Error) -> AcceptClass {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                AcceptClass::Resources
+            }
+            Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EFAULT) => AcceptClass::Fatal,
+            _ => AcceptClass::PerConnection,
+        }
+    }
 }
 
 async fn serve_connection(
@@ -99,20 +146,27 @@ async fn serve_connection(
     lifecycle: Lifecycle,
     timeouts: Timeouts,
 ) {
-    let _open = lifecycle.connection();
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(TrackedIo {
-        inner: stream,
+        inner: Some(stream),
         track: track.clone(),
+        open: Some(lifecycle.connection()),
+        shut_down: false,
     });
     let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
     tokio::pin!(conn);
 
     let mut state = lifecycle.subscribe();
-    // A connection that arrives after the drain is served (with `connection: close`), not
-    // shut down on arrival: it may carry a late request.
-    let mut watch_drain = lifecycle.phase() != Phase::Drained;
-    let mut closing = false;
+    // A connection that arrives after the drain is served, not shut down on arrival: it may
+    // carry a late request (HTTP/1 gets `connection: close`; h2 gets GOAWAY with its first
+    // request, through `ConnTrack::go_away`). One that arrives as the exit begins is closed
+    // at once (HTTP/1: after its first request, if it had one).
+    let accepted_drained = lifecycle.phase() == Phase::Drained;
+    let mut shutting = false;
+    if lifecycle.is_closing() {
+        shutting = true;
+        conn.as_mut().graceful_shutdown();
+    }
     let watchdog = tokio::time::sleep(timeouts.header_read.min(timeouts.idle));
     tokio::pin!(watchdog);
     loop {
@@ -124,22 +178,39 @@ async fn serve_connection(
                 }
                 return;
             }
-            _ = state.wait_for(State::is_drained), if watch_drain => {
-                watch_drain = false;
-                if !closing {
-                    closing = true;
+            // Drained, or the exit's close (see `Lifecycle::close`).
+            changed = state.changed(), if !shutting => {
+                let drained = state.borrow_and_update().is_drained();
+                if changed.is_err() || (drained && !accepted_drained) || lifecycle.is_closing() {
+                    shutting = true;
                     conn.as_mut().graceful_shutdown();
                 }
             }
-            _ = &mut watchdog, if !closing => {
+            // Set only while `conn` is polled (by the service or the IO wrapper, both run
+            // inside that poll), so checking after each poll of `conn` needs no waker.
+            _ = std::future::poll_fn(|_| match track.go_away.load(Ordering::Acquire) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }), if !shutting => {
+                shutting = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = &mut watchdog => {
                 match track.verdict(now_nanos(), timeouts) {
                     ConnVerdict::Keep(d) => {
                         watchdog.as_mut().reset(tokio::time::Instant::now() + d);
                     }
+                    ConnVerdict::CloseIdle if shutting => {
+                        tracing::debug!(%peer, "graceful close not completed by the peer; dropping");
+                        return;
+                    }
                     ConnVerdict::CloseIdle => {
                         tracing::debug!(%peer, "closing idle connection");
-                        closing = true;
+                        shutting = true;
                         conn.as_mut().graceful_shutdown();
+                        // The idle rule keeps running: a peer may never finish the close.
+                        track.idle_since.store(now_nanos(), Ordering::Release);
+                        watchdog.as_mut().reset(tokio::time::Instant::now() + timeouts.idle);
                     }
                     ConnVerdict::SlowHeaders => {
                         tracing::debug!(%peer, "request head not completed in time; closing");
@@ -157,14 +228,20 @@ async fn serve_connection(
 /// watchdog. Atomics only; nothing here is on a lock.
 pub struct ConnTrack {
     in_flight: AtomicU32,
+    /// Requests started on this connection so far.
+    requests: AtomicU32,
+    /// Asks the connection task to close gracefully (an h2 request after `Drained`).
+    go_away: AtomicBool,
     /// When the connection last became idle (accepted, or its last request ended).
     idle_since: AtomicU64,
     /// `now_nanos() + 1` when bytes of a new request head began arriving on an idle
     /// connection; 0 when no head is pending.
     head_since: AtomicU64,
-    /// An h2 connection: always has frames to read, so no head timeout applies.
+    /// An h2 connection (the whole preface arrived): it always has frames to read, so no
+    /// head timeout applies.
     h2: AtomicBool,
-    first_read: AtomicBool,
+    /// Bytes of the h2 preface matched so far; [`PREFACE_NO`] once it cannot be h2.
+    preface: AtomicU8,
     /// [`HeadScan`] of the pending request head.
     head_scan: AtomicU32,
 }
@@ -184,31 +261,48 @@ impl ConnTrack {
     pub fn new() -> ConnTrack {
         ConnTrack {
             in_flight: AtomicU32::new(0),
+            requests: AtomicU32::new(0),
+            go_away: AtomicBool::new(false),
             idle_since: AtomicU64::new(now_nanos()),
             head_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
-            first_read: AtomicBool::new(true),
+            preface: AtomicU8::new(0),
             head_scan: AtomicU32::new(0),
         }
     }
 
-    /// A request's head has been parsed; hold the guard until the request ends. The flag
-    /// says its head carried both Content-Length and Transfer-Encoding.
-    pub fn request(this: &Arc<ConnTrack>) -> (ConnRequest, bool) {
+    /// A request's head has been parsed; hold the guard until the request ends. Also says
+    /// whether its head carried both Content-Length and Transfer-Encoding, and whether it is
+    /// the first request on the connection.
+    pub fn request(this: &Arc<ConnTrack>) -> (ConnRequest, bool, bool) {
         this.in_flight.fetch_add(1, Ordering::AcqRel);
+        let first = this.requests.fetch_add(1, Ordering::Relaxed) == 0;
         this.head_since.store(0, Ordering::Release);
         let scan = HeadScan(this.head_scan.swap(0, Ordering::AcqRel));
-        (ConnRequest(this.clone()), scan.conflicting())
+        (ConnRequest(this.clone()), scan.conflicting(), first)
+    }
+
+    /// Asks the connection's task to close it gracefully (h2: GOAWAY); its open streams
+    /// finish first.
+    /// Call only from the connection's own service (it runs inside the connection's poll).
+    pub fn go_away(&self) {
+        self.go_away.store(true, Ordering::Release);
     }
 
     fn on_read(&self, data: &[u8]) {
-        // A load first: the swap (a locked RMW) runs once per connection, not per read.
-        if self.first_read.load(Ordering::Acquire) && self.first_read.swap(false, Ordering::AcqRel)
-        {
-            const PREFACE: &[u8] = b"PRI * HTTP/2.0";
-            let n = data.len().min(PREFACE.len());
-            if n > 0 && data[..n] == PREFACE[..n] {
-                self.h2.store(true, Ordering::Release);
+        let matched = self.preface.load(Ordering::Acquire);
+        if matched != PREFACE_NO && (matched as usize) < PREFACE.len() {
+            let m = matched as usize;
+            let n = data.len().min(PREFACE.len() - m);
+            if data[..n] == PREFACE[m..m + n] {
+                self.preface.store((m + n) as u8, Ordering::Release);
+                if m + n == PREFACE.len() {
+                    self.h2.store(true, Ordering::Release);
+                    self.head_since.store(0, Ordering::Release);
+                    return;
+                }
+            } else {
+                self.preface.store(PREFACE_NO, Ordering::Release);
             }
         }
         if self.in_flight.load(Ordering::Acquire) != 0 || self.h2.load(Ordering::Acquire) {
@@ -236,6 +330,11 @@ impl ConnTrack {
         )
     }
 }
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// [`ConnTrack::preface`] once the bytes seen are not the preface.
+const PREFACE_NO: u8 = u8::MAX;
 
 impl Default for ConnTrack {
     fn default() -> Self {
@@ -373,10 +472,52 @@ impl Drop for ConnRequest {
 
 // === impl TrackedIo ===
 
-/// The accepted socket, noting when request bytes arrive on an idle connection.
+/// The accepted socket, noting when request bytes arrive on an idle connection. It holds
+/// the connection's [`ConnectionGuard`], so the connection counts as open until its socket
+/// is closed, lingering included.
 struct TrackedIo {
-    inner: TcpStream,
+    inner: Option<TcpStream>,
     track: Arc<ConnTrack>,
+    open: Option<ConnectionGuard>,
+    /// hyper closed our side (FIN sent): the socket lingers when dropped.
+    shut_down: bool,
+}
+
+impl TrackedIo {
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(
+            self.inner
+                .as_mut()
+                .expect("the stream is taken only on drop"),
+        )
+    }
+}
+
+impl Drop for TrackedIo {
+    fn drop(&mut self) {
+        let (Some(mut stream), true) = (self.inner.take(), self.shut_down) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let open = self.open.take();
+        // Read and discard until the peer closes too (or LINGER passes): closing a socket
+        // with unread data, or receiving data after close, makes the kernel send an RST,
+        // which a client may see before our last response or GOAWAY.
+        rt.spawn(async move {
+            let _open = open;
+            let mut buf = [0u8; 1024];
+            let drain = async {
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LINGER, drain).await;
+        });
+    }
 }
 
 impl AsyncRead for TrackedIo {
@@ -386,7 +527,7 @@ impl AsyncRead for TrackedIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let res = self.stream().poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
             let data = &buf.filled()[before..];
             if !data.is_empty() {
@@ -403,7 +544,7 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.stream().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -411,19 +552,23 @@ impl AsyncWrite for TrackedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.stream().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.stream().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let res = self.stream().poll_shutdown(cx);
+        if res.is_ready() {
+            self.shut_down = true;
+        }
+        res
     }
 }
 
@@ -471,7 +616,8 @@ mod tests {
         let t = Arc::new(ConnTrack::new());
         t.on_read(b"GET / HTTP/1.1\r\n");
         assert_ne!(t.head_since.load(Ordering::Acquire), 0);
-        let (req, _) = ConnTrack::request(&t);
+        let (req, _, first) = ConnTrack::request(&t);
+        assert!(first);
         t.on_read(b"body bytes");
         assert_eq!(t.head_since.load(Ordering::Acquire), 0);
         drop(req);

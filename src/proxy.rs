@@ -72,6 +72,11 @@ impl Proxy {
         }
     }
 
+    /// Counts an accepted downstream connection.
+    pub fn accepted(&self) {
+        self.track.metrics.connections_total.inc();
+    }
+
     /// The service for one accepted connection from `peer`.
     pub fn stack(&self, conn: Arc<ConnTrack>, peer: std::net::IpAddr) -> Stack {
         let layer = TrackLayer {
@@ -145,9 +150,32 @@ struct TrackShared {
     health_check_agents: Vec<String>,
 }
 
+/// Headers a load balancer adds to every request it proxies for a client, and never to its
+/// own health checks. AWS ALB: `X-Forwarded-For` (unless the load balancer attribute
+/// `routing.http.xff_header_processing.mode` is `remove`), `X-Forwarded-Proto` and
+/// `X-Forwarded-Port` (always), `X-Amzn-Trace-Id` (always); the ALB's health checks carry
+/// none of them (AWS, "HTTP headers and Application Load Balancers"; "Request tracing for
+/// your Application Load Balancer"). Other proxies add `Forwarded` (RFC 7239) or `Via`.
+const PROXIED: [HeaderName; 6] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-amzn-trace-id"),
+    header::FORWARDED,
+    header::VIA,
+];
+
 impl TrackShared {
-    /// A load-balancer health check: the health path, or a known checker's User-Agent.
-    fn kind<B>(&self, req: &Request<B>) -> RequestKind {
+    /// A load-balancer health check: the health path or a known checker's User-Agent, on
+    /// what only a health check looks like. The ALB's checks come on a new connection each
+    /// time (so as the connection's first request) and carry none of the [`PROXIED`]
+    /// headers; a request through the load balancer that happens to hit the health path
+    /// (an uptime monitor, a user) always carries them, so it is traffic, and it must not
+    /// teach `--quiet auto` a shorter interval.
+    fn kind<B>(&self, req: &Request<B>, first_on_connection: bool) -> RequestKind {
+        if !first_on_connection || PROXIED.iter().any(|h| req.headers().contains_key(h)) {
+            return RequestKind::Traffic;
+        }
         let by_path = self
             .health_path
             .as_deref()
@@ -207,13 +235,20 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let (conn, conflicting_framing) = ConnTrack::request(&self.conn);
-        let kind = self.shared.kind(&req);
+        let (conn, conflicting_framing, first) = ConnTrack::request(&self.conn);
+        let kind = self.shared.kind(&req, first);
+        let request = self.shared.lifecycle.request(kind, self.peer);
+        if request.phase() == Phase::Drained && req.version() == Version::HTTP_2 {
+            // A connection still (or newly) open after the drain: GOAWAY, once this and any
+            // other open stream have finished. (`connection: close` means nothing in h2.)
+            self.conn.go_away();
+        }
         let done = Some(Done {
-            request: self.shared.lifecycle.request(kind, self.peer),
+            request,
             _conn: conn,
             shared: self.shared.clone(),
             status: 0,
+            grpc: is_grpc(req.headers()),
         });
         if conflicting_framing {
             // Both framings at once is how requests are smuggled past a proxy (RFC 9112
@@ -243,6 +278,8 @@ struct Done {
     _conn: ConnRequest,
     shared: Arc<TrackShared>,
     status: u16,
+    /// A gRPC call: cut with `grpc-status` trailers rather than a stream reset.
+    grpc: bool,
 }
 
 impl Drop for Done {
@@ -286,6 +323,7 @@ where
         Poll::Ready(Ok(resp.map(|inner| Tracked {
             inner,
             done: Some(done),
+            ended: false,
         })))
     }
 }
@@ -294,38 +332,82 @@ where
 pub struct Tracked {
     inner: ResBody,
     done: Option<Done>,
+    /// Cut at drain-max: gRPC trailers sent, nothing more.
+    ended: bool,
 }
+
+/// The error a response body ends with when drain-max cuts it: hyper turns an `h2::Error`
+/// in the chain into `RST_STREAM` with its reason, so an h2 client sees `CANCEL` (a stream
+/// end it can retry), not `INTERNAL_ERROR`. An HTTP/1 client sees the connection close.
+#[derive(Debug, thiserror::Error)]
+#[error("response cut at drain-max")]
+pub struct CutAtDrainMax(#[source] h2::Error);
+
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
         let res = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        match &res {
-            None => drop(self.done.take()),
+        match res {
+            None => {
+                drop(self.done.take());
+                Poll::Ready(None)
+            }
             Some(Err(e)) => {
+                let done = self.done.take();
+                let cut = done.as_ref().is_some_and(|d| d.shared.lifecycle.is_cut());
+                if cut {
+                    tracing::debug!(error = %e, "response cut at drain-max");
+                    if done.as_ref().is_some_and(|d| d.grpc) {
+                        self.ended = true;
+                        return Poll::Ready(Some(Ok(Frame::trailers(grpc_unavailable(
+                            "lameduck: the pod is shutting down (drain-max reached)",
+                        )))));
+                    }
+                    let cancel = h2::Error::from(h2::Reason::CANCEL);
+                    return Poll::Ready(Some(Err(CutAtDrainMax(cancel).into())));
+                }
                 tracing::debug!(error = %e, "upstream response body failed midway");
-                if let Some(d) = &self.done {
+                if let Some(d) = &done {
                     d.shared.metrics.upstream_error("body");
                 }
-                drop(self.done.take());
+                Poll::Ready(Some(Err(e.into())))
             }
-            Some(Ok(_)) => {}
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
         }
-        Poll::Ready(res)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// `content-type: application/grpc` (and `application/grpc+proto` etc.).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// `grpc-status: 14` (UNAVAILABLE): the status gRPC clients retry elsewhere.
+fn grpc_unavailable(message: &'static str) -> HeaderMap {
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from_static("14"));
+    t.insert("grpc-message", HeaderValue::from_static(message));
+    t
 }
 
 // === impl DrainAware ===
@@ -376,9 +458,11 @@ where
                 return DrainAwareFuture::Local { resp: Some(resp) };
             }
         }
+        let http1 = req.version() < Version::HTTP_2;
         DrainAwareFuture::Inner {
             inner: self.inner.call(req),
             lifecycle: self.layer.lifecycle.clone(),
+            http1,
         }
     }
 }
@@ -387,7 +471,7 @@ pin_project_lite::pin_project! {
     #[project = DrainAwareProj]
     pub enum DrainAwareFuture<F> {
         Local { resp: Option<Response<ResBody>> },
-        Inner { #[pin] inner: F, lifecycle: Lifecycle },
+        Inner { #[pin] inner: F, lifecycle: Lifecycle, http1: bool },
     }
 }
 
@@ -402,11 +486,16 @@ where
             DrainAwareProj::Local { resp } => {
                 Poll::Ready(Ok(resp.take().expect("polled after completion")))
             }
-            DrainAwareProj::Inner { inner, lifecycle } => {
+            DrainAwareProj::Inner {
+                inner,
+                lifecycle,
+                http1,
+            } => {
                 let Ok(mut resp) = ready!(inner.poll(cx));
                 // Drained: close keep-alive connections after this response, so a late
-                // client reconnects elsewhere. (h2 connections got GOAWAY from the listener.)
-                if lifecycle.phase() == Phase::Drained
+                // client reconnects elsewhere. (h2 connections get GOAWAY instead.)
+                if *http1
+                    && lifecycle.phase() == Phase::Drained
                     && resp.status() != StatusCode::SWITCHING_PROTOCOLS
                 {
                     resp.headers_mut()
@@ -477,6 +566,13 @@ impl ForwardShared {
     }
 
     fn fail(&self, e: UpstreamError) -> Response<ResBody> {
+        if self.lifecycle.is_cut() {
+            // Not the app's fault: drain-max is over and its connection was ended.
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "lameduck: the pod is shutting down (drain-max reached before the app answered)\n",
+            );
+        }
         self.metrics.upstream_error(e.kind.label());
         tracing::warn!(kind = e.kind.label(), error = %e, "upstream request failed");
         local(e.kind.status(), format!("lameduck: {e}\n"))
@@ -497,16 +593,23 @@ impl ForwardShared {
         }
         let upstream = hyper::upgrade::on(&mut resp);
         let hold = self.lifecycle.hold();
+        let cut = self.lifecycle.cut_token();
         tokio::spawn(async move {
             let _hold = hold;
-            match tokio::try_join!(downstream, upstream) {
-                Ok((d, u)) => {
-                    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                        tracing::debug!(error = %e, "upgraded tunnel ended");
+            let tunnel = async {
+                match tokio::try_join!(downstream, upstream) {
+                    Ok((d, u)) => {
+                        let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                            tracing::debug!(error = %e, "upgraded tunnel ended");
+                        }
                     }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            };
+            tokio::select! {
+                _ = tunnel => {}
+                _ = cut.cancelled() => tracing::debug!("upgraded tunnel cut at drain-max"),
             }
         });
         strip_hop_by_hop(resp.headers_mut(), true);

@@ -1,10 +1,17 @@
 //! The `lameduck proxy` process: binds both ports eagerly, wires lifecycle, proxy, admin
 //! and metrics together, and runs the signal-driven path to exit.
 //!
-//! Exit: the first SIGTERM/SIGINT starts the drain; once drained and nothing is in flight
-//! (late requests may still arrive after the drain; they get until drain-max), the admin
-//! port shuts down gracefully so every `/drain` waiter is answered, and the process exits 0.
-//! A second signal cuts the drain short and exits 1 at once (waiters are still answered).
+//! Exit: the first SIGTERM/SIGINT starts the drain. Once it is released (drained and nothing
+//! in flight, or drain-max: [`Lifecycle::released`], the same future `/drain` answers on),
+//! the shutdown runs in order, in [`shut_down`]: the traffic socket is closed, every
+//! connection is closed gracefully and awaited until drain-max (then what is left is cut
+//! cleanly), the admin port shuts down gracefully so every `/drain` waiter is answered, and
+//! the process exits 0. A second signal cuts the drain short and exits 1 at once (waiters
+//! are still answered).
+//!
+//! Exit codes other than 0: 1 after a second signal or when the traffic port's accept loop
+//! died (readiness fails first); 3 ([`EXIT_NEVER_TERMINATED`]) when a drain requested on the
+//! admin port was released and no termination followed within drain-max.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +21,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, Admin};
 use crate::cli::ProxyArgs;
-use crate::drain::{DrainReason, Lifecycle, State, Trigger};
+use crate::drain::{Lifecycle, State, Trigger};
 use crate::listener::{self, Timeouts};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -68,8 +75,9 @@ impl Bound {
     }
 
     /// Serves until a termination request (from [`crate::signal::listen`] in the binary)
-    /// has been followed by the end of the drain. Returns the exit code. If the sender side
-    /// of `terminations` is dropped, that counts as a termination request.
+    /// has been followed by the release of the drain, then shuts down in order. Returns the
+    /// exit code. If the sender side of `terminations` is dropped, that counts as a
+    /// termination request.
     pub async fn run(self, mut terminations: Terminations) -> u8 {
         let Bound {
             args,
@@ -87,6 +95,7 @@ impl Bound {
             protocol: args.upstream_protocol,
             connect_timeout: args.upstream_connect_timeout,
             idle_timeout: args.upstream_idle_timeout,
+            cut: lifecycle.cut_token(),
         }));
         let proxy = Proxy::new(
             lifecycle.clone(),
@@ -95,7 +104,7 @@ impl Bound {
             args.health_path.clone(),
             args.health_check_agents.clone(),
         );
-        tokio::spawn(listener::serve(
+        let mut serving = tokio::spawn(listener::serve(
             traffic,
             lifecycle.clone(),
             proxy,
@@ -127,17 +136,35 @@ impl Bound {
             "lameduck proxy serving"
         );
 
-        let signal = terminations.recv().await.unwrap_or("shutdown");
-        tracing::info!(signal, "signal received: draining, then exiting");
-        lifecycle.start_drain(Trigger::Signal);
-        let code = tokio::select! {
-            _ = drained_and_idle(&lifecycle) => 0,
-            Some(signal) = terminations.recv() => {
-                tracing::warn!(signal, in_flight = lifecycle.in_flight(), "second signal: exiting now");
-                lifecycle.cut_short();
-                1
+        let max = lifecycle.settings().max;
+        let now = tokio::time::Instant::now;
+        let (code, deadline) = tokio::select! {
+            signal = terminations.recv() => {
+                let signal = signal.unwrap_or("shutdown");
+                tracing::info!(signal, "signal received: draining, then exiting");
+                lifecycle.start_drain(Trigger::Signal);
+                tokio::select! {
+                    state = lifecycle.released() => (0, drain_deadline(&lifecycle, &state)),
+                    Some(signal) = terminations.recv() => {
+                        tracing::warn!(signal, in_flight = lifecycle.in_flight(), "second signal: exiting now");
+                        lifecycle.cut_short();
+                        (1, now())
+                    }
+                    res = &mut serving => (listener_died(&lifecycle, res), now() + FAILED_FLUSH),
+                }
+            }
+            res = &mut serving => (listener_died(&lifecycle, res), now() + FAILED_FLUSH),
+            _ = never_terminated(&lifecycle) => {
+                tracing::error!(
+                    after = ?max,
+                    "drained on the admin port, but no termination followed within drain-max \
+                     of the release: exiting 3 so the container is restarted and the pod can \
+                     become ready again"
+                );
+                (EXIT_NEVER_TERMINATED, now())
             }
         };
+        shut_down(&lifecycle, serving, deadline).await;
         let _ = stop_admin.send(());
         if tokio::time::timeout(ADMIN_FLUSH, admin_task).await.is_err() {
             tracing::warn!("admin connections still open after {ADMIN_FLUSH:?}; exiting anyway");
@@ -147,24 +174,81 @@ impl Bound {
     }
 }
 
-/// Resolves once the drain is over and nothing is in flight. Requests that arrived after a
-/// quiet drain may finish until drain-max; after a drain cut at drain-max, nothing waits.
-async fn drained_and_idle(lifecycle: &Lifecycle) {
-    let State::Drained { since, reason, .. } = lifecycle.drained().await else {
-        unreachable!("drained() resolves with a Drained state")
-    };
-    if reason == DrainReason::Max {
-        return;
+/// Drain-max after the drain started: what is left of it bounds the ordered shutdown.
+fn drain_deadline(lifecycle: &Lifecycle, state: &State) -> tokio::time::Instant {
+    match state {
+        State::Draining { since, .. } | State::Drained { since, .. } => {
+            *since + lifecycle.settings().max
+        }
+        State::Serving => tokio::time::Instant::now(),
     }
-    let deadline = since + lifecycle.settings().max;
-    if tokio::time::timeout_at(deadline, lifecycle.idle())
-        .await
-        .is_err()
-    {
+}
+
+/// Exit code of a proxy that was drained (on the admin port) but never terminated.
+pub const EXIT_NEVER_TERMINATED: u8 = 3;
+
+/// How long the ordered shutdown waits for connections after drain-max has cut them.
+const CUT_FLUSH: Duration = Duration::from_secs(1);
+
+/// How long connections get to finish when the listener died.
+const FAILED_FLUSH: Duration = Duration::from_secs(5);
+
+/// Resolves when a drain that did not come with a signal (the admin port's `/drain`) was
+/// released and no termination followed within drain-max: in a pod, the app's preStop
+/// answered and the kubelet never went on (a stray `/drain`, a scanner), so the pod would
+/// stay unready forever. A native sidecar that exits is restarted.
+async fn never_terminated(lifecycle: &Lifecycle) {
+    lifecycle.released().await;
+    tokio::time::sleep(lifecycle.settings().max).await;
+}
+
+/// The accept loop ended on its own: readiness fails at once, and the process exits 1 once
+/// the connections still open have had a moment to finish.
+fn listener_died(
+    lifecycle: &Lifecycle,
+    res: Result<Result<(), listener::AcceptError>, tokio::task::JoinError>,
+) -> u8 {
+    let why = match res {
+        Ok(Ok(())) => "the accept loop returned".to_owned(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("the accept loop failed: {e}"),
+    };
+    lifecycle.fail(why.clone());
+    tracing::error!(error = %why, "traffic port is dead: readiness fails; exiting 1");
+    1
+}
+
+/// The ordered shutdown: stop accepting, close every connection gracefully (HTTP/1 after its
+/// current response, HTTP/2 by two-phase GOAWAY, open streams finishing), wait for them
+/// until drain-max; past it, cut what is left (see [`Lifecycle::cut`]) and give the cut
+/// responses [`CUT_FLUSH`] to reach their clients.
+async fn shut_down(
+    lifecycle: &Lifecycle,
+    serving: tokio::task::JoinHandle<Result<(), listener::AcceptError>>,
+    deadline: tokio::time::Instant,
+) {
+    lifecycle.close();
+    // Returns at once on close (or has already ended); the socket is dropped with it.
+    if !serving.is_finished() {
+        let _ = serving.await;
+    }
+    let waited = tokio::time::timeout_at(deadline, lifecycle.no_connections()).await;
+    if waited.is_err() {
         tracing::warn!(
+            connections = lifecycle.connections(),
             in_flight = lifecycle.in_flight(),
-            "requests that arrived after the drain still in flight at drain-max; exiting"
+            "connections still open at drain-max: ending their responses"
         );
+        lifecycle.cut();
+        if tokio::time::timeout(CUT_FLUSH, lifecycle.no_connections())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = lifecycle.connections(),
+                "connections still open after the cut; closing them"
+            );
+        }
     }
 }
 

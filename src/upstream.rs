@@ -59,6 +59,9 @@ pub struct Config {
     pub protocol: Protocol,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Cancelled when drain-max is over at exit ([`crate::drain::Lifecycle::cut`]): every
+    /// app connection is ended, so responses still streaming from it end too.
+    pub cut: tokio_util::sync::CancellationToken,
 }
 
 /// What went wrong talking to the app. Classified once, here: it decides the status code
@@ -333,9 +336,13 @@ impl Upstream {
             .map_err(|e| UpstreamError::new(ErrorKind::Connect, e))?;
         // Upgrades only ever happen after a 101, on the dedicated connections of
         // `send_upgrade`; allowing them on pooled ones costs nothing.
+        let cut = self.cfg.cut.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended");
+            tokio::select! {
+                res = conn.with_upgrades() => if let Err(e) = res {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                },
+                _ = cut.cancelled() => {}
             }
         });
         Ok(tx)
@@ -375,9 +382,13 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::new(ErrorKind::Connect, e))?;
+        let cut = self.cfg.cut.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream h2 connection ended");
+            tokio::select! {
+                res = conn => if let Err(e) = res {
+                    tracing::debug!(error = %e, "upstream h2 connection ended");
+                },
+                _ = cut.cancelled() => {}
             }
         });
         *self.h2.lock().expect("h2 slot lock is never poisoned") = Some(tx.clone());
