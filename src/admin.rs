@@ -491,6 +491,48 @@ mod tests {
         assert_eq!(s["in_flight"], 0);
     }
 
+    /// A request that starts at the instant the drain decides is answered before `/drain`
+    /// returns (before: `/drain` answered at `Drained`, and the kubelet then signalled the
+    /// app with that request inside it).
+    #[tokio::test(start_paused = true)]
+    async fn drain_answers_only_once_released() {
+        let a = Arc::new(admin(None));
+        let lc = a.lifecycle.clone();
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let (lc2, slot2) = (lc.clone(), slot.clone());
+        lc.on_decide(move || {
+            *slot2.lock().unwrap() = Some(lc2.request(
+                crate::drain::RequestKind::Traffic,
+                std::net::Ipv4Addr::LOCALHOST.into(),
+            ));
+        });
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            async move { a.handle(req("POST", "/drain")).await }
+        });
+        lc.drained().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            !waiter.is_finished(),
+            "/drain answered with a request in flight"
+        );
+        drop(slot.lock().unwrap().take());
+        let r = waiter.await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = serde_json::from_str(&body(r).await).unwrap();
+        assert_eq!(v["state"], "drained");
+        assert_eq!(v["requests_after_drained"], 0);
+    }
+
+    #[tokio::test]
+    async fn readiness_fails_once_the_listener_failed() {
+        let a = admin(None);
+        a.lifecycle.fail("the traffic port stopped accepting: test");
+        let r = a.handle(req("GET", "/readyz")).await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(body(r).await.trim(), "failed");
+    }
+
     #[test]
     fn query_params() {
         assert_eq!(query_param(Some("wait=false"), "wait"), Some("false"));

@@ -183,15 +183,14 @@ pub fn quiet_window(
         .iter()
         .map(|s| {
             let interval = estimate_interval(&s.gaps);
-            let active = match interval {
-                Some(t) => s.since_last <= t * GONE_AFTER + SLACK,
+            let active = match (interval, s.gaps.iter().max()) {
+                (Some(t), _) => s.since_last <= t * GONE_AFTER + SLACK,
                 // Too few gaps to tell; the longest one seen bounds how long it may stay
                 // silent while still being there.
-                None => s
-                    .gaps
-                    .iter()
-                    .max()
-                    .is_none_or(|g| s.since_last <= *g * GONE_AFTER),
+                (None, Some(g)) => s.since_last <= *g * GONE_AFTER,
+                // Seen once: nothing says it checks at all (a stray request that looked like
+                // a check). Active only for as long as the fallback window.
+                (None, None) => s.since_last <= fallback,
             };
             if active {
                 if let Some(t) = interval {
@@ -226,7 +225,12 @@ pub fn quiet_window(
         .max()
         .unwrap_or_default();
     let longest = longest.max(provisional);
-    let active = intervals.iter().filter(|i| i.active).count();
+    // A source seen only once does not make the window's factor: the lower factor relies on
+    // another node's check covering a missed one, and one check says no cadence.
+    let active = intervals
+        .iter()
+        .filter(|i| i.active && i.checks > 1)
+        .count();
     let factor = if active >= 2 { FACTOR_MANY } else { FACTOR_ONE };
     let raw = longest.mul_f64(factor) + SLACK;
     let window = QuietWindow {
@@ -389,6 +393,13 @@ mod tests {
                 2,
             ),
             (
+                "a source seen once (a monitor through the LB) does not change the factor",
+                vec![src(1, &[5_000; 6], 1_000), src(2, &[], 3_000)],
+                ms(10_250),
+                "learned",
+                1,
+            ),
+            (
                 "a learned window above drain-max is capped",
                 vec![src(1, &[100_000; 4], 1_000)],
                 MAX,
@@ -406,6 +417,14 @@ mod tests {
             assert_eq!(n, active, "{name}");
             assert_eq!(intervals.len(), sources.len(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_source_seen_once_is_not_active_forever() {
+        let once = |since| quiet_window(&[src(9, &[], since)], FALLBACK, MAX).1[0].active;
+        assert!(once(1_000));
+        assert!(!once(FALLBACK.as_millis() as u64 + 1));
+        assert!(!once(10 * 3600 * 1000));
     }
 
     #[test]

@@ -261,6 +261,10 @@ struct Inner {
     /// Exit step 2: drain-max is over; end what is still open.
     cut: CancellationToken,
     failure: OnceLock<Failure>,
+    /// Runs once between the drain decision and its effect: tests use it to start a
+    /// request at exactly that instant.
+    #[cfg(test)]
+    decide_hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 // === impl Lifecycle ===
@@ -285,6 +289,8 @@ impl Lifecycle {
             closing: CancellationToken::new(),
             cut: CancellationToken::new(),
             failure: OnceLock::new(),
+            #[cfg(test)]
+            decide_hook: Default::default(),
         }))
     }
 
@@ -386,6 +392,11 @@ impl Lifecycle {
 
     pub fn is_released(&self) -> bool {
         *self.0.released.borrow()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn on_decide(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.0.decide_hook.lock().expect("not poisoned") = Some(Box::new(hook));
     }
 
     fn set_released(&self) {
@@ -581,6 +592,10 @@ impl Lifecycle {
             );
             match verdict {
                 Verdict::Drained(reason) => {
+                    #[cfg(test)]
+                    if let Some(hook) = self.0.decide_hook.lock().expect("not poisoned").take() {
+                        hook();
+                    }
                     self.finish(reason);
                     self.release_when_idle(since, reason).await;
                     return;
@@ -852,6 +867,47 @@ mod tests {
         assert_eq!(reason, DrainReason::Quiet);
         // Health checks are not requests saved: they have their own count.
         assert_eq!((requests_during_drain, health_checks_during_drain), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_waits_for_a_request_that_started_as_the_drain_decided() {
+        let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(30)));
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let (lc2, slot2) = (lc.clone(), slot.clone());
+        lc.on_decide(move || {
+            *slot2.lock().unwrap() = Some(lc2.request(RequestKind::Traffic, LOCAL));
+        });
+        lc.start_drain(Trigger::Admin);
+        let State::Drained { reason, .. } = lc.drained().await else {
+            unreachable!()
+        };
+        assert_eq!(reason, DrainReason::Quiet);
+        tokio::time::sleep(S(5)).await;
+        assert!(!lc.is_released(), "released with a request in flight");
+        let released = tokio::spawn({
+            let lc = lc.clone();
+            async move { lc.released().await }
+        });
+        tokio::time::sleep(S(1)).await;
+        assert!(!released.is_finished());
+        drop(slot.lock().unwrap().take());
+        assert!(released.await.unwrap().is_drained());
+        assert!(lc.is_released());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_is_bounded_by_drain_max() {
+        let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(10)));
+        let (lc2, slot) = (lc.clone(), Arc::new(std::sync::Mutex::new(None)));
+        let slot2 = slot.clone();
+        lc.on_decide(move || {
+            *slot2.lock().unwrap() = Some(lc2.request(RequestKind::Traffic, LOCAL));
+        });
+        let t = Instant::now();
+        lc.start_drain(Trigger::Signal);
+        lc.released().await;
+        assert!(t.elapsed() >= S(10), "{:?}", t.elapsed());
+        assert_eq!(lc.in_flight(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -162,9 +162,12 @@ async fn serve_connection(
     // request, through `ConnTrack::go_away`). One that arrives as the exit begins is closed
     // at once (HTTP/1: after its first request, if it had one).
     let accepted_drained = lifecycle.phase() == Phase::Drained;
-    let mut shutting = false;
+    // Watching the state for `Drained` and the exit's close.
+    let mut watching = true;
+    // `graceful_shutdown` issued.
+    let mut closed = false;
     if lifecycle.is_closing() {
-        shutting = true;
+        (watching, closed) = (false, true);
         conn.as_mut().graceful_shutdown();
     }
     let watchdog = tokio::time::sleep(timeouts.header_read.min(timeouts.idle));
@@ -179,11 +182,19 @@ async fn serve_connection(
                 return;
             }
             // Drained, or the exit's close (see `Lifecycle::close`).
-            changed = state.changed(), if !shutting => {
+            changed = state.changed(), if watching => {
                 let drained = state.borrow_and_update().is_drained();
                 if changed.is_err() || (drained && !accepted_drained) || lifecycle.is_closing() {
-                    shutting = true;
-                    conn.as_mut().graceful_shutdown();
+                    watching = false;
+                    // hyper's HTTP/1 graceful shutdown closes a connection whose request
+                    // head is still arriving as if it were idle: that request would be
+                    // lost. Let it complete instead; its response carries `connection:
+                    // close` (h2: GOAWAY comes with the request). The header timeout
+                    // bounds a head that never completes.
+                    if !track.head_pending() {
+                        closed = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
             }
             // Set only while `conn` is polled (by the service or the IO wrapper, both run
@@ -191,8 +202,8 @@ async fn serve_connection(
             _ = std::future::poll_fn(|_| match track.go_away.load(Ordering::Acquire) {
                 true => Poll::Ready(()),
                 false => Poll::Pending,
-            }), if !shutting => {
-                shutting = true;
+            }), if !closed => {
+                closed = true;
                 conn.as_mut().graceful_shutdown();
             }
             _ = &mut watchdog => {
@@ -200,13 +211,13 @@ async fn serve_connection(
                     ConnVerdict::Keep(d) => {
                         watchdog.as_mut().reset(tokio::time::Instant::now() + d);
                     }
-                    ConnVerdict::CloseIdle if shutting => {
+                    ConnVerdict::CloseIdle if closed => {
                         tracing::debug!(%peer, "graceful close not completed by the peer; dropping");
                         return;
                     }
                     ConnVerdict::CloseIdle => {
                         tracing::debug!(%peer, "closing idle connection");
-                        shutting = true;
+                        closed = true;
                         conn.as_mut().graceful_shutdown();
                         // The idle rule keeps running: a peer may never finish the close.
                         track.idle_since.store(now_nanos(), Ordering::Release);
@@ -284,6 +295,12 @@ impl ConnTrack {
 
     /// Asks the connection's task to close it gracefully (h2: GOAWAY); its open streams
     /// finish first.
+    /// Bytes of a request head (or of the h2 preface) have arrived and its request has not
+    /// started yet.
+    fn head_pending(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0 && self.head_since.load(Ordering::Acquire) != 0
+    }
+
     /// Call only from the connection's own service (it runs inside the connection's poll).
     pub fn go_away(&self) {
         self.go_away.store(true, Ordering::Release);
@@ -668,5 +685,44 @@ mod tests {
         let t = ConnTrack::new();
         t.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         assert!(t.h2.load(Ordering::Acquire));
+        assert!(!t.head_pending());
+        // Across reads, one byte at a time: h2 only once the whole preface is in.
+        let t = ConnTrack::new();
+        for (i, b) in PREFACE.iter().enumerate() {
+            assert!(!t.h2.load(Ordering::Acquire), "h2 after {i} bytes");
+            t.on_read(&[*b]);
+        }
+        assert!(t.h2.load(Ordering::Acquire));
+    }
+
+    /// A slowloris whose first byte is `P` (a prefix of the preface) is an HTTP/1 head in
+    /// progress: the header timeout applies. Before: marked h2 and exempt.
+    #[test]
+    fn a_head_starting_with_p_is_not_h2() {
+        let t = ConnTrack::new();
+        t.on_read(b"P");
+        t.on_read(b"OST / HTTP/1.1\r\n");
+        assert!(!t.h2.load(Ordering::Acquire));
+        assert!(t.head_pending());
+        let since = t.head_since.load(Ordering::Acquire);
+        assert_eq!(t.verdict(since - 1 + 11 * SEC, T), ConnVerdict::SlowHeaders);
+        // A partial preface is a head in progress too.
+        let t = ConnTrack::new();
+        t.on_read(b"PRI * HTTP/2");
+        assert!(!t.h2.load(Ordering::Acquire));
+        let since = t.head_since.load(Ordering::Acquire);
+        assert_eq!(t.verdict(since - 1 + 11 * SEC, T), ConnVerdict::SlowHeaders);
+    }
+
+    #[test]
+    fn accept_errors_are_classified() {
+        let class = |code| AcceptClass::of(&io::Error::from_raw_os_error(code));
+        assert_eq!(class(libc::EMFILE), AcceptClass::Resources);
+        assert_eq!(class(libc::ENFILE), AcceptClass::Resources);
+        assert_eq!(class(libc::ECONNABORTED), AcceptClass::PerConnection);
+        assert_eq!(class(libc::EPERM), AcceptClass::PerConnection);
+        // A listening socket that was shut down or closed: the port is dead.
+        assert_eq!(class(libc::EINVAL), AcceptClass::Fatal);
+        assert_eq!(class(libc::EBADF), AcceptClass::Fatal);
     }
 }

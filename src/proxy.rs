@@ -238,7 +238,9 @@ where
         let (conn, conflicting_framing, first) = ConnTrack::request(&self.conn);
         let kind = self.shared.kind(&req, first);
         let request = self.shared.lifecycle.request(kind, self.peer);
-        if request.phase() == Phase::Drained && req.version() == Version::HTTP_2 {
+        if req.version() == Version::HTTP_2
+            && (request.phase() == Phase::Drained || self.shared.lifecycle.is_closing())
+        {
             // A connection still (or newly) open after the drain: GOAWAY, once this and any
             // other open stream have finished. (`connection: close` means nothing in h2.)
             self.conn.go_away();
@@ -495,7 +497,7 @@ where
                 // Drained: close keep-alive connections after this response, so a late
                 // client reconnects elsewhere. (h2 connections get GOAWAY instead.)
                 if *http1
-                    && lifecycle.phase() == Phase::Drained
+                    && (lifecycle.phase() == Phase::Drained || lifecycle.is_closing())
                     && resp.status() != StatusCode::SWITCHING_PROTOCOLS
                 {
                     resp.headers_mut()
@@ -754,6 +756,48 @@ mod tests {
             );
         }
         h
+    }
+
+    fn shared(path: Option<&str>) -> TrackShared {
+        let lc = Lifecycle::new(crate::drain::DrainSettings::fixed(
+            std::time::Duration::ZERO,
+            std::time::Duration::ZERO,
+            std::time::Duration::from_secs(1),
+        ));
+        TrackShared {
+            metrics: Arc::new(Metrics::new(lc.clone())),
+            lifecycle: lc,
+            health_path: path.map(Arc::from),
+            health_check_agents: vec!["ELB-HealthChecker/".into()],
+        }
+    }
+
+    #[test]
+    fn health_checks_are_recognised_by_what_only_they_have() {
+        let t = shared(Some("/healthz"));
+        let check = |path: &str, extra: &[(&str, &str)], first: bool| {
+            let mut b = Request::builder()
+                .uri(path)
+                .header("user-agent", "ELB-HealthChecker/2.0");
+            for (k, v) in extra {
+                b = b.header(*k, *v);
+            }
+            t.kind(&b.body(()).unwrap(), first)
+        };
+        use RequestKind::*;
+        assert_eq!(check("/healthz", &[], true), HealthCheck);
+        assert_eq!(check("/other", &[], true), HealthCheck); // by User-Agent
+                                                             // Came through the load balancer: traffic, whatever it looks like.
+        for h in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "x-amzn-trace-id",
+        ] {
+            assert_eq!(check("/healthz", &[(h, "1")], true), Traffic, "{h}");
+        }
+        // ALB checks open a new connection each time.
+        assert_eq!(check("/healthz", &[], false), Traffic);
     }
 
     #[test]

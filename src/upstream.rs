@@ -66,6 +66,28 @@ pub struct Config {
 
 /// What went wrong talking to the app. Classified once, here: it decides the status code
 /// the client gets and the `kind` label of `lameduck_upstream_errors_total`.
+/// Spawns hyper's h2 client tasks (hyper runs the h2 connection itself on its executor, not
+/// in the future it hands back) so that [`Config::cut`] ends them: the connection and every
+/// stream on it end, and so do the responses still streaming from it.
+#[derive(Clone)]
+struct CutExecutor(tokio_util::sync::CancellationToken);
+
+impl<F> hyper::rt::Executor<F> for CutExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let cut = self.0.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = cut.cancelled() => {}
+            }
+        });
+    }
+}
+
 #[derive(Debug)]
 pub struct UpstreamError {
     pub kind: ErrorKind,
@@ -378,7 +400,7 @@ impl Upstream {
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
         let stream = self.connect_tcp().await?;
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        let (tx, conn) = http2::Builder::new(CutExecutor(self.cfg.cut.clone()))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| UpstreamError::new(ErrorKind::Connect, e))?;

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, and small HTTP clients. Everything on loopback, every wait bounded.
 #![allow(dead_code)]
 
+pub mod h2raw;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -20,6 +22,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_lameduck");
+
+/// The binary [`Proxy::start`] runs: this build's, or `LAMEDUCK_TEST_BIN` (to run the same
+/// tests against another build, e.g. to show a test failing before a fix).
+pub fn proxy_bin() -> String {
+    std::env::var("LAMEDUCK_TEST_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
 
 /// Upper bound for any single wait in the tests.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -49,7 +57,7 @@ impl Proxy {
             "json",
         ];
         args.extend_from_slice(extra);
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(proxy_bin())
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -311,6 +319,8 @@ type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// - `/headers`: the request's method, path and headers, one `name: value` per line
 /// - `/sleep/MS`: answers after MS milliseconds
 /// - `/bytes/N`: streams N bytes in 64 KiB chunks
+/// - `/stream/N/MS`: N 16-byte chunks, one every MS milliseconds, then trailers (`grpc-status:
+///   0`, so it reads as a gRPC server-streaming call; over h2 only)
 /// - `POST /sink`: reads the body and answers its length
 /// - `/hop`: answers with hop-by-hop headers that must not reach the client
 /// - any request with `Upgrade: echo`: 101, then echoes bytes on the upgraded connection
@@ -392,8 +402,41 @@ async fn app(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible>
         return Ok(Response::new(full(out)));
     }
     if let Some(ms) = path.strip_prefix("/sleep/") {
+        // Read the body first (a POST), then take the time.
+        let mut body = req.into_body();
+        let mut n = 0usize;
+        while let Some(Ok(f)) = body.frame().await {
+            n += f.data_ref().map_or(0, |d| d.len());
+        }
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
-        return Ok(Response::new(full("slept")));
+        return Ok(Response::new(full(if n > 0 {
+            format!("slept after {n} bytes")
+        } else {
+            "slept".to_owned()
+        })));
+    }
+    if let Some(rest) = path.strip_prefix("/stream/") {
+        let (n, ms) = rest.split_once('/').unwrap_or((rest, "10"));
+        let (n, ms): (usize, u64) = (n.parse().unwrap_or(1), ms.parse().unwrap_or(10));
+        let stream = futures_util::stream::unfold(0usize, move |i| async move {
+            if i > n {
+                return None;
+            }
+            if i == n {
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                return Some((Ok::<_, Infallible>(Frame::trailers(t)), i + 1));
+            }
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Some((
+                Ok(Frame::data(Bytes::from_static(b"0123456789abcdef"))),
+                i + 1,
+            ))
+        });
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .body(StreamBody::new(stream).boxed())
+            .unwrap());
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
         let total: usize = n.parse().unwrap_or(0);
