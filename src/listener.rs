@@ -253,8 +253,6 @@ pub struct ConnTrack {
     h2: AtomicBool,
     /// Bytes of the h2 preface matched so far; [`PREFACE_NO`] once it cannot be h2.
     preface: AtomicU8,
-    /// [`HeadScan`] of the pending request head.
-    head_scan: AtomicU32,
 }
 
 /// What the watchdog should do with a connection.
@@ -278,19 +276,16 @@ impl ConnTrack {
             head_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             preface: AtomicU8::new(0),
-            head_scan: AtomicU32::new(0),
         }
     }
 
     /// A request's head has been parsed; hold the guard until the request ends. Also says
-    /// whether its head carried both Content-Length and Transfer-Encoding, and whether it is
-    /// the first request on the connection.
-    pub fn request(this: &Arc<ConnTrack>) -> (ConnRequest, bool, bool) {
+    /// whether it is the first request on the connection.
+    pub fn request(this: &Arc<ConnTrack>) -> (ConnRequest, bool) {
         this.in_flight.fetch_add(1, Ordering::AcqRel);
         let first = this.requests.fetch_add(1, Ordering::Relaxed) == 0;
         this.head_since.store(0, Ordering::Release);
-        let scan = HeadScan(this.head_scan.swap(0, Ordering::AcqRel));
-        (ConnRequest(this.clone()), scan.conflicting(), first)
+        (ConnRequest(this.clone()), first)
     }
 
     /// Asks the connection's task to close it gracefully (h2: GOAWAY); its open streams
@@ -325,14 +320,10 @@ impl ConnTrack {
         if self.in_flight.load(Ordering::Acquire) != 0 || self.h2.load(Ordering::Acquire) {
             return;
         }
-        let mut scan = HeadScan(self.head_scan.load(Ordering::Acquire));
         if self.head_since.load(Ordering::Acquire) == 0 {
             // The read that starts a request head.
             self.head_since.store(now_nanos() + 1, Ordering::Release);
-            scan = HeadScan::default();
         }
-        scan.feed(data);
-        self.head_scan.store(scan.0, Ordering::Release);
     }
 
     /// The watchdog's decision, from the connection's state and the current time.
@@ -356,94 +347,6 @@ const PREFACE_NO: u8 = u8::MAX;
 impl Default for ConnTrack {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// Spots a request head carrying both `Content-Length` and `Transfer-Encoding`, across
-/// however many reads the head arrives in (hyper-util's protocol sniff alone splits the
-/// first head after 24 bytes, often inside a header name).
-///
-/// hyper resolves that conflict itself (drops Content-Length, RFC 9112 §6.3) before the
-/// service sees the request, so it is caught here, on the bytes. State is a `u32` so it
-/// fits the connection's atomics: flags plus how much of each header name the current
-/// line has matched so far.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
-pub struct HeadScan(u32);
-
-impl HeadScan {
-    const PAST_REQUEST_LINE: u32 = 1;
-    const AT_LINE_START: u32 = 2;
-    const CONTENT_LENGTH: u32 = 4;
-    const TRANSFER_ENCODING: u32 = 8;
-    const END: u32 = 16;
-    /// A line so far is just `\r`: a `\n` next ends the head.
-    const CR_PENDING: u32 = 32;
-    const CL_SHIFT: u32 = 8;
-    const TE_SHIFT: u32 = 16;
-    const OFF_MASK: u32 = 0x1f;
-    const NAMES: [(&'static [u8], u32, u32); 2] = [
-        (b"content-length:", Self::CL_SHIFT, Self::CONTENT_LENGTH),
-        (
-            b"transfer-encoding:",
-            Self::TE_SHIFT,
-            Self::TRANSFER_ENCODING,
-        ),
-    ];
-
-    pub fn feed(&mut self, mut data: &[u8]) {
-        let mut st = self.0;
-        while st & Self::END == 0 && !data.is_empty() {
-            let nl = memchr::memchr(b'\n', data);
-            let seg = nl.map_or(data, |i| &data[..i]);
-            let at_start = st & Self::AT_LINE_START != 0;
-            if st & Self::PAST_REQUEST_LINE != 0 {
-                let blank = (at_start && (seg.is_empty() || seg == b"\r"))
-                    || (st & Self::CR_PENDING != 0 && seg.is_empty());
-                if blank && nl.is_some() {
-                    st |= Self::END;
-                    break;
-                }
-                st &= !Self::CR_PENDING;
-                if at_start && seg == b"\r" {
-                    st |= Self::CR_PENDING;
-                }
-                for (name, shift, found) in Self::NAMES {
-                    let stored = (st >> shift) & Self::OFF_MASK;
-                    st &= !(Self::OFF_MASK << shift);
-                    if !at_start && stored == 0 {
-                        continue; // this line is not (the start of) that name
-                    }
-                    let off = if at_start { 0 } else { stored as usize };
-                    let want = &name[off..];
-                    let n = want.len().min(seg.len());
-                    if !seg[..n].eq_ignore_ascii_case(&want[..n]) {
-                        continue;
-                    }
-                    if n == want.len() {
-                        st |= found;
-                    } else if nl.is_none() {
-                        // The read ended inside the name: carry on in the next one.
-                        st |= ((off + n) as u32) << shift;
-                    }
-                }
-            }
-            match nl {
-                Some(i) => {
-                    st |= Self::PAST_REQUEST_LINE | Self::AT_LINE_START;
-                    data = &data[i + 1..];
-                }
-                None => {
-                    st &= !Self::AT_LINE_START;
-                    data = &[];
-                }
-            }
-        }
-        self.0 = st;
-    }
-
-    pub fn conflicting(self) -> bool {
-        let both = Self::CONTENT_LENGTH | Self::TRANSFER_ENCODING;
-        self.0 & both == both
     }
 }
 
@@ -633,51 +536,13 @@ mod tests {
         let t = Arc::new(ConnTrack::new());
         t.on_read(b"GET / HTTP/1.1\r\n");
         assert_ne!(t.head_since.load(Ordering::Acquire), 0);
-        let (req, _, first) = ConnTrack::request(&t);
+        let (req, first) = ConnTrack::request(&t);
         assert!(first);
         t.on_read(b"body bytes");
         assert_eq!(t.head_since.load(Ordering::Acquire), 0);
         drop(req);
         assert_eq!(t.head_since.load(Ordering::Acquire), 0);
         assert!(!t.h2.load(Ordering::Acquire));
-    }
-
-    fn conflicting(chunks: &[&[u8]]) -> bool {
-        let mut scan = HeadScan::default();
-        for c in chunks {
-            scan.feed(c);
-        }
-        scan.conflicting()
-    }
-
-    #[test]
-    fn conflicting_framing_is_spotted_across_reads() {
-        let head = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert!(conflicting(&[head]));
-        // Split anywhere outside a header name, e.g. after hyper-util's 24-byte sniff.
-        for i in 0..head.len() {
-            assert!(conflicting(&[&head[..i], &head[i..]]), "split at {i}");
-        }
-        // One byte at a time.
-        let bytes: Vec<&[u8]> = head.chunks(1).collect();
-        assert!(conflicting(&bytes));
-        assert!(conflicting(&[
-            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\ncontent-length:5\r\n\r\n"
-        ]));
-        // Only the head counts, and the request line is not a header.
-        assert!(!conflicting(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: x\r\n"
-        ]));
-        assert!(!conflicting(&[
-            b"Transfer-Encoding: / HTTP/1.1\r\nContent-Length: 1\r\n\r\n"
-        ]));
-        assert!(!conflicting(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]));
-        // The end of the head is found even when its CRLFCRLF is split.
-        let legit =
-            b"POST / HTTP/1.1\r\nContent-Length: 40\r\n\r\ntransfer-encoding: in the body\r\n";
-        for i in 0..legit.len() {
-            assert!(!conflicting(&[&legit[..i], &legit[i..]]), "split at {i}");
-        }
     }
 
     #[test]

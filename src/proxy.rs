@@ -235,7 +235,7 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let (conn, conflicting_framing, first) = ConnTrack::request(&self.conn);
+        let (conn, first) = ConnTrack::request(&self.conn);
         let kind = self.shared.kind(&req, first);
         let request = self.shared.lifecycle.request(kind, self.peer);
         if req.version() == Version::HTTP_2
@@ -252,20 +252,6 @@ where
             status: 0,
             grpc: is_grpc(req.headers()),
         });
-        if conflicting_framing {
-            // Both framings at once is how requests are smuggled past a proxy (RFC 9112
-            // §6.3). hyper would drop Content-Length and go on; refuse instead.
-            let mut resp = local(
-                StatusCode::BAD_REQUEST,
-                "lameduck: bad request: both Content-Length and Transfer-Encoding\n",
-            );
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return TrackFuture::Local {
-                resp: Some(resp),
-                done,
-            };
-        }
         TrackFuture::Inner {
             inner: self.inner.call(req),
             done,
@@ -540,6 +526,9 @@ impl Service<Request<Incoming>> for Forward {
 
 impl ForwardShared {
     async fn forward(&self, mut req: Request<Incoming>) -> Response<ResBody> {
+        if let Err(resp) = refuse(&req) {
+            return resp;
+        }
         let upgrade = is_upgrade(&req);
         let version = req.version();
         let protocol = self.upstream.config().protocol;
@@ -557,6 +546,11 @@ impl ForwardShared {
             .await
         {
             Ok(mut resp) => {
+                if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+                    // Both framings from the app: the transfer coding won (RFC 9112 §6.3), so
+                    // its Content-Length is wrong and must not reach the client.
+                    resp.headers_mut().remove(header::CONTENT_LENGTH);
+                }
                 strip_hop_by_hop(resp.headers_mut(), false);
                 // The client's version, not the app's: an HTTP/1.0 app must not turn off
                 // keep-alive towards the load balancer.
@@ -619,6 +613,50 @@ impl ForwardShared {
     }
 }
 
+/// Requests the proxy answers itself rather than forward, each with the status RFC 9110/9112
+/// gives it.
+#[allow(clippy::result_large_err)]
+fn refuse<B>(req: &Request<B>) -> Result<(), Response<ResBody>> {
+    if req.method() == http::Method::CONNECT {
+        // A reverse proxy in front of one app is no tunnel to anywhere.
+        let mut resp = local(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "lameduck: CONNECT is not supported\n",
+        );
+        resp.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),
+        );
+        return Err(resp);
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        // RFC 9112 §3.2: more than one Host is a 400, never a choice between them.
+        return Err(local(
+            StatusCode::BAD_REQUEST,
+            "lameduck: bad request: more than one Host header\n",
+        ));
+    }
+    let codings = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim);
+    if codings
+        .filter(|c| !c.is_empty())
+        .any(|c| !c.eq_ignore_ascii_case("chunked"))
+    {
+        // hyper decodes `chunked` only; forwarding `gzip, chunked` would hand the app
+        // gzip bytes with nothing saying so (RFC 9112 §6.1: 501 for a coding not understood).
+        return Err(local(
+            StatusCode::NOT_IMPLEMENTED,
+            "lameduck: request transfer coding not supported (only chunked)\n",
+        ));
+    }
+    Ok(())
+}
+
 /// HTTP/1 `Connection: upgrade` with an `Upgrade` header.
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() <= Version::HTTP_11
@@ -651,11 +689,16 @@ fn prepare_request<B>(
     strip_hop_by_hop(req.headers_mut(), upgrade);
     // hyper answers `Expect: 100-continue` itself when the body is first read.
     req.headers_mut().remove(header::EXPECT);
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(auth) = req.uri().authority() {
-            let v = HeaderValue::from_str(auth.as_str()).expect("an authority is a valid header");
-            req.headers_mut().insert(header::HOST, v);
-        }
+    if let Some(auth) = req.uri().authority() {
+        // Absolute-form (or h2 `:authority`): the target's authority wins over any Host
+        // the client also sent (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
+        let v = HeaderValue::from_str(auth.as_str()).expect("an authority is a valid header");
+        req.headers_mut().insert(header::HOST, v);
+    } else if !req.headers().contains_key(header::HOST) && protocol == Protocol::Http1 {
+        // HTTP/1.0 without Host, forwarded as HTTP/1.1, which requires one: empty when the
+        // target has no authority (RFC 9112 §3.2).
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static(""));
     }
     match protocol {
         Protocol::Http1 => {
@@ -719,9 +762,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if headers.contains_key(header::CONNECTION) {
         // Rare on the hot path (ALBs don't send it); collect the names, then remove them.
+        // A `Connection` header may not remove what the message needs end to end (Host, its
+        // length) or what says where it came from.
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+            .filter(|n| n != header::HOST && n != header::CONTENT_LENGTH && !PROXIED.contains(n))
             .collect();
         for name in named {
             headers.remove(name);
@@ -818,6 +864,71 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["host", "x-end-to-end"]);
+    }
+
+    #[test]
+    fn connection_cannot_remove_host_or_forwarding_headers() {
+        let mut h = headers(&[
+            (
+                "connection",
+                "host, x-forwarded-for, content-length, x-drop",
+            ),
+            ("host", "a"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("content-length", "0"),
+            ("x-drop", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "host", "x-forwarded-for"]);
+    }
+
+    #[test]
+    fn requests_refused_with_the_status_the_rfcs_give() {
+        let req = |m: &str, hdrs: &[(&str, &str)]| {
+            let mut b = Request::builder().method(m).uri("/");
+            for (k, v) in hdrs {
+                b = b.header(*k, *v);
+            }
+            refuse(&b.body(()).unwrap())
+                .err()
+                .map(|r| r.status().as_u16())
+        };
+        assert_eq!(req("CONNECT", &[("host", "a:443")]), Some(405));
+        assert_eq!(req("GET", &[("host", "a"), ("host", "b")]), Some(400));
+        assert_eq!(
+            req(
+                "POST",
+                &[("host", "a"), ("transfer-encoding", "gzip, chunked")]
+            ),
+            Some(501)
+        );
+        assert_eq!(
+            req("POST", &[("host", "a"), ("transfer-encoding", "chunked")]),
+            None
+        );
+        assert_eq!(req("GET", &[("host", "a")]), None);
+    }
+
+    #[test]
+    fn absolute_form_authority_wins_and_http10_gets_a_host() {
+        let mut req = Request::builder()
+            .uri("http://real.example/x")
+            .header("host", "other.example")
+            .body(())
+            .unwrap();
+        assert!(prepare_request(&mut req, false, Protocol::Http1).is_ok());
+        assert_eq!(req.headers()["host"], "real.example");
+        assert_eq!(req.uri(), "/x");
+        let mut req = Request::builder()
+            .version(Version::HTTP_10)
+            .uri("/x")
+            .body(())
+            .unwrap();
+        assert!(prepare_request(&mut req, false, Protocol::Http1).is_ok());
+        assert_eq!(req.headers()["host"], "");
+        assert_eq!(req.version(), Version::HTTP_11);
     }
 
     #[test]

@@ -1,0 +1,176 @@
+//! The traffic path tried as an attacker would (issue 10): requests that must not reach the
+//! app as sent, framing that must not desync, and connections that must not be held open.
+//! Each case failed before its fix. The slow cases (floods, fd exhaustion, soak) live in
+//! `benches/battery.sh`.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::h2raw::{End, Frame, H2};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const T: Duration = Duration::from_secs(5);
+
+async fn start(extra: &[&str]) -> (Upstream, Proxy) {
+    let up = upstream(UpOpts::default()).await;
+    let p = Proxy::start(up.addr, extra);
+    (up, p)
+}
+
+#[tokio::test]
+async fn headers_are_forwarded_safely() {
+    let (up, p) = start(&[]).await;
+    // Two Host headers: 400, never forwarded.
+    let r = raw(
+        p.traffic,
+        b"GET /headers HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        T,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // HTTP/1.0 without Host goes upstream as HTTP/1.1 with an (empty) Host.
+    let r = raw(p.traffic, b"GET /headers HTTP/1.0\r\n\r\n", T).await;
+    assert!(r.starts_with("HTTP/1.0 200"), "{r}");
+    assert!(r.contains("\nhost: \n"), "{r}");
+    // `Connection` cannot remove Host or the forwarding headers.
+    let r = raw(
+        p.traffic,
+        b"GET /headers HTTP/1.1\r\nHost: app.local\r\nX-Forwarded-For: 1.2.3.4\r\nConnection: host, x-forwarded-for, close\r\n\r\n",
+        T,
+    )
+    .await;
+    assert!(r.contains("host: app.local\n"), "{r}");
+    assert!(r.contains("x-forwarded-for: 1.2.3.4\n"), "{r}");
+    // Absolute-form: the target's authority wins over a different Host.
+    let r = raw(
+        p.traffic,
+        b"GET http://real.example/headers HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n",
+        T,
+    )
+    .await;
+    assert!(r.contains("host: real.example\n"), "{r}");
+    assert!(r.contains("GET /headers\n"), "{r}");
+    // CONNECT is refused, not rewritten to `CONNECT /`.
+    let r = raw(
+        p.traffic,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        T,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    // A transfer coding other than chunked: 501, not forwarded with the coding lost.
+    let r = raw(
+        p.traffic,
+        b"POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        T,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 501"), "{r}");
+    // The /headers requests above that reached the app, and nothing else.
+    assert_eq!(up.requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+/// Content-Length and Transfer-Encoding together, pipelined behind a normal request: hyper
+/// frames it by the transfer coding (RFC 9112 §6.3), drops the Content-Length and closes
+/// the connection after answering, and lameduck frames the request to the app itself, so
+/// what follows in the same bytes can never become a request of its own.
+#[tokio::test]
+async fn conflicting_framing_cannot_smuggle_a_request() {
+    let (up, p) = start(&[]).await;
+    let r = raw(
+        p.traffic,
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+        T,
+    )
+    .await;
+    assert_eq!(r.matches("HTTP/1.1 200").count(), 2, "{r}");
+    assert!(r.ends_with("\r\n\r\n0"), "the POST's body was empty: {r}");
+    assert!(r.to_ascii_lowercase().contains("connection: close"), "{r}");
+    assert_eq!(up.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// An app answering with both Content-Length and chunked: the transfer coding wins, and its
+/// Content-Length is removed. Before: the client got `Content-Length: 3` and a cut body.
+#[tokio::test]
+async fn app_response_with_both_framings_reaches_the_client_whole() {
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let p = Proxy::start(addr, &[]);
+    let r = raw(
+        p.traffic,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        T,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(!r.to_ascii_lowercase().contains("content-length: 3"), "{r}");
+    let body: String = r
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap()
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && u64::from_str_radix(l, 16).is_err())
+        .collect();
+    assert_eq!(body, "hello world", "{r}");
+}
+
+/// A slowloris whose first byte is `P` (a prefix of the HTTP/2 preface) gets the header
+/// timeout like any other. Before: exempt, open after 170 s.
+#[tokio::test]
+async fn a_slowloris_starting_with_p_is_closed_at_the_header_timeout() {
+    let (_up, p) = start(&["--header-read-timeout", "500ms"]).await;
+    let mut c = TcpStream::connect(p.traffic).await.unwrap();
+    c.write_all(b"P").await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    let deadline = t + Duration::from_secs(10);
+    let mut closed = false;
+    for b in b"OST / HTTP/1.1\r\nHost: a\r\nX-Slow: " {
+        if Instant::now() > deadline {
+            break;
+        }
+        if c.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await {
+            closed = matches!(r, Ok(0) | Err(_));
+            if closed {
+                break;
+            }
+        }
+    }
+    let took = t.elapsed();
+    assert!(closed, "still open after {took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+/// At the idle timeout an h2 connection gets GOAWAY and a PING; a client that never acks
+/// the PING is closed after another idle period. Before: kept for ever.
+#[tokio::test]
+async fn h2_idle_timeout_closes_a_peer_that_never_acks() {
+    let (_up, p) = start(&["--idle-timeout", "500ms"]).await;
+    let mut h = H2::connect(p.traffic).await;
+    h.ack_pings = false;
+    h.request(1, "GET", "/", &[]).await;
+    let end = h.until_end(Duration::from_secs(8)).await;
+    assert_eq!(end, Ok(End::Fin), "{:?}", h.seen);
+    assert!(h.seen.contains(&Frame::GoAway {
+        last_stream: (1 << 31) - 1,
+        code: 0
+    }));
+}
