@@ -108,7 +108,11 @@ fn inject(args: InjectArgs) -> ExitCode {
     if let Err(e) = read {
         return fail(2, &format!("cannot read {}: {e}", args.filename.display()));
     }
-    match lameduck::inject::inject_manifests(&input, &args.sidecar.settings(), args.all) {
+    match lameduck::inject::inject_manifests(
+        &input,
+        &lameduck::inject::Settings::from(&args.sidecar),
+        args.all,
+    ) {
         Ok(out) => {
             for w in &out.warnings {
                 eprintln!("lameduck: warning: {w}");

@@ -169,7 +169,9 @@ fn examples_target_named_ports_and_keep_the_canary() {
     // app's port by number.
     let yaml = docs
         .iter()
-        .map(|d| yaml_serde::to_string(d).unwrap())
+        // lameduck's own emitter: yaml_serde writes `'no'` as `no`, which the validator (a
+        // YAML 1.1 reader) takes for a boolean.
+        .map(|d| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
     let out = inject::inject_manifests(&yaml, &Settings::default(), false).unwrap();
@@ -301,7 +303,9 @@ fn validate(validator: &Path, label: &str, docs: &[Json]) {
     ));
     let yaml = checked
         .iter()
-        .map(|d| yaml_serde::to_string(d).unwrap())
+        // lameduck's own emitter: yaml_serde writes `'no'` as `no`, which the validator (a
+        // YAML 1.1 reader) takes for a boolean.
+        .map(|d| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
     std::fs::write(&file, yaml).unwrap();
