@@ -59,8 +59,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A review's body must arrive within this long (the API server's own webhook timeout is
 /// at most 30 s).
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight reviews get at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long in-flight reviews get at shutdown, after `--drain-time`.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 
