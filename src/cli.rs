@@ -541,6 +541,18 @@ mod tests {
     }
 
     #[test]
+    fn proxy_args_checked_for_injection() {
+        let p = ProxyArgs::parse_and_validate(["--listen=[::]:9900", "--drain-max=60s"]).unwrap();
+        assert_eq!(p.listen.to_string(), "[::]:9900");
+        assert_eq!(p.drain_max, Duration::from_secs(60));
+        let e = ProxyArgs::parse_and_validate(["--drain-min=2m", "--drain-max=1m"]).unwrap_err();
+        assert!(e.contains("--drain-min (2m) must not exceed"), "{e}");
+        let e = ProxyArgs::parse_and_validate(["--upstream-protocol=spdy"]).unwrap_err();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("--upstream-protocol"), "{e}");
+    }
+
+    #[test]
     fn drain_client_flags() {
         let cli = Cli::try_parse_from(["lameduck", "drain", "--no-wait", "--admin", "127.0.0.1:1"])
             .unwrap();

@@ -1946,6 +1946,86 @@ mod tests {
     }
 
     #[test]
+    fn documents_split_where_a_reader_splits_them() {
+        let cases: &[(&str, &[&str])] = &[
+            ("", &[""]),
+            ("a: 1\n", &["a: 1\n"]),
+            ("# c\n---\na: 1\n", &["# c\n", "---\na: 1\n"]),
+            ("---\na: 1\n---\nb: 2", &["---\na: 1\n", "---\nb: 2"]),
+            ("a: |\n  ---\n  x\n", &["a: |\n  ---\n  x\n"]),
+            ("a: 1\n...\nb: 2\n", &["a: 1\n...\n", "b: 2\n"]),
+            ("--- # c\na: 1\n---x: 1\n", &["--- # c\na: 1\n---x: 1\n"]),
+        ];
+        for (input, pieces) in cases {
+            assert_eq!(split_documents(input), *pieces, "{input:?}");
+            assert_eq!(split_documents(input).concat(), *input);
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("100m"), Some(0.1));
+        assert_eq!(parse_quantity("1"), Some(1.0));
+        assert_eq!(parse_quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
+        assert_eq!(parse_quantity("1e3"), Some(1000.0));
+        assert!(same_quantity(
+            parse_quantity("1000m").unwrap(),
+            parse_quantity("1").unwrap()
+        ));
+        for bad in ["", "m", "1x", "1.2.3", "--1", "1Mi2"] {
+            assert_eq!(parse_quantity(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn guaranteed_pods() {
+        let pod = |resources: serde_json::Value| -> PodSpec {
+            serde_json::from_value(serde_json::json!({
+                "containers": [{"name": "a", "resources": resources}]
+            }))
+            .unwrap()
+        };
+        let equal = serde_json::json!({
+            "requests": {"cpu": "1", "memory": "1Gi"},
+            "limits": {"cpu": "1000m", "memory": "1Gi"}});
+        assert!(is_guaranteed(&pod(equal)));
+        let limits_only = serde_json::json!({"limits": {"cpu": "1", "memory": "1Gi"}});
+        assert!(is_guaranteed(&pod(limits_only)));
+        let burstable = serde_json::json!({
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "1", "memory": "1Gi"}});
+        assert!(!is_guaranteed(&pod(burstable)));
+        assert!(!is_guaranteed(&pod(serde_json::json!({}))));
+    }
+
+    #[test]
+    fn h2c_port_names() {
+        for n in ["grpc", "h2c", "grpc-api", "h2c-internal"] {
+            assert!(is_h2c_port_name(n), "{n}");
+        }
+        for n in ["http", "grpc-web", "grpcx", "web"] {
+            assert!(!is_h2c_port_name(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn tokens() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}]
+        }))
+        .unwrap();
+        let meta = ObjectMeta::default();
+        assert_eq!(derived_token(&meta, &spec), derived_token(&meta, &spec));
+        let mut other = spec.clone();
+        other.containers[0].image = Some("b".into());
+        assert_ne!(derived_token(&meta, &spec), derived_token(&meta, &other));
+        assert!(is_token(&derived_token(&meta, &spec)));
+        assert_ne!(random_token().unwrap(), random_token().unwrap());
+        assert!(!is_token("short"));
+        assert!(!is_token("has a space in it, long enough"));
+    }
+
+    #[test]
     fn template_kinds() {
         assert_eq!(
             template_pointer("apps/v1", "Deployment"),
