@@ -532,6 +532,25 @@ fn cli_invalid_document_exits_2_naming_it() {
     );
 }
 
+/// Issue 11: what cannot be wired is refused by the binary too: exit 2, one line naming
+/// the fix, nothing on stdout (not a pod that looks injected).
+#[test]
+fn cli_refusal_exits_2_with_one_line_naming_the_fix() {
+    for (case, fix) in [
+        ("ambiguous-container", "lameduck.io/container"),
+        ("existing-prestop", "lameduck.io/replace-prestop"),
+        ("service-numeric-target-port", "targetPort: http"),
+        ("unknown-annotation", "lameduck.io/drain-max"),
+    ] {
+        let input = std::fs::read_to_string(golden_dir().join(format!("{case}.in.yaml"))).unwrap();
+        let (code, stdout, stderr) = lameduck(&["inject"], &input);
+        assert_eq!(code, 2, "{case}: {stderr}");
+        assert_eq!(stdout, "", "{case}");
+        assert_eq!(stderr.lines().count(), 1, "{case}: {stderr}");
+        assert!(stderr.contains(fix), "{case}: {stderr}");
+    }
+}
+
 #[test]
 fn cli_empty_input_is_empty_output() {
     let (code, stdout, stderr) = lameduck(&["inject"], "");
