@@ -283,6 +283,69 @@ fn injected_sidecars_agree_with_the_proxy() {
     assert!(checked >= 20, "only {checked} injected templates checked");
 }
 
+/// Issue 9: the token contract holds end to end. A `lameduck proxy` given the injected
+/// sidecar's environment refuses `/drain` without the header (403) and accepts the hook's
+/// header (202), so the env var the sidecar gets is the one `--drain-token` reads.
+#[test]
+fn injected_token_is_the_one_the_proxy_checks() {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let out = std::fs::read_to_string(golden_dir().join("deployment.out.yaml")).unwrap();
+    let doc = &documents(&out)[0];
+    let spec = &doc["spec"]["template"]["spec"];
+    let sidecar = &spec["initContainers"][0];
+    let env = &sidecar["env"][0];
+    assert_eq!(env["name"], inject::TOKEN_ENV);
+    let header = &spec["containers"][0]["lifecycle"]["preStop"]["httpGet"]["httpHeaders"][0];
+    let (name, value) = (
+        header["name"].as_str().unwrap(),
+        header["value"].as_str().unwrap(),
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lameduck"))
+        .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--upstream", "127.0.0.1:9", "--log-format", "json"])
+        .env_clear()
+        .env(inject::TOKEN_ENV, env["value"].as_str().unwrap())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading stderr to the end: a closed pipe would stop the proxy.
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let v: Json = serde_json::from_str(&line).unwrap_or(Json::Null);
+            if let Some(a) = v["admin"].as_str() {
+                let _ = tx.send(a.parse::<std::net::SocketAddr>().unwrap());
+            }
+        }
+    });
+    let admin = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the proxy logs its admin address");
+    let status = |extra: &str| -> String {
+        let mut c = std::net::TcpStream::connect(admin).unwrap();
+        write!(
+            c,
+            "GET /drain?wait=false HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        let _ = c.read_to_string(&mut resp);
+        resp.lines().next().unwrap_or_default().to_owned()
+    };
+    let without = status("");
+    let wrong = status(&format!("{name}: not-the-token\r\n"));
+    let with = status(&format!("{name}: {value}\r\n"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(without.contains(" 403 "), "{without}");
+    assert!(wrong.contains(" 403 "), "{wrong}");
+    assert!(with.contains(" 202 "), "{with}");
+}
+
 /// Issue 11: a document inject does not change comes out exactly as it went in.
 #[test]
 fn unchanged_documents_are_copied_byte_for_byte() {
