@@ -677,6 +677,28 @@ mod tests {
     }
 
     #[test]
+    fn subjects_name_namespace_and_owner() {
+        let owned = json!({"metadata": {"generateName": "web-7d4b9c5f6-", "ownerReferences": [
+            {"kind": "ReplicaSet", "name": "web-7d4b9c5f6"}]}});
+        assert_eq!(
+            Subject::of(Some("shop"), &owned),
+            Subject {
+                namespace: "shop".into(),
+                owner: "ReplicaSet/web-7d4b9c5f6".into()
+            }
+        );
+        let generated = json!({"metadata": {"generateName": "job-", "namespace": "batch"}});
+        assert_eq!(
+            Subject::of(None, &generated),
+            Subject {
+                namespace: "batch".into(),
+                owner: "job-*".into()
+            }
+        );
+        assert_eq!(Subject::of(None, &json!(null)).owner, "?");
+    }
+
+    #[test]
     fn odd_pods_never_panic() {
         for pod in [
             json!(null),
