@@ -472,7 +472,7 @@ pub fn inject(
     if protocol == Protocol::H2c {
         args.push("--upstream-protocol=h2c".into());
     }
-    for (flag, _, value) in opts.flags() {
+    for (flag, _, value) in &opts.flags {
         args.push(format!("{flag}={value}"));
     }
     // The proxy's own parser and validation decide whether these arguments make sense.
@@ -594,8 +594,9 @@ struct Options {
     native_sidecar: bool,
     replace_prestop: bool,
     allow_degraded: bool,
-    /// `(flag, annotation, value)` for every proxy flag an annotation sets, in flag order.
-    flags: Vec<(&'static str, &'static str, String)>,
+    /// `(flag, annotation, value)` for every proxy flag injection sets beyond the ports,
+    /// in flag order; no annotation: lameduck's own default ([`DEFAULT_QUIET`]).
+    flags: Vec<(&'static str, Option<&'static str>, String)>,
     upstream_protocol: Option<Protocol>,
     bind_address: Option<IpAddr>,
     proxy_port: Option<String>,
@@ -664,18 +665,16 @@ impl Options {
             ("--idle-timeout", ANN_IDLE_TIMEOUT, duration, DURATION_FORM),
         ];
         for (flag, name, valid, form) in table {
-            let value = match (get(name), flag) {
-                (Some(v), _) => v.to_owned(),
-                (None, "--quiet") => match DEFAULT_QUIET {
-                    Some(q) => q.to_owned(),
-                    None => continue,
-                },
-                (None, _) => continue,
-            };
-            if !valid(&value) {
-                return Err(InjectError::annotation(name, &value, form));
+            match (get(name), flag) {
+                (Some(v), _) if !valid(v) => return Err(InjectError::annotation(name, v, form)),
+                (Some(v), _) => flags.push((flag, Some(name), v.to_owned())),
+                (None, "--quiet") => {
+                    if let Some(q) = DEFAULT_QUIET {
+                        flags.push((flag, None, q.to_owned()));
+                    }
+                }
+                (None, _) => {}
             }
-            flags.push((flag, name, value));
         }
         let upstream_protocol =
             match get(ANN_UPSTREAM_PROTOCOL) {
@@ -725,10 +724,6 @@ impl Options {
         })
     }
 
-    fn flags(&self) -> impl Iterator<Item = &(&'static str, &'static str, String)> {
-        self.flags.iter()
-    }
-
     /// The proxy's complaint about its arguments, with the annotations behind the flags
     /// it names (a flag no annotation set is the proxy's default).
     fn flag_error(&self, message: &str) -> InjectError {
@@ -740,11 +735,9 @@ impl Options {
                 continue;
             }
             let note = match self.flags.iter().find(|(f, _, _)| *f == flag) {
-                Some((_, annotation, _)) if annotation_is_set(annotation, self) => {
-                    format!("{flag} from {annotation}")
-                }
-                Some(_) if flag == "--quiet" => format!("{flag} is lameduck's default"),
-                _ => format!("{flag} is the proxy's default"),
+                Some((_, Some(annotation), _)) => format!("{flag} from {annotation}"),
+                Some((_, None, _)) => format!("{flag} is lameduck's default"),
+                None => format!("{flag} is the proxy's default"),
             };
             notes.push(note);
         }
@@ -754,16 +747,6 @@ impl Options {
             InjectError::Flags(format!("{message} ({})", notes.join(", ")))
         }
     }
-}
-
-/// Whether an annotation (not a default) gave the flag's value.
-fn annotation_is_set(annotation: &str, opts: &Options) -> bool {
-    // Only --quiet has a value without an annotation (DEFAULT_QUIET).
-    annotation != ANN_QUIET
-        || opts
-            .flags
-            .iter()
-            .any(|(f, _, v)| *f == "--quiet" && DEFAULT_QUIET.is_none_or(|d| d != v.as_str()))
 }
 
 /// Where the app listens: indexes into `spec.containers` and that container's ports.
