@@ -116,6 +116,7 @@ fn scalar(out: &mut String, v: &Yaml, block_at: usize) -> Result<(), String> {
     match v {
         Yaml::Null => out.push_str("null"),
         Yaml::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Yaml::Number(n) if n.is_f64() => out.push_str(&float(n.as_f64().unwrap_or(f64::NAN))),
         Yaml::Number(n) => {
             let _ = write!(out, "{n}");
         }
@@ -135,6 +136,32 @@ fn scalar(out: &mut String, v: &Yaml, block_at: usize) -> Result<(), String> {
         out.push('\n');
     }
     Ok(())
+}
+
+/// A float as both YAML versions read it: YAML 1.1 needs a `.` in the mantissa and a
+/// sign on the exponent (`1.0e+100`, not `1e100`, which it reads as a string).
+fn float(f: f64) -> String {
+    if f.is_nan() {
+        return ".nan".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { ".inf" } else { "-.inf" }.into();
+    }
+    let s = format!("{f:?}");
+    let (mantissa, exponent) = match s.split_once('e') {
+        Some((m, e)) => (m.to_owned(), Some(e.to_owned())),
+        None => (s, None),
+    };
+    let mantissa = if mantissa.contains('.') {
+        mantissa
+    } else {
+        format!("{mantissa}.0")
+    };
+    match exponent {
+        Some(e) if e.starts_with('-') => format!("{mantissa}e{e}"),
+        Some(e) => format!("{mantissa}e+{e}"),
+        None => mantissa,
+    }
 }
 
 fn inline_string(out: &mut String, s: &str) {
@@ -324,6 +351,19 @@ mod tests {
             "- a", "a: b", "a #b", "key:", "*ref", "&a", "!t", "'q", " lead", "tab\t",
         ] {
             assert!(!is_plain_safe(s), "{s:?} must be quoted");
+        }
+    }
+
+    #[test]
+    fn floats_are_floats_in_yaml_1_1() {
+        assert_eq!(float(0.5), "0.5");
+        assert_eq!(float(1.0), "1.0");
+        assert_eq!(float(1e100), "1.0e+100");
+        assert_eq!(float(1.5e-7), "1.5e-7");
+        assert_eq!(float(f64::INFINITY), ".inf");
+        for f in [0.5, 1.0, 1e100, 1.5e-7, -2.25] {
+            let back: f64 = yaml_serde::from_str(&float(f)).unwrap();
+            assert_eq!(back, f);
         }
     }
 
