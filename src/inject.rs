@@ -1456,7 +1456,8 @@ pub fn inject_manifests(
         if !out.yaml.is_empty() && !out.yaml.ends_with('\n') {
             out.yaml.push('\n');
         }
-        if i > 0 && !header.trim_start().starts_with("---") && !out.yaml.is_empty() {
+        let has_marker = header.lines().any(|l| l.starts_with("---"));
+        if i > 0 && !has_marker && !out.yaml.is_empty() {
             out.yaml.push_str("---\n");
         }
         out.yaml.push_str(header);
@@ -1478,26 +1479,36 @@ struct Doc<'a> {
 /// Splits a YAML stream into the text of each document: a new one begins at a `---` line
 /// (a directives-end marker: `---` alone or followed by a space) and after a `...` line.
 /// Such lines cannot occur inside a document's content (YAML 1.2 §9.1.4 forbids them at
-/// the start of a line), so the split is exact. The pieces concatenate to the input.
+/// the start of a line), so the split is exact. Comments and `%` directives before a
+/// `---` belong to the document it starts. The pieces concatenate to the input.
 pub fn split_documents(input: &str) -> Vec<&str> {
     let is_marker = |line: &str, m: &str| {
         line.strip_prefix(m)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
     };
     let mut pieces = Vec::new();
-    let mut start = 0;
-    let mut pos = 0;
-    let mut content = false; // does the current piece have anything but the marker?
+    let (mut start, mut pos) = (0, 0);
+    // Whether the current piece has content, or a `---` of its own, yet.
+    let (mut content, mut marker) = (false, false);
     for line in input.split_inclusive('\n') {
-        if is_marker(line, "---") && (content || pos > start) {
-            pieces.push(&input[start..pos]);
-            start = pos;
+        if is_marker(line, "---") {
+            if content || marker {
+                pieces.push(&input[start..pos]);
+                start = pos;
+                content = false;
+            }
+            marker = true;
+        } else {
+            let t = line.trim();
+            if !(t.is_empty() || t.starts_with('#') || t.starts_with('%')) {
+                content = true;
+            }
         }
-        content = true;
         pos += line.len();
         if is_marker(line, "...") {
             pieces.push(&input[start..pos]);
             start = pos;
+            (content, marker) = (false, false);
         }
     }
     if start < input.len() || pieces.is_empty() {
@@ -1514,7 +1525,7 @@ fn document_header(text: &str) -> (&str, &str) {
         let t = line.trim();
         let rest = line.get(3..).unwrap_or_default().trim();
         let marker_only = line.starts_with("---") && (rest.is_empty() || rest.starts_with('#'));
-        if t.is_empty() || t.starts_with('#') || marker_only {
+        if t.is_empty() || t.starts_with('#') || t.starts_with('%') || marker_only {
             end += line.len();
         } else {
             break;
@@ -1933,7 +1944,10 @@ mod tests {
         let cases: &[(&str, &[&str])] = &[
             ("", &[""]),
             ("a: 1\n", &["a: 1\n"]),
-            ("# c\n---\na: 1\n", &["# c\n", "---\na: 1\n"]),
+            ("# c\n---\na: 1\n", &["# c\n---\na: 1\n"]),
+            ("%YAML 1.1\n---\na: 1\n", &["%YAML 1.1\n---\na: 1\n"]),
+            ("---\n---\na: 1\n", &["---\n", "---\na: 1\n"]),
+            ("a: 1\n# c\n---\nb: 2\n", &["a: 1\n# c\n", "---\nb: 2\n"]),
             ("---\na: 1\n---\nb: 2", &["---\na: 1\n", "---\nb: 2"]),
             ("a: |\n  ---\n  x\n", &["a: |\n  ---\n  x\n"]),
             ("a: 1\n...\nb: 2\n", &["a: 1\n...\n", "b: 2\n"]),

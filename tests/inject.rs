@@ -374,6 +374,20 @@ fn unchanged_documents_are_copied_byte_for_byte() {
         out.yaml
     );
     assert_eq!(out.injected, 1);
+
+    // Directives pass through; helm's `# Source:` line stays above a rewritten document.
+    let input = "%YAML 1.1\n---\na: 1\n";
+    let out = inject::inject_manifests(input, &Settings::default(), false).unwrap();
+    assert_eq!(out.yaml, input);
+    let input = format!("a: 1\n---\n# Source: chart/templates/web.yaml\n{deployment}");
+    let out = inject::inject_manifests(&input, &Settings::default(), false).unwrap();
+    assert!(
+        out.yaml
+            .starts_with("a: 1\n---\n# Source: chart/templates/web.yaml\n# The common case"),
+        "{}",
+        out.yaml
+    );
+    assert_eq!(documents(&out.yaml).len(), 2);
 }
 
 /// Issue 11: what a YAML 1.1 reader (PyYAML, as kubectl's go-yaml v2 and Argo CD read)
