@@ -3,7 +3,8 @@
 //!
 //! Every flag also reads the environment variable `LAMEDUCK_<FLAG>` (`--drain-max` →
 //! `LAMEDUCK_DRAIN_MAX`); the flag wins. Durations accept `500ms`, `10s`, `2m`. A bad value
-//! exits 2 with one line saying which flag and why, before anything is served.
+//! exits 2 saying which flag and why (clap's whole message: the accepted values, the usage
+//! line), before anything is served.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
