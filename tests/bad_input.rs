@@ -1,5 +1,5 @@
-//! Bad input gets a clear answer and loses nothing: bad flags exit 2 with one line before
-//! serving; bad requests get the right 4xx without disturbing other connections.
+//! Bad input gets a clear answer and loses nothing: bad flags exit 2 with a clear message
+//! before serving; bad requests get the right 4xx without disturbing other connections.
 
 mod support;
 
