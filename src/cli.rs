@@ -3,7 +3,8 @@
 //!
 //! Every flag also reads the environment variable `LAMEDUCK_<FLAG>` (`--drain-max` →
 //! `LAMEDUCK_DRAIN_MAX`); the flag wins. Durations accept `500ms`, `10s`, `2m`. A bad value
-//! exits 2 with one line saying which flag and why, before anything is served.
+//! exits 2 saying which flag and why (clap's whole message: the accepted values, the usage
+//! line), before anything is served.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -20,7 +21,8 @@ use crate::upstream::Protocol;
     version,
     about = "A sidecar reverse proxy that keeps a terminating pod serving until its load \
              balancer has really stopped sending, and only then lets the app be stopped.",
-    propagate_version = true
+    propagate_version = true,
+    arg_required_else_help = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -249,6 +251,36 @@ impl ProxyArgs {
         Ok(())
     }
 
+    /// Parses `lameduck proxy` arguments (without the program and subcommand names) and
+    /// validates them, ignoring the process environment: `lameduck inject` and the webhook
+    /// check the arguments they give an injected sidecar this way, so the proxy's own
+    /// parser and [`ProxyArgs::validate`] are the one source of truth.
+    pub fn parse_and_validate<I, S>(args: I) -> Result<ProxyArgs, String>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let cmd = Cli::command()
+            .find_subcommand("proxy")
+            .expect("the proxy subcommand exists")
+            .clone()
+            .no_binary_name(true)
+            .mut_args(|a| a.env(None::<&str>));
+        let matches = cmd.try_get_matches_from(args).map_err(|e| {
+            let rendered = e.render().to_string();
+            rendered
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ")
+                .to_owned()
+        })?;
+        let args = ProxyArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        args.validate()?;
+        Ok(args)
+    }
+
     pub fn settings(&self) -> DrainSettings {
         DrainSettings {
             min: self.drain_min,
@@ -285,12 +317,17 @@ pub struct DrainArgs {
     pub token: Option<String>,
 }
 
+/// The sidecar image when neither `--sidecar-image` nor `LAMEDUCK_SIDECAR_IMAGE` says
+/// otherwise: this build's own version.
+pub const DEFAULT_SIDECAR_IMAGE: &str =
+    concat!("ghcr.io/lameduck/lameduck:", env!("CARGO_PKG_VERSION"));
+
 /// The sidecar settings shared by `lameduck inject` and `lameduck webhook`.
 #[derive(Args, Debug, Clone)]
 pub struct SidecarArgs {
     /// Image of the injected lameduck container.
     #[arg(long, env = "LAMEDUCK_SIDECAR_IMAGE", value_name = "IMG",
-          default_value = crate::inject::DEFAULT_SIDECAR_IMAGE)]
+          default_value = DEFAULT_SIDECAR_IMAGE)]
     pub sidecar_image: String,
 
     /// Inject a native sidecar (initContainers, restartPolicy: Always; Kubernetes >= 1.29)
@@ -298,15 +335,6 @@ pub struct SidecarArgs {
     #[arg(long, env = "LAMEDUCK_NATIVE_SIDECAR", value_name = "BOOL", default_value_t = true,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub native_sidecar: bool,
-}
-
-impl SidecarArgs {
-    pub fn settings(&self) -> crate::inject::Settings {
-        crate::inject::Settings {
-            sidecar_image: self.sidecar_image.clone(),
-            native_sidecar: self.native_sidecar,
-        }
-    }
 }
 
 /// `lameduck inject`.
@@ -355,6 +383,13 @@ pub struct WebhookArgs {
     #[arg(long, env = "LAMEDUCK_TLS_RELOAD_INTERVAL", value_name = "DUR", default_value = "5s",
           value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
+
+    /// On SIGTERM, fail /healthz (readiness) and keep answering reviews this long before
+    /// closing: the API server keeps calling an endpoint until it has seen the pod leave
+    /// the Service. Must fit in the pod's terminationGracePeriodSeconds with the preStop.
+    #[arg(long, env = "LAMEDUCK_DRAIN_TIME", value_name = "DUR", default_value = "10s",
+          value_parser = parse_duration)]
+    pub drain_time: Duration,
 
     #[command(flatten)]
     pub sidecar: SidecarArgs,
@@ -504,6 +539,18 @@ mod tests {
         assert!(proxy(&["--upstream-protocol", "spdy"]).is_err());
         let e = proxy(&["--listen", "127.0.0.1:9901", "--admin", "127.0.0.1:9901"]).unwrap_err();
         assert!(e.contains("must differ"), "{e}");
+    }
+
+    #[test]
+    fn proxy_args_checked_for_injection() {
+        let p = ProxyArgs::parse_and_validate(["--listen=[::]:9900", "--drain-max=60s"]).unwrap();
+        assert_eq!(p.listen.to_string(), "[::]:9900");
+        assert_eq!(p.drain_max, Duration::from_secs(60));
+        let e = ProxyArgs::parse_and_validate(["--drain-min=2m", "--drain-max=1m"]).unwrap_err();
+        assert!(e.contains("--drain-min (2m) must not exceed"), "{e}");
+        let e = ProxyArgs::parse_and_validate(["--upstream-protocol=spdy"]).unwrap_err();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("--upstream-protocol"), "{e}");
     }
 
     #[test]

@@ -9,25 +9,35 @@
 //!
 //! | what | how |
 //! |---|---|
-//! | app container and port | annotation `lameduck.io/port` (a port name or number), else the port named `http`, else the first declared TCP port |
+//! | app container and port | annotation `lameduck.io/port` (a port name or number) and/or `lameduck.io/container`; else the only container with a TCP port (or the one `kubectl.kubernetes.io/default-container` names, or the only one with a port named `http`); in it the port named `http`, else its first TCP port. Several candidates and no annotation: refused |
 //! | proxy | container `lameduck`: a native sidecar (`initContainers`, `restartPolicy: Always`) unless `--native-sidecar=false` or annotation `lameduck.io/native-sidecar: "false"` |
 //! | traffic | the app port's *name* moves to the proxy's traffic port and the app port is renamed, so a Service whose `targetPort` is that name now reaches the proxy |
-//! | drain | the app container gets `preStop: httpGet /drain` on the proxy's admin port; an existing preStop is kept (with a warning) unless `lameduck.io/replace-prestop: "true"` |
+//! | drain | the app container gets `preStop: httpGet /drain` on the proxy's admin port, with the header `X-Lameduck-Token`; the sidecar gets the same token in `LAMEDUCK_DRAIN_TOKEN` |
 //! | grace | `terminationGracePeriodSeconds` raised to drain-max + 30 s, never lowered |
 //! | marker | annotation `lameduck.io/status: injected`; a pod carrying it is left alone |
+//!
+//! **Never half-wired.** When the drain cannot be wired (an ambiguous app container, an
+//! existing preStop hook, an app port a Service can only reach by number, a regular sidecar
+//! in a pod that must complete), injection is refused with a message naming the fix. With
+//! `lameduck.io/allow-degraded: "true"` the pod is injected anyway where that still makes
+//! sense, and carries `lameduck.io/degraded` saying what is not wired.
+//!
+//! The sidecar's arguments are checked by the proxy's own parser and validation
+//! ([`ProxyArgs::parse_and_validate`]): what injection produces, `lameduck proxy` accepts.
 //!
 //! The webhook and the CLI both turn the typed result into a JSON Patch against the object
 //! they were given (diffing the typed input against the typed output), so fields this
 //! crate's Kubernetes types do not know are never dropped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::time::Duration;
+use std::net::IpAddr;
 
 use json_patch::{Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, HTTPHeader, Lifecycle,
+    LifecycleHandler, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -36,7 +46,8 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 use yaml_serde::Value as Yaml;
 
-use crate::cli::{parse_duration, parse_path, parse_quiet, QuietArg};
+use crate::cli::{parse_duration, parse_path, parse_quiet, ProxyArgs, SidecarArgs};
+use crate::upstream::Protocol;
 
 // === names ===
 
@@ -47,36 +58,88 @@ pub const STATUS_ANNOTATION: &str = "lameduck.io/status";
 pub const STATUS_INJECTED: &str = "injected";
 
 pub const ANN_PORT: &str = "lameduck.io/port";
+pub const ANN_CONTAINER: &str = "lameduck.io/container";
 pub const ANN_NATIVE_SIDECAR: &str = "lameduck.io/native-sidecar";
 pub const ANN_DRAIN_MIN: &str = "lameduck.io/drain-min";
 pub const ANN_QUIET: &str = "lameduck.io/quiet";
+pub const ANN_QUIET_FALLBACK: &str = "lameduck.io/quiet-fallback";
 pub const ANN_DRAIN_MAX: &str = "lameduck.io/drain-max";
 pub const ANN_HEALTH_PATH: &str = "lameduck.io/health-path";
 pub const ANN_UPSTREAM_HEALTH: &str = "lameduck.io/upstream-health";
+pub const ANN_UPSTREAM_PROTOCOL: &str = "lameduck.io/upstream-protocol";
+pub const ANN_IDLE_TIMEOUT: &str = "lameduck.io/idle-timeout";
 pub const ANN_REPLACE_PRESTOP: &str = "lameduck.io/replace-prestop";
 pub const ANN_PROXY_PORT: &str = "lameduck.io/proxy-port";
 pub const ANN_ADMIN_PORT: &str = "lameduck.io/admin-port";
+pub const ANN_BIND_ADDRESS: &str = "lameduck.io/bind-address";
+pub const ANN_CPU_REQUEST: &str = "lameduck.io/cpu-request";
+pub const ANN_CPU_LIMIT: &str = "lameduck.io/cpu-limit";
+pub const ANN_MEMORY_REQUEST: &str = "lameduck.io/memory-request";
+pub const ANN_MEMORY_LIMIT: &str = "lameduck.io/memory-limit";
+pub const ANN_DRAIN_TOKEN: &str = "lameduck.io/drain-token";
+pub const ANN_ALLOW_DEGRADED: &str = "lameduck.io/allow-degraded";
+/// Set by lameduck on a pod injected with `lameduck.io/allow-degraded`: what is not wired.
+pub const ANN_DEGRADED: &str = "lameduck.io/degraded";
+
+/// Every `lameduck.io/*` annotation a pod may carry; any other is refused (a typo would
+/// otherwise be silently ignored).
+pub const KNOWN_ANNOTATIONS: &[&str] = &[
+    ANN_PORT,
+    ANN_CONTAINER,
+    ANN_NATIVE_SIDECAR,
+    ANN_DRAIN_MIN,
+    ANN_QUIET,
+    ANN_QUIET_FALLBACK,
+    ANN_DRAIN_MAX,
+    ANN_HEALTH_PATH,
+    ANN_UPSTREAM_HEALTH,
+    ANN_UPSTREAM_PROTOCOL,
+    ANN_IDLE_TIMEOUT,
+    ANN_REPLACE_PRESTOP,
+    ANN_PROXY_PORT,
+    ANN_ADMIN_PORT,
+    ANN_BIND_ADDRESS,
+    ANN_CPU_REQUEST,
+    ANN_CPU_LIMIT,
+    ANN_MEMORY_REQUEST,
+    ANN_MEMORY_LIMIT,
+    ANN_DRAIN_TOKEN,
+    ANN_ALLOW_DEGRADED,
+    ANN_DEGRADED,
+    STATUS_ANNOTATION,
+];
+
+/// kubectl's own annotation for a pod's main container; a hint for the app container.
+pub const KUBECTL_DEFAULT_CONTAINER: &str = "kubectl.kubernetes.io/default-container";
 
 /// The injected container's name.
 pub const CONTAINER_NAME: &str = "lameduck";
 
-/// The sidecar image when neither `--sidecar-image` nor `LAMEDUCK_SIDECAR_IMAGE` says
-/// otherwise: this build's own version.
-pub const DEFAULT_SIDECAR_IMAGE: &str =
-    concat!("ghcr.io/lameduck/lameduck:", env!("CARGO_PKG_VERSION"));
+/// The environment variable the sidecar reads its `--drain-token` from (the proxy's own
+/// `env =` on that flag), and the header the preStop hook sends it in.
+pub const TOKEN_ENV: &str = "LAMEDUCK_DRAIN_TOKEN";
+pub const TOKEN_HEADER: &str = "X-Lameduck-Token";
+
+pub use crate::cli::DEFAULT_SIDECAR_IMAGE;
 
 /// `--quiet` passed to an injected proxy when the pod has no `lameduck.io/quiet`
 /// annotation: learn the window from the load balancer's health checks (issue 6). Passed
 /// explicitly so the injected pod does not depend on the image's own default.
 pub const DEFAULT_QUIET: Option<&str> = Some("auto");
 
-/// The proxy's own defaults (`lameduck proxy --help`), used to check annotation values
-/// against each other the way the proxy will at start (`ProxyArgs::validate`). A test
-/// compares them with the proxy's flag definitions.
-pub const PROXY_DRAIN_MIN: Duration = Duration::from_secs(5);
-pub const PROXY_QUIET: QuietArg = QuietArg::Auto;
-pub const PROXY_QUIET_FALLBACK: Duration = Duration::from_secs(30);
-pub const PROXY_DRAIN_MAX: Duration = Duration::from_secs(120);
+/// The address the sidecar's traffic and admin ports bind to by default: `::`, a
+/// dual-stack socket on Linux (IPv4 arrives as v4-mapped), so the kubelet's probes and
+/// preStop hook reach it on the pod IP in IPv4, IPv6 and dual-stack clusters alike.
+/// `lameduck.io/bind-address: 0.0.0.0` for nodes whose kernel has IPv6 disabled.
+pub const DEFAULT_BIND_ADDRESS: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
+/// Sidecar resources. A Burstable pod's sidecar requests these and has no limits; in a
+/// Guaranteed pod (every container requests == limits) the sidecar gets requests == limits
+/// ([`GUARANTEED_CPU`], [`GUARANTEED_MEMORY`] unless annotated) so the pod stays Guaranteed.
+pub const DEFAULT_CPU_REQUEST: &str = "10m";
+pub const DEFAULT_MEMORY_REQUEST: &str = "32Mi";
+pub const GUARANTEED_CPU: &str = "100m";
+pub const GUARANTEED_MEMORY: &str = "64Mi";
 
 /// terminationGracePeriodSeconds ≥ drain-max + this: time for the app's own shutdown
 /// after `/drain` answers.
@@ -97,6 +160,9 @@ const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m";
 const QUIET_FORM: &str = "auto, or a duration such as 500ms, 10s or 2m";
 const BOOL_FORM: &str = "\"true\" or \"false\"";
 const PATH_FORM: &str = "an absolute path such as /healthz";
+const PROTOCOL_FORM: &str = "http1 or h2c";
+const ADDRESS_FORM: &str = "an IP address such as :: (dual-stack) or 0.0.0.0 (IPv4 only)";
+const TOKEN_FORM: &str = "16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -";
 const PORT_NUMBER_FORM: &str =
     "a port number 1-65535 that no container in the pod declares, different from the other lameduck port";
 
@@ -107,6 +173,10 @@ const PORT_NUMBER_FORM: &str =
 pub struct Settings {
     pub sidecar_image: String,
     pub native_sidecar: bool,
+    /// The drain token for a pod without `lameduck.io/drain-token`. `None`: derived from
+    /// the pod template (deterministic, for `lameduck inject`); the webhook passes a fresh
+    /// random one per pod.
+    pub drain_token: Option<String>,
 }
 
 impl Default for Settings {
@@ -114,6 +184,17 @@ impl Default for Settings {
         Settings {
             sidecar_image: DEFAULT_SIDECAR_IMAGE.to_owned(),
             native_sidecar: true,
+            drain_token: None,
+        }
+    }
+}
+
+impl From<&SidecarArgs> for Settings {
+    fn from(args: &SidecarArgs) -> Self {
+        Settings {
+            sidecar_image: args.sidecar_image.clone(),
+            native_sidecar: args.native_sidecar,
+            drain_token: None,
         }
     }
 }
@@ -128,7 +209,7 @@ pub struct Injection {
 }
 
 /// Why a pod cannot be injected. Annotation errors name the annotation, the value and the
-/// accepted form.
+/// accepted form; refusals name the fix.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum InjectError {
     #[error("annotation {annotation}: invalid value {value:?}: {problem}expected {expected}")]
@@ -139,11 +220,19 @@ pub enum InjectError {
         problem: String,
         expected: String,
     },
+    #[error("unknown annotation {0}{1}: the known ones are {known}", known = KNOWN_ANNOTATIONS.join(", "))]
+    UnknownAnnotation(String, String),
     #[error(
         "no container declares a TCP port: declare the app's containerPort (named, e.g. http, \
          so a Service can target it by name) or set annotation {ANN_PORT}"
     )]
     NoAppPort,
+    /// The drain cannot be wired the way the pod is written: the message says how to fix it.
+    #[error("not injected: {0}")]
+    Refused(String),
+    /// The sidecar's arguments, as the annotations make them, are refused by `lameduck proxy`.
+    #[error("lameduck proxy would refuse these settings: {0}")]
+    Flags(String),
     #[error("the pod spec cannot be read: {0}")]
     InvalidPod(String),
 }
@@ -185,6 +274,26 @@ pub fn wants_injection(metadata: &ObjectMeta, all: bool) -> bool {
     }
 }
 
+/// What the pod gives up under `lameduck.io/allow-degraded`, or the refusal without it.
+struct Degraded {
+    allowed: bool,
+    what: Vec<String>,
+}
+
+impl Degraded {
+    /// `refusal` ends with the fix; `what` is the short form for the annotation.
+    fn note(&mut self, refusal: String, what: &str) -> Result<(), InjectError> {
+        if !self.allowed {
+            return Err(InjectError::Refused(format!(
+                "{refusal} (or set annotation {ANN_ALLOW_DEGRADED}: \"true\" to inject anyway, \
+                 marked {ANN_DEGRADED})"
+            )));
+        }
+        self.what.push(what.to_owned());
+        Ok(())
+    }
+}
+
 /// Puts lameduck in front of the app in one pod. Pure: no I/O, same input, same output.
 /// A pod already marked `lameduck.io/status: injected` comes back unchanged.
 pub fn inject(
@@ -212,7 +321,31 @@ pub fn inject(
     }
 
     let opts = Options::from_annotations(metadata, settings)?;
-    let app = find_app_port(spec, opts.port.as_deref())?;
+    let mut degraded = Degraded {
+        allowed: opts.allow_degraded,
+        what: Vec::new(),
+    };
+    let app = find_app_port(
+        spec,
+        opts.container.as_deref(),
+        opts.port.as_deref(),
+        annotation(metadata, KUBECTL_DEFAULT_CONTAINER),
+    )?;
+
+    // A regular sidecar never exits on its own: a pod that must complete never would.
+    if !opts.native_sidecar
+        && matches!(
+            out.spec.restart_policy.as_deref(),
+            Some("Never" | "OnFailure")
+        )
+    {
+        return Err(InjectError::Refused(format!(
+            "the pod's restartPolicy is {}: lameduck as a regular container never exits on its \
+             own, so the pod (and its Job) would never complete; use the native sidecar \
+             (annotation {ANN_NATIVE_SIDECAR}: \"true\", Kubernetes >= 1.29)",
+            out.spec.restart_policy.as_deref().unwrap_or_default()
+        )));
+    }
 
     // Every port number and name the pod declares, so the proxy's own clash with none.
     let mut taken_ports = BTreeSet::new();
@@ -240,12 +373,19 @@ pub fn inject(
         Some(proxy_port),
     )?;
 
+    let token = match (&opts.drain_token, &settings.drain_token) {
+        (Some(t), _) | (None, Some(t)) => t.clone(),
+        (None, None) => derived_token(metadata, spec),
+    };
+
     // Move the app port's name to the proxy: a Service targeting that name, and the load
     // balancer's ip targets behind it, now reach the proxy.
+    let guaranteed = is_guaranteed(spec);
     let app_container = &mut out.spec.containers[app.container];
     let app_container_name = app_container.name.clone();
     let app_port = &mut app_container.ports.as_mut().expect("the app port exists")[app.port];
     let app_port_number = app_port.container_port;
+    let original_name = app_port.name.clone();
     let traffic_name = match app_port.name.clone() {
         Some(name) => {
             taken_names.remove(&name);
@@ -258,12 +398,18 @@ pub fn inject(
             name
         }
         None => {
-            out.warnings.push(format!(
-                "container {app_container_name} port {app_port_number} has no name, so a \
-                 Service can only target it by number, which still reaches the app directly, \
-                 bypassing lameduck: name the port (e.g. http) and use that name as the \
-                 Service's targetPort"
-            ));
+            degraded.note(
+                format!(
+                    "container {app_container_name} port {app_port_number} has no name, so a \
+                     Service can only target it by number, which reaches the app directly, \
+                     bypassing lameduck: name the port (e.g. http) and use that name as the \
+                     Service's targetPort"
+                ),
+                &format!(
+                    "port {app_port_number} has no name: a Service reaches lameduck only at \
+                     targetPort {proxy_port}"
+                ),
+            )?;
             pick_name(
                 numbered(CONTAINER_NAME.to_owned(), "lameduck"),
                 &taken_names,
@@ -275,6 +421,12 @@ pub fn inject(
         std::iter::once("lameduck-admin".to_owned()).chain(numbered("ld-admin".into(), "ld-admin")),
         &taken_names,
     );
+    let protocol = opts
+        .upstream_protocol
+        .unwrap_or_else(|| match original_name.as_deref() {
+            Some(n) if is_h2c_port_name(n) => Protocol::H2c,
+            _ => Protocol::Http1,
+        });
 
     // The app is signalled only once /drain answers. The kubelet resolves a named port
     // against the hook's own container, so the admin port goes in by number.
@@ -282,6 +434,10 @@ pub fn inject(
         http_get: Some(HTTPGetAction {
             path: Some("/drain".into()),
             port: IntOrString::Int(admin_port.into()),
+            http_headers: Some(vec![HTTPHeader {
+                name: TOKEN_HEADER.into(),
+                value: token.clone(),
+            }]),
             ..Default::default()
         }),
         ..Default::default()
@@ -291,45 +447,63 @@ pub fn inject(
         .get_or_insert_with(Lifecycle::default);
     match (&lifecycle.pre_stop, opts.replace_prestop) {
         (None, _) | (Some(_), true) => lifecycle.pre_stop = Some(pre_stop),
-        (Some(_), false) => out.warnings.push(format!(
-            "container {app_container_name} already has a preStop hook: kept it, so draining \
-             is NOT wired (the app is signalled without waiting for traffic to stop); set \
-             {ANN_REPLACE_PRESTOP}: \"true\" to replace it, or make the hook first GET \
-             http://127.0.0.1:{admin_port}/drain (it answers once traffic has stopped)"
-        )),
+        (Some(_), false) => degraded.note(
+            format!(
+                "container {app_container_name} already has a preStop hook, so lameduck's \
+                 /drain hook cannot be wired (the app would be signalled without waiting for \
+                 traffic to stop): remove the hook (lameduck's /drain already waits until the \
+                 load balancer has stopped sending, so a sleep is not needed), or set \
+                 annotation {ANN_REPLACE_PRESTOP}: \"true\" to replace it"
+            ),
+            &format!(
+                "container {app_container_name} keeps its own preStop hook: /drain is not \
+                 called, the app is signalled without waiting for traffic to stop"
+            ),
+        )?,
     }
 
-    let sidecar = sidecar_container(
+    let bind = opts.bind_address.unwrap_or(DEFAULT_BIND_ADDRESS);
+    let mut args = vec![
+        "proxy".to_owned(),
+        format!("--listen={}", std::net::SocketAddr::new(bind, proxy_port)),
+        format!("--upstream=127.0.0.1:{app_port_number}"),
+        format!("--admin={}", std::net::SocketAddr::new(bind, admin_port)),
+    ];
+    if protocol == Protocol::H2c {
+        args.push("--upstream-protocol=h2c".into());
+    }
+    for (flag, _, value) in &opts.flags {
+        args.push(format!("{flag}={value}"));
+    }
+    // The proxy's own parser and validation decide whether these arguments make sense.
+    let proxy = ProxyArgs::parse_and_validate(&args[1..]).map_err(|e| opts.flag_error(&e))?;
+
+    let resources = sidecar_resources(&opts, guaranteed, &mut out.warnings)?;
+    let mut sidecar = sidecar_container(
         settings,
-        &opts,
-        app_port_number,
+        args,
         (proxy_port, traffic_name),
         (admin_port, admin_name),
+        resources,
     );
+    sidecar.env = Some(vec![EnvVar {
+        name: TOKEN_ENV.into(),
+        value: Some(token),
+        ..Default::default()
+    }]);
     if opts.native_sidecar {
-        let mut sidecar = sidecar;
         sidecar.restart_policy = Some("Always".into());
         out.spec
             .init_containers
             .get_or_insert_with(Vec::new)
             .push(sidecar);
     } else {
-        if matches!(
-            out.spec.restart_policy.as_deref(),
-            Some("Never" | "OnFailure")
-        ) {
-            out.warnings.push(format!(
-                "the pod's restartPolicy is {}: lameduck as a regular container never exits \
-                 on its own, so the pod (and its Job) never completes; use the native sidecar",
-                out.spec.restart_policy.as_deref().unwrap_or_default()
-            ));
-        }
         out.spec.containers.push(sidecar);
     }
 
-    let needed = i64::try_from(opts.drain_max.as_secs())
+    let needed = i64::try_from(proxy.drain_max.as_secs())
         .unwrap_or(i64::MAX)
-        .saturating_add(i64::from(opts.drain_max.subsec_nanos() > 0))
+        .saturating_add(i64::from(proxy.drain_max.subsec_nanos() > 0))
         .saturating_add(GRACE_MARGIN_SECS);
     match out.spec.termination_grace_period_seconds {
         Some(current) if current >= needed => {}
@@ -339,7 +513,7 @@ pub fn inject(
             out.warnings.push(format!(
                 "terminationGracePeriodSeconds raised from {current} to {needed} (drain-max \
                  {} + {GRACE_MARGIN_SECS}s for the app's own shutdown)",
-                humantime::format_duration(opts.drain_max)
+                humantime::format_duration(proxy.drain_max)
             ));
             out.spec.termination_grace_period_seconds = Some(needed);
         }
@@ -352,32 +526,106 @@ pub fn inject(
         ));
     }
 
-    out.metadata
+    let annotations = out
+        .metadata
         .annotations
-        .get_or_insert_with(Default::default)
-        .insert(STATUS_ANNOTATION.into(), STATUS_INJECTED.into());
+        .get_or_insert_with(Default::default);
+    annotations.insert(STATUS_ANNOTATION.into(), STATUS_INJECTED.into());
+    if !degraded.what.is_empty() {
+        out.warnings.extend(
+            degraded
+                .what
+                .iter()
+                .map(|w| format!("degraded ({ANN_ALLOW_DEGRADED}): {w}")),
+        );
+        annotations.insert(ANN_DEGRADED.into(), degraded.what.join("; "));
+    }
     Ok(out)
 }
 
-/// The settings a pod's annotations give, validated together the way the proxy will
-/// validate its flags at start (so a bad value fails here, not as a crash-looping pod).
+/// A port name that says the app speaks HTTP/2 without TLS (gRPC): `grpc`, `h2c`, or
+/// prefixed with them (`grpc-web` is HTTP/1, so not that one).
+fn is_h2c_port_name(name: &str) -> bool {
+    name == "grpc"
+        || name == "h2c"
+        || (name.starts_with("grpc-") && name != "grpc-web")
+        || name.starts_with("h2c-")
+}
+
+/// The drain token of a pod without one: a hash of the pod template as given, so
+/// `lameduck inject` writes the same token for the same input (golden files, GitOps diffs
+/// that do not churn) and a different one for every other template. It keeps stray
+/// requests and scanners on the pod network from draining the pod; anyone who can read
+/// the pod spec can read it, as they can read the token itself.
+pub fn derived_token(metadata: &ObjectMeta, spec: &PodSpec) -> String {
+    let template = typed_json(metadata.clone(), spec.clone());
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"lameduck drain token v1\n");
+    ctx.update(&serde_json::to_vec(&template).expect("Kubernetes types serialize to JSON"));
+    hex(&ctx.finish().as_ref()[..16])
+}
+
+/// A random drain token (the webhook's, one per pod).
+pub fn random_token() -> Result<String, String> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "the system's random number generator failed".to_owned())?;
+    Ok(hex(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn is_token(s: &str) -> bool {
+    (16..=256).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~+/=-".contains(&b))
+}
+
+/// The settings a pod's annotations give. Each value's form is checked here, with the
+/// proxy's own parsers; how they fit together is checked by the proxy's validation.
 #[derive(Debug)]
 struct Options {
     port: Option<String>,
+    container: Option<String>,
     native_sidecar: bool,
     replace_prestop: bool,
-    drain_min: Option<String>,
-    quiet: Option<String>,
-    drain_max_arg: Option<String>,
-    drain_max: Duration,
-    health_path: Option<String>,
-    upstream_health: Option<String>,
+    allow_degraded: bool,
+    /// `(flag, annotation, value)` for every proxy flag injection sets beyond the ports,
+    /// in flag order; no annotation: lameduck's own default ([`DEFAULT_QUIET`]).
+    flags: Vec<(&'static str, Option<&'static str>, String)>,
+    upstream_protocol: Option<Protocol>,
+    bind_address: Option<IpAddr>,
     proxy_port: Option<String>,
     admin_port: Option<String>,
+    cpu_request: Option<(String, f64)>,
+    cpu_limit: Option<(String, f64)>,
+    memory_request: Option<(String, f64)>,
+    memory_limit: Option<(String, f64)>,
+    drain_token: Option<String>,
 }
 
 impl Options {
     fn from_annotations(meta: &ObjectMeta, settings: &Settings) -> Result<Options, InjectError> {
+        for key in meta.annotations.iter().flat_map(|a| a.keys()) {
+            if key.starts_with("lameduck.io/") && !KNOWN_ANNOTATIONS.contains(&key.as_str()) {
+                let hint = if key == INJECT_LABEL {
+                    " (lameduck.io/inject is a label on the pod template, not an annotation)"
+                        .to_owned()
+                } else {
+                    let normalized = key.replace('_', "-").to_ascii_lowercase();
+                    KNOWN_ANNOTATIONS
+                        .iter()
+                        .find(|k| **k == normalized)
+                        .map(|k| format!(" (did you mean {k}?)"))
+                        .unwrap_or_default()
+                };
+                return Err(InjectError::UnknownAnnotation(key.clone(), hint));
+            }
+        }
         let get = |name: &'static str| annotation(meta, name).map(str::trim);
         let boolean = |name: &'static str, default: bool| match get(name) {
             None => Ok(default),
@@ -385,138 +633,119 @@ impl Options {
             Some("false") => Ok(false),
             Some(v) => Err(InjectError::annotation(name, v, BOOL_FORM)),
         };
-        let duration = |name: &'static str| -> Result<Option<(String, Duration)>, InjectError> {
-            match get(name) {
-                None => Ok(None),
-                Some(v) => parse_duration(v)
-                    .map(|d| Some((v.to_owned(), d)))
-                    .map_err(|_| InjectError::annotation(name, v, DURATION_FORM)),
-            }
-        };
-        let path = |name: &'static str| match get(name) {
+        let quantity = |name: &'static str| match get(name) {
             None => Ok(None),
-            Some(v) => parse_path(v)
-                .map(Some)
-                .map_err(|_| InjectError::annotation(name, v, PATH_FORM)),
+            Some(v) => match parse_quantity(v) {
+                Some(q) if q > 0.0 => Ok(Some((v.to_owned(), q))),
+                _ => Err(InjectError::annotation(
+                    name,
+                    v,
+                    "a Kubernetes quantity above 0 such as 100m, 0.5 (CPU) or 64Mi (memory)",
+                )),
+            },
         };
 
-        let drain_min = duration(ANN_DRAIN_MIN)?;
-        let quiet = match get(ANN_QUIET) {
-            None => None,
-            Some(v) => Some((
-                v.to_owned(),
-                parse_quiet(v).map_err(|_| InjectError::annotation(ANN_QUIET, v, QUIET_FORM))?,
-            )),
-        };
-        let drain_max = duration(ANN_DRAIN_MAX)?;
-
-        let max = drain_max.as_ref().map_or(PROXY_DRAIN_MAX, |(_, d)| *d);
-        if let Some((v, _)) = drain_max.as_ref().filter(|(_, d)| d.is_zero()) {
-            return Err(InjectError::annotation_because(
-                ANN_DRAIN_MAX,
-                v,
-                "must be greater than 0",
+        let mut flags = Vec::new();
+        type Check = fn(&str) -> bool;
+        let duration: Check = |v| parse_duration(v).is_ok();
+        let quiet: Check = |v| parse_quiet(v).is_ok();
+        let path: Check = |v| parse_path(v).is_ok();
+        let table: [(&str, &'static str, Check, &str); 7] = [
+            ("--drain-min", ANN_DRAIN_MIN, duration, DURATION_FORM),
+            ("--quiet", ANN_QUIET, quiet, QUIET_FORM),
+            (
+                "--quiet-fallback",
+                ANN_QUIET_FALLBACK,
+                duration,
                 DURATION_FORM,
-            ));
+            ),
+            ("--drain-max", ANN_DRAIN_MAX, duration, DURATION_FORM),
+            ("--health-path", ANN_HEALTH_PATH, path, PATH_FORM),
+            ("--upstream-health", ANN_UPSTREAM_HEALTH, path, PATH_FORM),
+            ("--idle-timeout", ANN_IDLE_TIMEOUT, duration, DURATION_FORM),
+        ];
+        for (flag, name, valid, form) in table {
+            match (get(name), flag) {
+                (Some(v), _) if !valid(v) => return Err(InjectError::annotation(name, v, form)),
+                (Some(v), _) => flags.push((flag, Some(name), v.to_owned())),
+                (None, "--quiet") => {
+                    if let Some(q) = DEFAULT_QUIET {
+                        flags.push((flag, None, q.to_owned()));
+                    }
+                }
+                (None, _) => {}
+            }
         }
-        let max_text = || match &drain_max {
-            Some((v, _)) => format!("{ANN_DRAIN_MAX} ({v})"),
-            None => format!(
-                "drain-max ({}, the default)",
-                humantime::format_duration(PROXY_DRAIN_MAX)
+        let upstream_protocol =
+            match get(ANN_UPSTREAM_PROTOCOL) {
+                None => None,
+                Some(v) => Some(<Protocol as clap::ValueEnum>::from_str(v, false).map_err(
+                    |_| InjectError::annotation(ANN_UPSTREAM_PROTOCOL, v, PROTOCOL_FORM),
+                )?),
+            };
+        let bind_address = match get(ANN_BIND_ADDRESS) {
+            None => None,
+            Some(v) => Some(
+                v.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .map_err(|_| InjectError::annotation(ANN_BIND_ADDRESS, v, ADDRESS_FORM))?,
             ),
         };
-        // When only drain-max was given, a clash with a default is drain-max's fault.
-        let max_too_short = |problem: String, expected: String| {
-            InjectError::annotation_because(
-                ANN_DRAIN_MAX,
-                &drain_max
-                    .as_ref()
-                    .expect("the proxy's defaults agree with each other")
-                    .0,
-                problem,
-                expected,
-            )
+        let drain_token = match get(ANN_DRAIN_TOKEN) {
+            Some(v) if is_token(v) => Some(v.to_owned()),
+            Some(v) => {
+                return Err(InjectError::annotation(
+                    ANN_DRAIN_TOKEN,
+                    &"*".repeat(v.len().min(8)),
+                    TOKEN_FORM,
+                ))
+            }
+            None => None,
         };
-        match &drain_min {
-            Some((v, min)) if *min > max => {
-                return Err(InjectError::annotation_because(
-                    ANN_DRAIN_MIN,
-                    v,
-                    format!("longer than {}", max_text()),
-                    format!("{DURATION_FORM}, at most drain-max"),
-                ))
-            }
-            None if PROXY_DRAIN_MIN > max => {
-                return Err(max_too_short(
-                    format!(
-                        "shorter than drain-min ({}, the default)",
-                        humantime::format_duration(PROXY_DRAIN_MIN)
-                    ),
-                    format!("{DURATION_FORM}, at least drain-min"),
-                ))
-            }
-            _ => {}
-        }
-        // The proxy checks the quiet window against drain-max: a fixed one itself, `auto`
-        // its fallback (used until it has learned an interval).
-        let effective_quiet = match (&quiet, DEFAULT_QUIET) {
-            (Some((_, q)), _) => *q,
-            (None, Some(default)) => parse_quiet(default).expect("DEFAULT_QUIET parses"),
-            (None, None) => PROXY_QUIET,
-        };
-        match (effective_quiet, &quiet) {
-            (QuietArg::Fixed(d), Some((v, _))) if d > max => {
-                return Err(InjectError::annotation_because(
-                    ANN_QUIET,
-                    v,
-                    format!(
-                        "longer than {}: every drain would end at the cap",
-                        max_text()
-                    ),
-                    format!("{QUIET_FORM}, at most drain-max"),
-                ))
-            }
-            (QuietArg::Fixed(d), None) if d > max => {
-                return Err(max_too_short(
-                    format!(
-                        "shorter than quiet ({}, the default): every drain would end at the cap",
-                        humantime::format_duration(d)
-                    ),
-                    format!("{DURATION_FORM}, at least quiet (or set {ANN_QUIET})"),
-                ))
-            }
-            (QuietArg::Auto, _) if PROXY_QUIET_FALLBACK > max => {
-                return Err(max_too_short(
-                    format!(
-                        "shorter than {} (the window quiet auto uses until it has learned the health-check interval): every such drain would end at the cap",
-                        humantime::format_duration(PROXY_QUIET_FALLBACK)
-                    ),
-                    format!(
-                        "{DURATION_FORM}, at least {}, or a fixed {ANN_QUIET} no longer than drain-max",
-                        humantime::format_duration(PROXY_QUIET_FALLBACK)
-                    ),
-                ))
-            }
-            _ => {}
-        }
-        let quiet_arg = quiet
-            .map(|(v, _)| v)
-            .or_else(|| DEFAULT_QUIET.map(str::to_owned));
+        let container = get(ANN_CONTAINER).map(str::to_owned);
 
         Ok(Options {
             port: get(ANN_PORT).map(str::to_owned),
+            container,
             native_sidecar: boolean(ANN_NATIVE_SIDECAR, settings.native_sidecar)?,
             replace_prestop: boolean(ANN_REPLACE_PRESTOP, false)?,
-            drain_min: drain_min.map(|(v, _)| v),
-            quiet: quiet_arg,
-            drain_max_arg: drain_max.map(|(v, _)| v),
-            drain_max: max,
-            health_path: path(ANN_HEALTH_PATH)?,
-            upstream_health: path(ANN_UPSTREAM_HEALTH)?,
+            allow_degraded: boolean(ANN_ALLOW_DEGRADED, false)?,
+            flags,
+            upstream_protocol,
+            bind_address,
             proxy_port: get(ANN_PROXY_PORT).map(str::to_owned),
             admin_port: get(ANN_ADMIN_PORT).map(str::to_owned),
+            cpu_request: quantity(ANN_CPU_REQUEST)?,
+            cpu_limit: quantity(ANN_CPU_LIMIT)?,
+            memory_request: quantity(ANN_MEMORY_REQUEST)?,
+            memory_limit: quantity(ANN_MEMORY_LIMIT)?,
+            drain_token,
         })
+    }
+
+    /// The proxy's complaint about its arguments, with the annotations behind the flags
+    /// it names (a flag no annotation set is the proxy's default).
+    fn flag_error(&self, message: &str) -> InjectError {
+        let mut notes = Vec::new();
+        let mut seen = BTreeSet::new();
+        for word in message.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
+            let flag = word.trim_end_matches([':', ',', ';', '.']);
+            if !flag.starts_with("--") || !seen.insert(flag.to_owned()) {
+                continue;
+            }
+            let note = match self.flags.iter().find(|(f, _, _)| *f == flag) {
+                Some((_, Some(annotation), _)) => format!("{flag} from {annotation}"),
+                Some((_, None, _)) => format!("{flag} is lameduck's default"),
+                None => format!("{flag} is the proxy's default"),
+            };
+            notes.push(note);
+        }
+        if notes.is_empty() {
+            InjectError::Flags(message.to_owned())
+        } else {
+            InjectError::Flags(format!("{message} ({})", notes.join(", ")))
+        }
     }
 }
 
@@ -526,17 +755,52 @@ struct AppPort {
     port: usize,
 }
 
-fn find_app_port(spec: &PodSpec, wanted: Option<&str>) -> Result<AppPort, InjectError> {
-    let ports = || {
-        spec.containers.iter().enumerate().flat_map(|(ci, c)| {
-            c.ports
+fn is_tcp(p: &ContainerPort) -> bool {
+    p.protocol.as_deref().is_none_or(|p| p == "TCP")
+}
+
+fn find_app_port(
+    spec: &PodSpec,
+    container: Option<&str>,
+    wanted: Option<&str>,
+    default_container: Option<&str>,
+) -> Result<AppPort, InjectError> {
+    let only = match container {
+        Some(name) => Some(
+            spec.containers
                 .iter()
-                .flatten()
-                .enumerate()
-                .map(move |(pi, p)| (ci, pi, p))
-        })
+                .position(|c| c.name == name)
+                .ok_or_else(|| {
+                    InjectError::annotation_because(
+                        ANN_CONTAINER,
+                        name,
+                        "the pod has no such container",
+                        format!(
+                            "the name of one of the pod's containers ({})",
+                            spec.containers
+                                .iter()
+                                .map(|c| c.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
     };
-    let is_tcp = |p: &ContainerPort| p.protocol.as_deref().is_none_or(|p| p == "TCP");
+    let ports = || {
+        spec.containers
+            .iter()
+            .enumerate()
+            .filter(move |(ci, _)| only.is_none_or(|o| o == *ci))
+            .flat_map(|(ci, c)| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .map(move |(pi, p)| (ci, pi, p))
+            })
+    };
     let found = match wanted {
         Some(v) => {
             let by_number = v.parse::<u16>().ok().filter(|n| *n > 0);
@@ -556,7 +820,10 @@ fn find_app_port(spec: &PodSpec, wanted: Option<&str>) -> Result<AppPort, Inject
                 return Err(InjectError::annotation_because(
                     ANN_PORT,
                     v,
-                    "no container declares that port",
+                    match container {
+                        Some(c) => format!("container {c} declares no such port"),
+                        None => "no container declares that port".to_owned(),
+                    },
                     "the name or number of a port declared by one of the pod's containers",
                 ));
             };
@@ -571,18 +838,225 @@ fn find_app_port(spec: &PodSpec, wanted: Option<&str>) -> Result<AppPort, Inject
             (ci, pi)
         }
         None => {
-            let named_http =
-                ports().find(|(_, _, p)| p.name.as_deref() == Some("http") && is_tcp(p));
-            let (ci, pi, _) = named_http
-                .or_else(|| ports().find(|(_, _, p)| is_tcp(p)))
-                .ok_or(InjectError::NoAppPort)?;
-            (ci, pi)
+            // Which container is the app: with several that declare TCP ports, guessing
+            // would proxy a log shipper or a metrics exporter.
+            let candidates: Vec<usize> = spec
+                .containers
+                .iter()
+                .enumerate()
+                .filter(|(ci, c)| {
+                    only.is_none_or(|o| o == *ci) && c.ports.iter().flatten().any(is_tcp)
+                })
+                .map(|(ci, _)| ci)
+                .collect();
+            let has_http = |ci: &usize| {
+                spec.containers[*ci]
+                    .ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name.as_deref() == Some("http") && is_tcp(p))
+            };
+            let app = match candidates.as_slice() {
+                [] => {
+                    return Err(match container {
+                        Some(c) => InjectError::annotation_because(
+                            ANN_CONTAINER,
+                            c,
+                            "that container declares no TCP port",
+                            "the name of the app container, which declares the app's port",
+                        ),
+                        None => InjectError::NoAppPort,
+                    })
+                }
+                [one] => *one,
+                several => {
+                    let by_default = default_container.and_then(|d| {
+                        several
+                            .iter()
+                            .copied()
+                            .find(|ci| spec.containers[*ci].name == d)
+                    });
+                    let with_http: Vec<usize> = several.iter().copied().filter(has_http).collect();
+                    match (by_default, with_http.as_slice()) {
+                        (Some(ci), _) => ci,
+                        (None, [one]) => *one,
+                        _ => {
+                            let list = several
+                                .iter()
+                                .map(|ci| {
+                                    let c = &spec.containers[*ci];
+                                    let ports = c
+                                        .ports
+                                        .iter()
+                                        .flatten()
+                                        .filter(|p| is_tcp(p))
+                                        .map(|p| match &p.name {
+                                            Some(n) => format!("{n} {}", p.container_port),
+                                            None => p.container_port.to_string(),
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join(", ");
+                                    format!("{} ({ports})", c.name)
+                                })
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            return Err(InjectError::Refused(format!(
+                                "several containers declare TCP ports ({list}), so which one \
+                                 is the app is ambiguous: set annotation {ANN_CONTAINER} to \
+                                 the app container's name (or {ANN_PORT} to its port)"
+                            )));
+                        }
+                    }
+                }
+            };
+            let ports = spec.containers[app].ports.iter().flatten();
+            let pi = ports
+                .clone()
+                .position(|p| p.name.as_deref() == Some("http") && is_tcp(p))
+                .or_else(|| ports.clone().position(is_tcp))
+                .expect("a candidate declares a TCP port");
+            (app, pi)
         }
     };
     Ok(AppPort {
         container: found.0,
         port: found.1,
     })
+}
+
+/// Whether every container (init containers included) requests exactly its limits for
+/// CPU and memory: the pod's QoS class is Guaranteed.
+fn is_guaranteed(spec: &PodSpec) -> bool {
+    all_containers(spec).all(|c| {
+        let Some(r) = &c.resources else {
+            return false;
+        };
+        ["cpu", "memory"].iter().all(|res| {
+            let limit = r.limits.as_ref().and_then(|l| l.get(*res));
+            let request = r.requests.as_ref().and_then(|l| l.get(*res));
+            match (limit.and_then(|q| parse_quantity(&q.0)), request) {
+                (Some(_), None) => true, // requests default to limits
+                (Some(l), Some(q)) => parse_quantity(&q.0).is_some_and(|q| same_quantity(q, l)),
+                (None, _) => false,
+            }
+        })
+    })
+}
+
+fn sidecar_resources(
+    opts: &Options,
+    guaranteed: bool,
+    warnings: &mut Vec<String>,
+) -> Result<ResourceRequirements, InjectError> {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    let pairs = [
+        (
+            "cpu",
+            &opts.cpu_request,
+            &opts.cpu_limit,
+            DEFAULT_CPU_REQUEST,
+            GUARANTEED_CPU,
+            ANN_CPU_REQUEST,
+            ANN_CPU_LIMIT,
+        ),
+        (
+            "memory",
+            &opts.memory_request,
+            &opts.memory_limit,
+            DEFAULT_MEMORY_REQUEST,
+            GUARANTEED_MEMORY,
+            ANN_MEMORY_REQUEST,
+            ANN_MEMORY_LIMIT,
+        ),
+    ];
+    for (res, request, limit, default, guaranteed_default, req_ann, lim_ann) in pairs {
+        let (request, limit) = match (request, limit) {
+            (Some((r, rq)), Some((l, lq))) => {
+                if rq > lq && !same_quantity(*rq, *lq) {
+                    return Err(InjectError::annotation_because(
+                        req_ann,
+                        r,
+                        format!("more than {lim_ann} ({l})"),
+                        "a quantity no larger than the limit",
+                    ));
+                }
+                if guaranteed && !same_quantity(*rq, *lq) {
+                    warnings.push(format!(
+                        "every container requests its limits (QoS Guaranteed), but {req_ann} \
+                         ({r}) differs from {lim_ann} ({l}): the pod becomes Burstable"
+                    ));
+                }
+                (r.clone(), Some(l.clone()))
+            }
+            (None, Some((l, _))) if guaranteed => (l.clone(), Some(l.clone())),
+            (None, Some((l, lq))) => {
+                let d = parse_quantity(default).expect("the defaults parse");
+                if d > *lq {
+                    (l.clone(), Some(l.clone()))
+                } else {
+                    (default.to_owned(), Some(l.clone()))
+                }
+            }
+            (Some((r, _)), None) if guaranteed => (r.clone(), Some(r.clone())),
+            (Some((r, _)), None) => (r.clone(), None),
+            (None, None) if guaranteed => (
+                guaranteed_default.to_owned(),
+                Some(guaranteed_default.to_owned()),
+            ),
+            (None, None) => (default.to_owned(), None),
+        };
+        requests.insert(res.to_owned(), Quantity(request));
+        if let Some(l) = limit {
+            limits.insert(res.to_owned(), Quantity(l));
+        }
+    }
+    Ok(ResourceRequirements {
+        requests: Some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..Default::default()
+    })
+}
+
+/// A Kubernetes quantity (`100m`, `0.5`, `64Mi`, `1e3`, `2G`) as a number of base units;
+/// `None` when it is not one. Enough to compare requests with limits, not a full
+/// implementation of Kubernetes' arbitrary precision.
+pub fn parse_quantity(s: &str) -> Option<f64> {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    if number.is_empty()
+        || number.matches('.').count() > 1
+        || number[1..].contains(['+', '-'])
+        || !number.bytes().any(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let n: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        e if e.starts_with(['e', 'E']) => 10f64.powi(e[1..].parse::<i32>().ok()?),
+        _ => return None,
+    };
+    Some(n * factor)
+}
+
+fn same_quantity(a: f64, b: f64) -> bool {
+    (a - b).abs() <= f64::EPSILON * 16.0 * a.abs().max(b.abs()).max(1e-9)
 }
 
 fn pick_port(
@@ -648,29 +1122,11 @@ pub fn is_port_name(s: &str) -> bool {
 
 fn sidecar_container(
     settings: &Settings,
-    opts: &Options,
-    app_port: i32,
+    args: Vec<String>,
     (proxy_port, proxy_name): (u16, String),
     (admin_port, admin_name): (u16, String),
+    resources: ResourceRequirements,
 ) -> Container {
-    let mut args = vec![
-        "proxy".to_owned(),
-        format!("--listen=0.0.0.0:{proxy_port}"),
-        format!("--upstream=127.0.0.1:{app_port}"),
-        format!("--admin=0.0.0.0:{admin_port}"),
-    ];
-    let flags = [
-        ("--drain-min", &opts.drain_min),
-        ("--quiet", &opts.quiet),
-        ("--drain-max", &opts.drain_max_arg),
-        ("--health-path", &opts.health_path),
-        ("--upstream-health", &opts.upstream_health),
-    ];
-    for (flag, value) in flags {
-        if let Some(v) = value {
-            args.push(format!("{flag}={v}"));
-        }
-    }
     let admin_get = |path: &str| HTTPGetAction {
         path: Some(path.into()),
         port: IntOrString::Int(admin_port.into()),
@@ -709,16 +1165,7 @@ fn sidecar_container(
             failure_threshold: Some(2),
             ..Default::default()
         }),
-        resources: Some(ResourceRequirements {
-            requests: Some(
-                [
-                    ("cpu".to_owned(), Quantity("10m".into())),
-                    ("memory".to_owned(), Quantity("32Mi".into())),
-                ]
-                .into(),
-            ),
-            ..Default::default()
-        }),
+        resources: Some(resources),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             capabilities: Some(Capabilities {
@@ -852,74 +1299,261 @@ pub fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
 
 /// Reads a multi-document YAML stream (`kind: List` included), injects every pod template
 /// that opted in (with `all`: every one not labelled `"false"`), and writes the stream
-/// back. Documents without a template pass through unchanged in meaning (comments and
-/// quoting style are not kept).
+/// back. A document injection does not change is copied byte for byte (comments, quoting,
+/// anchors and all); a changed one keeps the comments above it and is written with every
+/// string quoted that a YAML 1.1 reader (kubectl, Argo CD, kustomize) could read as
+/// something else ([`crate::yaml::emit_document`]).
+///
+/// Refused: a document that cannot be injected, and a Service that targets an injected
+/// app's port by number (it would reach the app directly), unless that pod template allows
+/// a degraded injection.
 pub fn inject_manifests(
     input: &str,
     settings: &Settings,
     all: bool,
 ) -> Result<Rewritten, ManifestError> {
-    let mut docs = Vec::new();
-    for (i, de) in yaml_serde::Deserializer::from_str(input).enumerate() {
+    // Each document's own text, so unchanged ones can be copied as they were.
+    let mut docs: Vec<Doc> = Vec::new();
+    for text in split_documents(input) {
+        let index = docs.len() + 1;
         let unreadable = |e: yaml_serde::Error| ManifestError {
-            index: i + 1,
+            index,
             what: "unreadable".into(),
             reason: e.to_string(),
         };
-        let mut doc = Yaml::deserialize(de).map_err(unreadable)?;
-        // `<<: *anchor` merge keys, which Kubernetes' YAML reader applies too: a container
-        // written with one is seen, and written back, whole.
-        doc.apply_merge().map_err(unreadable)?;
-        docs.push(doc);
+        let mut parsed = Vec::new();
+        let (header, body) = document_header(text);
+        let has_marker = header.lines().any(|l| l.starts_with("---"));
+        // Comments alone are no document (a YAML reader sees none there).
+        let content = has_marker || !body.trim().is_empty();
+        for de in
+            yaml_serde::Deserializer::from_str(text).take(if content { usize::MAX } else { 0 })
+        {
+            let mut doc = Yaml::deserialize(de).map_err(unreadable)?;
+            // `<<: *anchor` merge keys, which Kubernetes' YAML reader applies too: a
+            // container written with one is seen, and written back, whole.
+            doc.apply_merge().map_err(unreadable)?;
+            parsed.push(doc);
+        }
+        match parsed.len() {
+            0 => docs.push(Doc {
+                text,
+                original: None,
+                value: Yaml::Null,
+            }),
+            1 => {
+                let value = parsed.pop().expect("one");
+                docs.push(Doc {
+                    text,
+                    original: Some(value.clone()),
+                    value,
+                })
+            }
+            _ => {
+                return Err(ManifestError {
+                    index,
+                    what: "unreadable".into(),
+                    reason: "cannot tell where its documents begin: separate them with --- \
+                             lines"
+                        .into(),
+                })
+            }
+        }
     }
-    let mut out = Rewritten {
-        yaml: String::new(),
-        warnings: Vec::new(),
-        injected: 0,
-    };
+    // Documents are numbered as a YAML reader counts them: text with no document in it
+    // (comments before the first ---) has no number.
+    let mut numbers = Vec::with_capacity(docs.len());
+    let mut n = 0;
+    for d in &docs {
+        if d.original.is_some() {
+            n += 1;
+        }
+        numbers.push(n);
+    }
+
     let mut apps = Vec::new();
     // (document index, warning): sorted by document at the end.
     let mut warnings: Vec<(usize, String)> = Vec::new();
     for (i, doc) in docs.iter_mut().enumerate() {
-        let index = i + 1;
-        if doc.is_null() {
+        let index = numbers[i];
+        if doc.value.is_null() {
             continue;
         }
-        let what = describe(doc);
-        rewrite_object(doc, settings, all, &mut apps, &mut |warning| {
-            warnings.push((index, format!("document {index} ({what}): {warning}")))
-        })
+        let what = describe(&doc.value);
+        let mut found = Vec::new();
+        rewrite_object(
+            &mut doc.value,
+            "",
+            settings,
+            all,
+            &mut found,
+            &mut |warning| warnings.push((index, format!("document {index} ({what}): {warning}"))),
+        )
         .map_err(|(what, reason)| ManifestError {
             index,
             what,
             reason,
         })?;
+        apps.extend(found.into_iter().map(|app| (i, app)));
     }
-    out.injected = apps.len();
+
+    // A Service that targets an injected app's port by number bypasses lameduck.
+    let mut degraded: Vec<(usize, String, String)> = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
-        if doc.is_null() {
+        if doc.value.is_null() {
             continue;
         }
-        for warning in service_warnings(doc, &apps) {
-            let index = i + 1;
-            warnings.push((
-                index,
-                format!("document {index} ({}): {warning}", describe(doc)),
+        let index = numbers[i];
+        for (app, problem) in service_problems(&doc.value, apps.iter().map(|(_, a)| a)) {
+            let (app_doc, app) = &apps[app];
+            let message = format!("document {index} ({}): {problem}", describe(&doc.value));
+            if !app.allow_degraded {
+                return Err(ManifestError {
+                    index,
+                    what: describe(&doc.value),
+                    reason: format!(
+                        "{problem} (or set annotation {ANN_ALLOW_DEGRADED}: \"true\" on the pod \
+                         template of document {} ({}) to inject it anyway, marked \
+                         {ANN_DEGRADED})",
+                        numbers[*app_doc],
+                        describe(&docs[*app_doc].value)
+                    ),
+                });
+            }
+            warnings.push((index, format!("{message} (allowed: {ANN_ALLOW_DEGRADED})")));
+            degraded.push((
+                *app_doc,
+                app.pointer.clone(),
+                format!(
+                    "Service {} targets port {} by number, reaching the app directly",
+                    str_at(&doc.value, &["metadata", "name"]).unwrap_or("?"),
+                    app.port
+                ),
             ));
         }
-        if !out.yaml.is_empty() {
+    }
+    for (doc, pointer, what) in degraded {
+        let template = yaml_pointer_mut(&mut docs[doc].value, &pointer).expect("found before");
+        note_degraded(template, &what);
+    }
+
+    let mut out = Rewritten {
+        yaml: String::with_capacity(input.len() * 2),
+        warnings: Vec::new(),
+        injected: apps.len(),
+    };
+    for (i, doc) in docs.iter().enumerate() {
+        if doc.original.as_ref() == Some(&doc.value) || doc.original.is_none() {
+            out.yaml.push_str(doc.text);
+            continue;
+        }
+        let (header, _) = document_header(doc.text);
+        let body = crate::yaml::emit_document(&doc.value).map_err(|reason| ManifestError {
+            index: numbers[i],
+            what: describe(&doc.value),
+            reason: format!("cannot be written back as YAML: {reason}"),
+        })?;
+        if !out.yaml.is_empty() && !out.yaml.ends_with('\n') {
+            out.yaml.push('\n');
+        }
+        let has_marker = header.lines().any(|l| l.starts_with("---"));
+        if i > 0 && !has_marker && !out.yaml.is_empty() {
             out.yaml.push_str("---\n");
         }
-        out.yaml
-            .push_str(&yaml_serde::to_string(doc).map_err(|e| ManifestError {
-                index: i + 1,
-                what: describe(doc),
-                reason: format!("cannot be written back as YAML: {e}"),
-            })?);
+        out.yaml.push_str(header);
+        out.yaml.push_str(&body);
     }
     warnings.sort_by_key(|(index, _)| *index);
     out.warnings = warnings.into_iter().map(|(_, w)| w).collect();
     Ok(out)
+}
+
+/// One document of the input stream: its text, as read, and as rewritten.
+struct Doc<'a> {
+    text: &'a str,
+    /// `None`: text with no document in it (comments only).
+    original: Option<Yaml>,
+    value: Yaml,
+}
+
+/// Splits a YAML stream into the text of each document: a new one begins at a `---` line
+/// (a directives-end marker: `---` alone or followed by a space) and after a `...` line.
+/// Such lines cannot occur inside a document's content (YAML 1.2 §9.1.4 forbids them at
+/// the start of a line), so the split is exact. Comments and `%` directives before a
+/// `---` belong to the document it starts. The pieces concatenate to the input.
+pub fn split_documents(input: &str) -> Vec<&str> {
+    let is_marker = |line: &str, m: &str| {
+        line.strip_prefix(m)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+    };
+    let mut pieces = Vec::new();
+    let (mut start, mut pos) = (0, 0);
+    // Whether the current piece has content, or a `---` of its own, yet.
+    let (mut content, mut marker) = (false, false);
+    for line in input.split_inclusive('\n') {
+        if is_marker(line, "---") {
+            if content || marker {
+                pieces.push(&input[start..pos]);
+                start = pos;
+                content = false;
+            }
+            marker = true;
+        } else {
+            let t = line.trim();
+            if !(t.is_empty() || t.starts_with('#') || t.starts_with('%')) {
+                content = true;
+            }
+        }
+        pos += line.len();
+        if is_marker(line, "...") {
+            pieces.push(&input[start..pos]);
+            start = pos;
+            (content, marker) = (false, false);
+        }
+    }
+    if start < input.len() || pieces.is_empty() {
+        pieces.push(&input[start..]);
+    }
+    pieces
+}
+
+/// The lines at the top of a document's text that carry no content (its `---` marker
+/// with at most a comment, blank lines and comments), kept above a rewritten document.
+fn document_header(text: &str) -> (&str, &str) {
+    let mut end = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        let rest = line.get(3..).unwrap_or_default().trim();
+        let marker_only = line.starts_with("---") && (rest.is_empty() || rest.starts_with('#'));
+        if t.is_empty() || t.starts_with('#') || t.starts_with('%') || marker_only {
+            end += line.len();
+        } else {
+            break;
+        }
+    }
+    text.split_at(end)
+}
+
+/// Adds `what` to a pod template's `lameduck.io/degraded` annotation.
+fn note_degraded(template: &mut Yaml, what: &str) {
+    let Some(meta) = template.get_mut("metadata").and_then(Yaml::as_mapping_mut) else {
+        return;
+    };
+    let annotations = meta
+        .entry(Yaml::String("annotations".into()))
+        .or_insert_with(|| Yaml::Mapping(Default::default()));
+    let Some(annotations) = annotations.as_mapping_mut() else {
+        return;
+    };
+    let entry = annotations
+        .entry(Yaml::String(ANN_DEGRADED.into()))
+        .or_insert_with(|| Yaml::String(String::new()));
+    if let Yaml::String(s) = entry {
+        if !s.is_empty() {
+            s.push_str("; ");
+        }
+        s.push_str(what);
+    }
 }
 
 /// What the numeric-targetPort check needs to know about an injected template.
@@ -929,13 +1563,18 @@ struct InjectedApp {
     /// The app's port number, and the name that moved to the proxy.
     port: i32,
     moved_name: Option<String>,
+    /// Where the template is in its document (a JSON pointer).
+    pointer: String,
+    allow_degraded: bool,
 }
 
 type Located = (String, String);
 
-/// Injects into one object (recursing into `List` items).
+/// Injects into one object (recursing into `List` items); `base` is the object's JSON
+/// pointer in its document.
 fn rewrite_object(
     doc: &mut Yaml,
+    base: &str,
     settings: &Settings,
     all: bool,
     apps: &mut Vec<InjectedApp>,
@@ -949,9 +1588,14 @@ fn rewrite_object(
         };
         for (i, item) in items.iter_mut().enumerate() {
             let what = describe(item);
-            rewrite_object(item, settings, all, apps, &mut |w| {
-                warn(format!("item {} ({what}): {w}", i + 1))
-            })
+            rewrite_object(
+                item,
+                &format!("{base}/items/{i}"),
+                settings,
+                all,
+                apps,
+                &mut |w| warn(format!("item {} ({what}): {w}", i + 1)),
+            )
             .map_err(|(inner, reason)| (format!("{kind}, item {} {inner}", i + 1), reason))?;
         }
         return Ok(());
@@ -1032,15 +1676,25 @@ fn rewrite_object(
                 labels: m.labels.unwrap_or_default().into_iter().collect(),
                 port,
                 moved_name,
+                pointer: format!("{base}{pointer}"),
+                allow_degraded: m
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANN_ALLOW_DEGRADED))
+                    .is_some_and(|v| v.trim() == "true"),
             });
         }
     }
     Ok(())
 }
 
-/// Warnings for a Service whose selector picks an injected template but which targets the
-/// app's port by number: that still reaches the app directly.
-fn service_warnings(doc: &Yaml, apps: &[InjectedApp]) -> Vec<String> {
+/// For a Service whose selector picks an injected template but which targets the app's
+/// port by number (that still reaches the app directly): the app's index in `apps` and
+/// what is wrong, naming the fix.
+fn service_problems<'a>(
+    doc: &Yaml,
+    apps: impl Iterator<Item = &'a InjectedApp>,
+) -> Vec<(usize, String)> {
     let mut out = Vec::new();
     if str_at(doc, &["kind"]) != Some("Service") || str_at(doc, &["apiVersion"]) != Some("v1") {
         return out;
@@ -1063,7 +1717,7 @@ fn service_warnings(doc: &Yaml, apps: &[InjectedApp]) -> Vec<String> {
     else {
         return out;
     };
-    for app in apps {
+    for (i, app) in apps.enumerate() {
         if app.namespace.as_deref() != namespace {
             continue;
         }
@@ -1092,10 +1746,14 @@ fn service_warnings(doc: &Yaml, apps: &[InjectedApp]) -> Vec<String> {
                     Some(n) => format!("use targetPort: {n}"),
                     None => "name the app's port and use that name as targetPort".to_owned(),
                 };
-                out.push(format!(
-                    "{label} targets {} by number: that reaches the app directly, bypassing \
-                     lameduck (a numeric targetPort cannot be moved to the proxy); {fix}",
-                    app.port
+                out.push((
+                    i,
+                    format!(
+                        "{label} targets {} by number: that reaches the app \
+                         directly, bypassing lameduck (a numeric targetPort cannot be moved to \
+                         the proxy); {fix}",
+                        app.port
+                    ),
                 ));
             }
         }
@@ -1279,6 +1937,89 @@ mod tests {
         };
         let out = inject(&spec, &meta, &Settings::default()).unwrap();
         assert_eq!(out.spec.termination_grace_period_seconds, Some(i64::MAX));
+    }
+
+    #[test]
+    fn documents_split_where_a_reader_splits_them() {
+        let cases: &[(&str, &[&str])] = &[
+            ("", &[""]),
+            ("a: 1\n", &["a: 1\n"]),
+            ("# c\n---\na: 1\n", &["# c\n---\na: 1\n"]),
+            ("%YAML 1.1\n---\na: 1\n", &["%YAML 1.1\n---\na: 1\n"]),
+            ("---\n---\na: 1\n", &["---\n", "---\na: 1\n"]),
+            ("a: 1\n# c\n---\nb: 2\n", &["a: 1\n# c\n", "---\nb: 2\n"]),
+            ("---\na: 1\n---\nb: 2", &["---\na: 1\n", "---\nb: 2"]),
+            ("a: |\n  ---\n  x\n", &["a: |\n  ---\n  x\n"]),
+            ("a: 1\n...\nb: 2\n", &["a: 1\n...\n", "b: 2\n"]),
+            ("--- # c\na: 1\n---x: 1\n", &["--- # c\na: 1\n---x: 1\n"]),
+        ];
+        for (input, pieces) in cases {
+            assert_eq!(split_documents(input), *pieces, "{input:?}");
+            assert_eq!(split_documents(input).concat(), *input);
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity("100m"), Some(0.1));
+        assert_eq!(parse_quantity("1"), Some(1.0));
+        assert_eq!(parse_quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
+        assert_eq!(parse_quantity("1e3"), Some(1000.0));
+        assert!(same_quantity(
+            parse_quantity("1000m").unwrap(),
+            parse_quantity("1").unwrap()
+        ));
+        for bad in ["", "m", "1x", "1.2.3", "--1", "1Mi2"] {
+            assert_eq!(parse_quantity(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn guaranteed_pods() {
+        let pod = |resources: serde_json::Value| -> PodSpec {
+            serde_json::from_value(serde_json::json!({
+                "containers": [{"name": "a", "resources": resources}]
+            }))
+            .unwrap()
+        };
+        let equal = serde_json::json!({
+            "requests": {"cpu": "1", "memory": "1Gi"},
+            "limits": {"cpu": "1000m", "memory": "1Gi"}});
+        assert!(is_guaranteed(&pod(equal)));
+        let limits_only = serde_json::json!({"limits": {"cpu": "1", "memory": "1Gi"}});
+        assert!(is_guaranteed(&pod(limits_only)));
+        let burstable = serde_json::json!({
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "1", "memory": "1Gi"}});
+        assert!(!is_guaranteed(&pod(burstable)));
+        assert!(!is_guaranteed(&pod(serde_json::json!({}))));
+    }
+
+    #[test]
+    fn h2c_port_names() {
+        for n in ["grpc", "h2c", "grpc-api", "h2c-internal"] {
+            assert!(is_h2c_port_name(n), "{n}");
+        }
+        for n in ["http", "grpc-web", "grpcx", "web"] {
+            assert!(!is_h2c_port_name(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn tokens() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}]
+        }))
+        .unwrap();
+        let meta = ObjectMeta::default();
+        assert_eq!(derived_token(&meta, &spec), derived_token(&meta, &spec));
+        let mut other = spec.clone();
+        other.containers[0].image = Some("b".into());
+        assert_ne!(derived_token(&meta, &spec), derived_token(&meta, &other));
+        assert!(is_token(&derived_token(&meta, &spec)));
+        assert_ne!(random_token().unwrap(), random_token().unwrap());
+        assert!(!is_token("short"));
+        assert!(!is_token("has a space in it, long enough"));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! | [`metrics`] | the Prometheus registry |
 //! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
 //! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
+//! | [`yaml`] | YAML out that YAML 1.1 readers read as meant (for `inject`) |
 //! | [`webhook`] | `lameduck webhook`: the HTTPS AdmissionReview shell around [`inject`] |
 
 pub mod admin;
@@ -30,3 +31,4 @@ pub mod sidecar;
 pub mod signal;
 pub mod upstream;
 pub mod webhook;
+pub mod yaml;

@@ -25,18 +25,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Help and version go to stdout with exit 0; any other parse error is one line, exit 2.
+/// Help and version go to stdout with exit 0. Any other parse error is clap's whole
+/// message (what is wrong, the accepted values, the usage line) on stderr, exit 2; bare
+/// `lameduck` prints the help there too.
 fn usage_error(e: clap::Error) -> ExitCode {
+    let _ = e.print();
     match e.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            let _ = e.print();
-            ExitCode::SUCCESS
-        }
-        _ => {
-            let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            fail(2, line.trim_start_matches("error: "))
-        }
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::from(2),
     }
 }
 
@@ -108,7 +104,11 @@ fn inject(args: InjectArgs) -> ExitCode {
     if let Err(e) = read {
         return fail(2, &format!("cannot read {}: {e}", args.filename.display()));
     }
-    match lameduck::inject::inject_manifests(&input, &args.sidecar.settings(), args.all) {
+    match lameduck::inject::inject_manifests(
+        &input,
+        &lameduck::inject::Settings::from(&args.sidecar),
+        args.all,
+    ) {
         Ok(out) => {
             for w in &out.warnings {
                 eprintln!("lameduck: warning: {w}");

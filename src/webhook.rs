@@ -5,7 +5,19 @@
 //! | endpoint | method | answers |
 //! |---|---|---|
 //! | `/mutate` | POST | `admission.k8s.io/v1` AdmissionReview in and out: a JSONPatch (base64, `patchType: JSONPatch`) and warnings for an opted-in pod; allowed with no patch for anything else; `allowed: false` with the reason when the pod's annotations are invalid. 400 with a reason for a body that is not an AdmissionReview, 413 above [`MAX_BODY`] |
-//! | `/healthz` | GET, HEAD | 200 `ok` |
+//! | `/healthz` | GET, HEAD | readiness: 200 `ok`; 503 `draining` once SIGTERM has arrived |
+//! | `/livez` | GET, HEAD | liveness: 200 `ok` until the process exits |
+//!
+//! Every pod gets its own random drain token ([`crate::inject::random_token`]) unless it
+//! sets `lameduck.io/drain-token`. Each answer is logged with the pod's namespace and
+//! owner (`ReplicaSet/web-7d4b9c5f6`, or its generateName or name), and the reason of a
+//! denial or the warnings of an injection.
+//!
+//! **Drain.** On SIGTERM the webhook fails `/healthz` (so the endpoint leaves the Service)
+//! and keeps accepting and answering reviews for `--drain-time`; then it stops accepting
+//! and gives reviews in flight a few seconds. The API server keeps calling an endpoint
+//! until its EndpointSlice update has reached it, so closing at once would fail pod
+//! creation (`failurePolicy: Fail`) during every rollout of the webhook.
 //!
 //! The certificate and key files are re-read every `--tls-reload-interval` and swapped in
 //! when their contents change and the pair is valid (cert-manager rotates them in the
@@ -15,6 +27,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -46,8 +59,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A review's body must arrive within this long (the API server's own webhook timeout is
 /// at most 30 s).
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight reviews get at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long in-flight reviews get at shutdown, after `--drain-time`.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -98,6 +111,8 @@ struct RequestIn {
     #[serde(default)]
     operation: Option<String>,
     #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
     object: Option<Json>,
 }
 
@@ -109,8 +124,48 @@ struct Gvk {
     kind: String,
 }
 
+/// Which pod a review is about, for the log: its namespace and who creates it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Subject {
+    pub namespace: String,
+    /// `Kind/name` of the first ownerReference (`ReplicaSet/web-7d4b9c5f6`), else the
+    /// pod's generateName (`web-7d4b9c5f6-*`), else its name.
+    pub owner: String,
+}
+
+impl Subject {
+    fn of(namespace: Option<&str>, pod: &Json) -> Subject {
+        let meta = &pod["metadata"];
+        let owner = meta["ownerReferences"]
+            .as_array()
+            .and_then(|o| o.first())
+            .map(|o| {
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap_or("?"),
+                    o["name"].as_str().unwrap_or("?")
+                )
+            })
+            .or_else(|| meta["generateName"].as_str().map(|g| format!("{g}*")))
+            .or_else(|| meta["name"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "?".to_owned());
+        Subject {
+            namespace: namespace
+                .or_else(|| meta["namespace"].as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            owner,
+        }
+    }
+}
+
 /// Answers one AdmissionReview body with the AdmissionReview to send back.
 pub fn review(body: &[u8], settings: &Settings) -> Result<Json, BadReview> {
+    review_of(body, settings).map(|(answer, _)| answer)
+}
+
+/// [`review`], and which pod it was about.
+pub fn review_of(body: &[u8], settings: &Settings) -> Result<(Json, Subject), BadReview> {
     let review: ReviewIn = serde_json::from_slice(body)
         .map_err(|e| BadReview(format!("not an AdmissionReview: {e}")))?;
     if review.kind.as_deref() != Some("AdmissionReview")
@@ -136,8 +191,12 @@ pub fn review(body: &[u8], settings: &Settings) -> Result<Json, BadReview> {
 
     let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
     let creating = request.operation.as_deref().unwrap_or("CREATE") == "CREATE";
+    let subject = Subject::of(
+        request.namespace.as_deref(),
+        request.object.as_ref().unwrap_or(&Json::Null),
+    );
     let Some(pod) = request.object.filter(|_| is_pod && creating) else {
-        return Ok(allow());
+        return Ok((allow(), subject));
     };
     let metadata = pod.get("metadata").cloned().unwrap_or(Json::Null);
     let opted_in = metadata
@@ -146,7 +205,7 @@ pub fn review(body: &[u8], settings: &Settings) -> Result<Json, BadReview> {
         .and_then(Json::as_str)
         == Some("true");
     if !opted_in {
-        return Ok(allow());
+        return Ok((allow(), subject));
     }
     let template =
         json!({ "metadata": metadata, "spec": pod.get("spec").cloned().unwrap_or(Json::Null) });
@@ -166,12 +225,15 @@ pub fn review(body: &[u8], settings: &Settings) -> Result<Json, BadReview> {
                     .map(|w| Json::String(format!("lameduck: {w}")))
                     .collect();
             }
-            Ok(answer(response))
+            Ok((answer(response), subject))
         }
-        Err(e) => Ok(answer(json!({
-            "allowed": false,
-            "status": { "code": 403, "message": format!("lameduck: {e}") },
-        }))),
+        Err(e) => Ok((
+            answer(json!({
+                "allowed": false,
+                "status": { "code": 403, "message": format!("lameduck: {e}") },
+            })),
+            subject,
+        )),
     }
 }
 
@@ -277,6 +339,7 @@ pub struct Bound {
     certs: Arc<CertStore>,
     settings: Arc<Settings>,
     reload_interval: Duration,
+    drain_time: Duration,
 }
 
 impl Bound {
@@ -293,8 +356,9 @@ impl Bound {
         Ok(Bound {
             listener,
             certs,
-            settings: Arc::new(args.sidecar.settings()),
+            settings: Arc::new(Settings::from(&args.sidecar)),
             reload_interval: args.tls_reload_interval.max(Duration::from_millis(10)),
+            drain_time: args.drain_time,
         })
     }
 
@@ -304,14 +368,28 @@ impl Bound {
             .expect("a bound socket has an address")
     }
 
-    /// Serves until `shutdown` completes, then gives in-flight reviews a few seconds.
+    /// Serves until `shutdown` completes; then fails `/healthz` and keeps serving for
+    /// `--drain-time`; then stops accepting and gives in-flight reviews a few seconds.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Bound {
             listener,
             certs,
             settings,
             reload_interval,
+            drain_time,
         } = self;
+        let draining = Arc::new(AtomicBool::new(false));
+        let drain_time_text = humantime::format_duration(drain_time).to_string();
+        let draining_flag = draining.clone();
+        let shutdown = async move {
+            shutdown.await;
+            draining_flag.store(true, Ordering::SeqCst);
+            tracing::info!(
+                drain_time = %drain_time_text,
+                "draining: /healthz fails, reviews are answered until the drain time is over"
+            );
+            tokio::time::sleep(drain_time).await;
+        };
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -340,6 +418,7 @@ impl Bound {
             };
             let acceptor = acceptor.clone();
             let settings = settings.clone();
+            let draining = draining.clone();
             let watcher = graceful.watcher();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
@@ -356,7 +435,8 @@ impl Bound {
                 };
                 let service = service_fn(move |req| {
                     let settings = settings.clone();
-                    async move { Ok::<_, Infallible>(handle(req, &settings).await) }
+                    let draining = draining.load(Ordering::SeqCst);
+                    async move { Ok::<_, Infallible>(route(req, &settings, draining).await) }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -405,15 +485,26 @@ async fn reload_loop(certs: Arc<CertStore>, every: Duration) {
 
 type Resp = Response<Full<Bytes>>;
 
-/// Routes one request (see the endpoint table above). Public so tests can drive it
-/// without a socket.
+/// Routes one request (see the endpoint table above), as a webhook that is not draining.
+/// Public so tests can drive it without a socket.
 pub async fn handle<B>(req: Request<B>, settings: &Settings) -> Resp
 where
     B: hyper::body::Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    route(req, settings, false).await
+}
+
+async fn route<B>(req: Request<B>, settings: &Settings, draining: bool) -> Resp
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/healthz") if draining => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
+        (&Method::GET | &Method::HEAD, "/healthz" | "/livez") => text(StatusCode::OK, "ok\n"),
         (&Method::POST, "/mutate") => {
             let declared = req
                 .headers()
@@ -440,9 +531,15 @@ where
                     )
                 }
             };
-            match review(&body, settings) {
-                Ok(answer) => {
-                    log_answer(&answer);
+            // A fresh random drain token for this pod (unless it sets its own).
+            let mut settings = settings.clone();
+            match inject::random_token() {
+                Ok(token) => settings.drain_token = Some(token),
+                Err(e) => tracing::warn!(error = %e, "drain token derived from the pod instead"),
+            }
+            match review_of(&body, &settings) {
+                Ok((answer, subject)) => {
+                    log_answer(&answer, &subject);
                     let mut resp = Response::new(Full::new(Bytes::from(
                         serde_json::to_vec(&answer).expect("a JSON value serializes"),
                     )));
@@ -458,24 +555,53 @@ where
                 }
             }
         }
-        (_, "/mutate" | "/healthz") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        (_, "/mutate" | "/healthz" | "/livez") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-fn log_answer(answer: &Json) {
+fn log_answer(answer: &Json, subject: &Subject) {
     let r = &answer["response"];
     let uid = r["uid"].as_str().unwrap_or_default();
+    let (namespace, owner) = (subject.namespace.as_str(), subject.owner.as_str());
+    let warnings: Vec<&str> = r["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Json::as_str)
+        .collect();
     if r["allowed"] == Json::Bool(false) {
         tracing::warn!(
             uid,
+            namespace,
+            owner,
             reason = r["status"]["message"].as_str().unwrap_or_default(),
             "pod denied"
         );
+    } else if r.get("patch").is_some() && !warnings.is_empty() {
+        let warnings = warnings.join(" | ");
+        tracing::warn!(
+            uid,
+            namespace,
+            owner,
+            warnings,
+            "pod injected, with warnings"
+        );
     } else if r.get("patch").is_some() {
-        tracing::info!(uid, "pod injected");
+        tracing::info!(uid, namespace, owner, "pod injected");
+    } else if !warnings.is_empty() {
+        let warnings = warnings.join(" | ");
+        tracing::warn!(
+            uid,
+            namespace,
+            owner,
+            warnings,
+            "pod allowed unchanged, with warnings"
+        );
     } else {
-        tracing::debug!(uid, "pod allowed unchanged");
+        tracing::debug!(uid, namespace, owner, "pod allowed unchanged");
     }
 }
 
@@ -548,6 +674,28 @@ mod tests {
         assert_eq!(a["response"]["allowed"], true);
         assert_eq!(a["response"]["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
         assert!(a["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn subjects_name_namespace_and_owner() {
+        let owned = json!({"metadata": {"generateName": "web-7d4b9c5f6-", "ownerReferences": [
+            {"kind": "ReplicaSet", "name": "web-7d4b9c5f6"}]}});
+        assert_eq!(
+            Subject::of(Some("shop"), &owned),
+            Subject {
+                namespace: "shop".into(),
+                owner: "ReplicaSet/web-7d4b9c5f6".into()
+            }
+        );
+        let generated = json!({"metadata": {"generateName": "job-", "namespace": "batch"}});
+        assert_eq!(
+            Subject::of(None, &generated),
+            Subject {
+                namespace: "batch".into(),
+                owner: "job-*".into()
+            }
+        );
+        assert_eq!(Subject::of(None, &json!(null)).owner, "?");
     }
 
     #[test]

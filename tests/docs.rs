@@ -1,5 +1,5 @@
-//! README, `--help` and the code agree: every flag `--help` lists and every metric the
-//! registry exposes is documented in the README.
+//! README, `--help` and the code agree: every flag `--help` lists, every metric the
+//! registry exposes and every pod annotation injection knows is documented in the README.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -75,6 +75,17 @@ fn every_metric_is_in_the_readme() {
         assert!(
             readme.contains(&format!("`{n}`")),
             "metric {n} is not documented in README.md"
+        );
+    }
+}
+
+#[test]
+fn every_annotation_is_in_the_readme_table() {
+    let readme = readme();
+    for a in lameduck::inject::KNOWN_ANNOTATIONS {
+        assert!(
+            readme.contains(&format!("| `{a}` |")),
+            "annotation {a} is not in the README's annotation table"
         );
     }
 }

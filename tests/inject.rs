@@ -160,8 +160,20 @@ fn json_patch_and_yaml_rewrite_agree() {
                 // A Pod's patch applies to the whole object, as the API server does it.
                 let mut patched = b.pointer(&pointer).unwrap().clone();
                 json_patch::patch(&mut patched, &patch).unwrap();
-                let expected = a.pointer(&pointer).unwrap();
-                assert_eq!(&patched, expected, "{name} doc {}: {pointer}", i + 1);
+                let mut expected = a.pointer(&pointer).unwrap().clone();
+                // What only the CLI sees (a Service in the same stream) adds to the
+                // degraded note; the webhook's part must come first and be the same.
+                let degraded = format!(
+                    "/metadata/annotations/{}",
+                    inject::ANN_DEGRADED.replace('/', "~1")
+                );
+                if let (Some(Json::String(p)), Some(Json::String(e))) =
+                    (patched.pointer(&degraded), expected.pointer_mut(&degraded))
+                {
+                    assert!(e.starts_with(p.as_str()), "{name}: {e} / {p}");
+                    *e = p.clone();
+                }
+                assert_eq!(patched, expected, "{name} doc {}: {pointer}", i + 1);
             }
         }
     }
@@ -235,9 +247,28 @@ fn injected_sidecars_agree_with_the_proxy() {
                     })
                     .expect("the upstream port belongs to a container");
                 let pre_stop = &app["lifecycle"]["preStop"];
+                // The drain token: in the sidecar's environment (where --drain-token reads
+                // it) and in the hook's header, the same value.
+                let env = sidecar["env"].as_array().expect("the sidecar has env");
+                let token = env
+                    .iter()
+                    .find(|e| e["name"] == inject::TOKEN_ENV)
+                    .and_then(|e| e["value"].as_str())
+                    .unwrap_or_else(|| panic!("{name}: no {} on the sidecar", inject::TOKEN_ENV));
+                assert!(token.len() >= 16, "{name}: {token}");
                 if pre_stop.get("httpGet").is_some() {
                     assert_eq!(pre_stop["httpGet"]["port"], admin, "{name}");
                     assert_eq!(pre_stop["httpGet"]["path"], "/drain", "{name}");
+                    assert_eq!(
+                        pre_stop["httpGet"]["httpHeaders"],
+                        serde_json::json!([{"name": inject::TOKEN_HEADER, "value": token}]),
+                        "{name}"
+                    );
+                } else {
+                    assert!(
+                        template["metadata"]["annotations"][inject::ANN_DEGRADED].is_string(),
+                        "{name}: an unwired preStop is marked degraded"
+                    );
                 }
                 let grace = spec["terminationGracePeriodSeconds"].as_i64().unwrap();
                 assert!(
@@ -252,19 +283,191 @@ fn injected_sidecars_agree_with_the_proxy() {
     assert!(checked >= 20, "only {checked} injected templates checked");
 }
 
-/// Injection checks annotation values against the proxy's defaults the way the proxy
-/// will; those mirrored defaults must be the proxy's real ones.
+/// Issue 9: the token contract holds end to end. A `lameduck proxy` given the injected
+/// sidecar's environment refuses `/drain` without the header (403) and accepts the hook's
+/// header (202), so the env var the sidecar gets is the one `--drain-token` reads.
 #[test]
-fn mirrored_proxy_defaults_are_the_proxys() {
-    use clap::Parser as _;
-    use lameduck::cli::{Cli, Command as Sub};
-    let Sub::Proxy(p) = Cli::try_parse_from(["lameduck", "proxy"]).unwrap().command else {
-        unreachable!()
+fn injected_token_is_the_one_the_proxy_checks() {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let out = std::fs::read_to_string(golden_dir().join("deployment.out.yaml")).unwrap();
+    let doc = &documents(&out)[0];
+    let spec = &doc["spec"]["template"]["spec"];
+    let sidecar = &spec["initContainers"][0];
+    let env = &sidecar["env"][0];
+    assert_eq!(env["name"], inject::TOKEN_ENV);
+    let header = &spec["containers"][0]["lifecycle"]["preStop"]["httpGet"]["httpHeaders"][0];
+    let (name, value) = (
+        header["name"].as_str().unwrap(),
+        header["value"].as_str().unwrap(),
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lameduck"))
+        .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--upstream", "127.0.0.1:9", "--log-format", "json"])
+        .env_clear()
+        .env(inject::TOKEN_ENV, env["value"].as_str().unwrap())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading stderr to the end: a closed pipe would stop the proxy.
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let v: Json = serde_json::from_str(&line).unwrap_or(Json::Null);
+            if let Some(a) = v["admin"].as_str() {
+                let _ = tx.send(a.parse::<std::net::SocketAddr>().unwrap());
+            }
+        }
+    });
+    let admin = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the proxy logs its admin address");
+    let status = |extra: &str| -> String {
+        let mut c = std::net::TcpStream::connect(admin).unwrap();
+        write!(
+            c,
+            "GET /drain?wait=false HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        let _ = c.read_to_string(&mut resp);
+        resp.lines().next().unwrap_or_default().to_owned()
     };
-    assert_eq!(p.drain_min, inject::PROXY_DRAIN_MIN);
-    assert_eq!(p.quiet, inject::PROXY_QUIET);
-    assert_eq!(p.quiet_fallback, inject::PROXY_QUIET_FALLBACK);
-    assert_eq!(p.drain_max, inject::PROXY_DRAIN_MAX);
+    let without = status("");
+    let wrong = status(&format!("{name}: not-the-token\r\n"));
+    let with = status(&format!("{name}: {value}\r\n"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(without.contains(" 403 "), "{without}");
+    assert!(wrong.contains(" 403 "), "{wrong}");
+    assert!(with.contains(" 202 "), "{with}");
+}
+
+/// Issue 11: a document inject does not change comes out exactly as it went in.
+#[test]
+fn unchanged_documents_are_copied_byte_for_byte() {
+    for case in [
+        "hostile-configmap",
+        "passthrough",
+        "merge-keys",
+        "already-injected",
+    ] {
+        let input = std::fs::read_to_string(golden_dir().join(format!("{case}.in.yaml"))).unwrap();
+        let out = inject::inject_manifests(&input, &Settings::default(), false).unwrap();
+        if out.injected == 0 {
+            assert_eq!(out.yaml, input, "{case}");
+        }
+    }
+    // And a stream mixing both keeps the unchanged documents' text.
+    let configmap =
+        "# keep me\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {A: \"yes\"}\n";
+    let deployment = std::fs::read_to_string(golden_dir().join("deployment.in.yaml")).unwrap();
+    let input = format!("{configmap}---\n{deployment}---\n{configmap}");
+    let out = inject::inject_manifests(&input, &Settings::default(), false).unwrap();
+    assert!(out.yaml.starts_with(configmap), "{}", out.yaml);
+    assert!(
+        out.yaml.ends_with(&format!("---\n{configmap}")),
+        "{}",
+        out.yaml
+    );
+    assert_eq!(out.injected, 1);
+
+    // Directives pass through; helm's `# Source:` line stays above a rewritten document.
+    let input = "%YAML 1.1\n---\na: 1\n";
+    let out = inject::inject_manifests(input, &Settings::default(), false).unwrap();
+    assert_eq!(out.yaml, input);
+    let input = format!("a: 1\n---\n# Source: chart/templates/web.yaml\n{deployment}");
+    let out = inject::inject_manifests(&input, &Settings::default(), false).unwrap();
+    assert!(
+        out.yaml
+            .starts_with("a: 1\n---\n# Source: chart/templates/web.yaml\n# The common case"),
+        "{}",
+        out.yaml
+    );
+    assert_eq!(documents(&out.yaml).len(), 2);
+}
+
+/// Issue 11: what a YAML 1.1 reader (PyYAML, as kubectl's go-yaml v2 and Argo CD read)
+/// makes of a changed document is what it meant: every hostile string stays a string.
+#[test]
+fn changed_documents_mean_the_same_to_a_yaml_1_1_reader() {
+    let input = std::fs::read_to_string(golden_dir().join("hostile-deployment.in.yaml")).unwrap();
+    let out = inject::inject_manifests(&input, &Settings::default(), true).unwrap();
+    assert_eq!(out.injected, 1);
+    let parsed = documents(&out.yaml);
+    let template = &parsed[0]["spec"]["template"];
+    assert_eq!(template["metadata"]["labels"][inject::INJECT_LABEL], "yes");
+    let env = template["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let python = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, yaml, json\n\
+             d = yaml.safe_load(sys.stdin.read())\n\
+             t = d['spec']['template']\n\
+             print(json.dumps({'labels': t['metadata']['labels'], \
+             'env': t['spec']['containers'][0]['env']}, default=repr))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = python else {
+        eprintln!("SKIP the YAML 1.1 reader check: python3 is not installed");
+        return;
+    };
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(out.yaml.as_bytes())
+        .unwrap();
+    let result = child.wait_with_output().unwrap();
+    if !result.status.success() {
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert!(err.contains("No module named 'yaml'"), "{err}");
+        eprintln!("SKIP the YAML 1.1 reader check: PyYAML is not installed");
+        return;
+    }
+    let read: Json = serde_json::from_slice(&result.stdout).unwrap();
+    assert_eq!(read["labels"][inject::INJECT_LABEL], "yes", "{read}");
+    assert_eq!(read["labels"]["version"], "1.10", "{read}");
+    assert_eq!(read["env"], Json::Array(env), "PyYAML read {read}");
+
+    // And the original, read by the same reader, means the same (the test is fair).
+    let original: Json = serde_json::from_value(documents(&input)[0].clone()).unwrap();
+    assert_eq!(
+        original["spec"]["template"]["spec"]["containers"][0]["env"],
+        read["env"]
+    );
+}
+
+/// The emitter writes back every golden document as the same value.
+#[test]
+fn emitter_round_trips_every_golden() {
+    use serde::Deserialize as _;
+    for (name, input_path) in cases() {
+        let input = std::fs::read_to_string(&input_path).unwrap();
+        for de in yaml_serde::Deserializer::from_str(&input) {
+            let mut doc = yaml_serde::Value::deserialize(de).unwrap();
+            doc.apply_merge().unwrap();
+            let text = lameduck::yaml::emit_document(&doc).unwrap();
+            let back: yaml_serde::Value =
+                yaml_serde::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+            assert_eq!(back, doc, "{name}:\n{text}");
+        }
+    }
+}
+
+/// lameduck's own default for `--quiet` is one the proxy accepts.
+#[test]
+fn default_quiet_is_a_valid_flag() {
     if let Some(q) = inject::DEFAULT_QUIET {
         lameduck::cli::parse_quiet(q).expect("DEFAULT_QUIET is a valid --quiet");
     }
@@ -378,8 +581,7 @@ fn cli_flags_reach_the_injection() {
 
 #[test]
 fn cli_warnings_go_to_stderr() {
-    let input =
-        std::fs::read_to_string(golden_dir().join("service-numeric-target-port.in.yaml")).unwrap();
+    let input = std::fs::read_to_string(golden_dir().join("degraded.in.yaml")).unwrap();
     let (code, stdout, stderr) = lameduck(&["inject"], &input);
     assert_eq!(code, 0);
     assert!(
@@ -418,7 +620,29 @@ fn cli_invalid_document_exits_2_naming_it() {
 
     let (code, _, stderr) = lameduck(&["inject", "--native-sidecar=maybe"], "");
     assert_eq!(code, 2);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--native-sidecar") && stderr.contains("possible values: true, false"),
+        "{stderr}"
+    );
+}
+
+/// Issue 11: what cannot be wired is refused by the binary too: exit 2, one line naming
+/// the fix, nothing on stdout (not a pod that looks injected).
+#[test]
+fn cli_refusal_exits_2_with_one_line_naming_the_fix() {
+    for (case, fix) in [
+        ("ambiguous-container", "lameduck.io/container"),
+        ("existing-prestop", "lameduck.io/replace-prestop"),
+        ("service-numeric-target-port", "targetPort: http"),
+        ("unknown-annotation", "lameduck.io/drain-max"),
+    ] {
+        let input = std::fs::read_to_string(golden_dir().join(format!("{case}.in.yaml"))).unwrap();
+        let (code, stdout, stderr) = lameduck(&["inject"], &input);
+        assert_eq!(code, 2, "{case}: {stderr}");
+        assert_eq!(stdout, "", "{case}");
+        assert_eq!(stderr.lines().count(), 1, "{case}: {stderr}");
+        assert!(stderr.contains(fix), "{case}: {stderr}");
+    }
 }
 
 #[test]

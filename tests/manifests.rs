@@ -15,6 +15,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use clap::Parser as _;
 use lameduck::cli::{Cli, Command as Sub};
@@ -160,6 +161,33 @@ fn webhook_configuration_is_opt_in_and_wired() {
         c["image"].as_str().unwrap(),
         "the sidecar image and the webhook image move together"
     );
+
+    // Issue 9: the webhook drains. The preStop sleep covers the API server's endpoint
+    // update lag, then SIGTERM starts --drain-time (with /healthz failing), then reviews
+    // in flight get their last seconds: the grace period covers all three.
+    let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_i64()
+        .expect("the webhook has a preStop sleep");
+    assert!(pre_stop >= 5, "{pre_stop}");
+    assert!(
+        w.drain_time >= Duration::from_secs(5),
+        "--drain-time {:?}",
+        w.drain_time
+    );
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_i64()
+        .expect("the webhook sets terminationGracePeriodSeconds");
+    let needed = pre_stop as f64
+        + w.drain_time.as_secs_f64()
+        + lameduck::webhook::SHUTDOWN_GRACE.as_secs_f64();
+    assert!(
+        grace as f64 > needed,
+        "terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop}s + drain-time \
+         + shutdown grace ({needed}s)"
+    );
+    // Readiness fails while draining; liveness must not, or the kubelet would restart it.
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/livez");
 }
 
 #[test]
@@ -169,7 +197,9 @@ fn examples_target_named_ports_and_keep_the_canary() {
     // app's port by number.
     let yaml = docs
         .iter()
-        .map(|d| yaml_serde::to_string(d).unwrap())
+        // lameduck's own emitter: yaml_serde writes `'no'` as `no`, which the validator (a
+        // YAML 1.1 reader) takes for a boolean.
+        .map(|d| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
     let out = inject::inject_manifests(&yaml, &Settings::default(), false).unwrap();
@@ -301,7 +331,9 @@ fn validate(validator: &Path, label: &str, docs: &[Json]) {
     ));
     let yaml = checked
         .iter()
-        .map(|d| yaml_serde::to_string(d).unwrap())
+        // lameduck's own emitter: yaml_serde writes `'no'` as `no`, which the validator (a
+        // YAML 1.1 reader) takes for a boolean.
+        .map(|d| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
     std::fs::write(&file, yaml).unwrap();

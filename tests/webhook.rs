@@ -121,6 +121,8 @@ impl Server {
             dir.0.join("tls.key").to_str().unwrap(),
             "--tls-reload-interval",
             "50ms",
+            "--drain-time",
+            "0s",
         ])
         .unwrap();
         let Command::Webhook(args) = cli.command else {
@@ -317,6 +319,50 @@ fn apply(pod: &Json, answer: &Json) -> Json {
     patched
 }
 
+/// Replaces the drain tokens in a pod (the sidecar's LAMEDUCK_DRAIN_TOKEN and the hook's
+/// X-Lameduck-Token) with `TOKEN`, returning them: the webhook's are random per pod.
+fn take_tokens(pod: &mut Json) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut take = |v: &mut Json| {
+        if let Some(t) = v.as_str() {
+            found.push(t.to_owned());
+            *v = json!("TOKEN");
+        }
+    };
+    let spec = &mut pod["spec"];
+    for list in ["initContainers", "containers"] {
+        for c in spec[list].as_array_mut().into_iter().flatten() {
+            for e in c["env"].as_array_mut().into_iter().flatten() {
+                if e["name"] == inject::TOKEN_ENV {
+                    take(&mut e["value"]);
+                }
+            }
+            let headers = &mut c["lifecycle"]["preStop"]["httpGet"]["httpHeaders"];
+            for h in headers.as_array_mut().into_iter().flatten() {
+                if h["name"] == inject::TOKEN_HEADER {
+                    take(&mut h["value"]);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The webhook's result and the CLI's agree but for the drain token (random per pod in
+/// the webhook, derived in the CLI); within the pod, the sidecar's and the hook's agree.
+fn same_but_token(mut webhook: Json, mut cli: Json) {
+    let w = take_tokens(&mut webhook);
+    let c = take_tokens(&mut cli);
+    assert_eq!(w.len(), 2, "token in the sidecar and in the hook: {w:?}");
+    assert_eq!(w[0], w[1], "sidecar and hook carry the same token");
+    assert_eq!(c.len(), 2, "{c:?}");
+    assert_ne!(
+        w[0], c[0],
+        "the webhook's token is its own, not the derived one"
+    );
+    assert_eq!(webhook, cli);
+}
+
 /// What `lameduck inject` makes of the same pod.
 fn cli_result(pod: &Json) -> Json {
     let yaml = yaml_serde::to_string(pod).unwrap();
@@ -338,13 +384,22 @@ async fn patch_gives_what_inject_gives() {
     assert_eq!(answer["kind"], "AdmissionReview");
     assert_eq!(answer["response"]["uid"], "uid-golden");
     assert_eq!(answer["response"]["allowed"], true);
-    assert_eq!(apply(&pod, &answer), yaml_to_json(&golden("pod.out.yaml")));
+    same_but_token(apply(&pod, &answer), yaml_to_json(&golden("pod.out.yaml")));
 
     // A pod as the API server really has it, defaults and unknown fields included.
     let pod = defaulted_pod();
     let answer = mutate(&server, &ca, &review_for(pod.clone(), "uid-defaulted")).await;
     let patched = apply(&pod, &answer);
-    assert_eq!(patched, cli_result(&pod));
+    same_but_token(patched.clone(), cli_result(&pod));
+    // Two pods of the same ReplicaSet get different tokens.
+    let again = apply(
+        &pod,
+        &mutate(&server, &ca, &review_for(pod.clone(), "uid-again")).await,
+    );
+    assert_ne!(
+        take_tokens(&mut again.clone()),
+        take_tokens(&mut patched.clone())
+    );
     assert_eq!(
         patched["spec"]["containers"][0]["someFieldFromANewerKubernetes"],
         json!({"kept": true}),
@@ -367,9 +422,21 @@ async fn warnings_and_denials() {
     let ca = new_ca("test-ca");
     let server = Server::start(&ca).await;
 
+    // Issue 11: an app with its own preStop cannot be wired: denied, naming the fix (not
+    // a pod that looks injected with only an AdmissionReview warning nobody reads).
     let mut pod = defaulted_pod();
     pod["spec"]["containers"][0]["lifecycle"] =
         json!({"preStop": {"exec": {"command": ["sleep", "5"]}}});
+    let answer = mutate(&server, &ca, &review_for(pod.clone(), "uid-prestop")).await;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("preStop") && message.contains(inject::ANN_REPLACE_PRESTOP),
+        "{message}"
+    );
+
+    // Accepted degraded on request: injected, warned, and marked on the pod.
+    pod["metadata"]["annotations"][inject::ANN_ALLOW_DEGRADED] = json!("true");
     let answer = mutate(&server, &ca, &review_for(pod.clone(), "uid-warn")).await;
     assert_eq!(answer["response"]["allowed"], true);
     let warnings = answer["response"]["warnings"].as_array().expect("warnings");
@@ -383,6 +450,37 @@ async fn warnings_and_denials() {
         patched["spec"]["containers"][0]["lifecycle"]["preStop"],
         json!({"exec": {"command": ["sleep", "5"]}}),
         "the existing hook is kept"
+    );
+    assert!(
+        patched["metadata"]["annotations"][inject::ANN_DEGRADED]
+            .as_str()
+            .is_some_and(|d| d.contains("preStop")),
+        "{patched}"
+    );
+
+    // Issue 11: the log shipper first, the app second: denied, naming lameduck.io/container.
+    let mut pod = defaulted_pod();
+    let app = pod["spec"]["containers"][0].clone();
+    pod["spec"]["containers"] = json!([
+        {"name": "fluent-bit", "image": "fluent/fluent-bit:3.1",
+         "ports": [{"name": "fb-metrics", "containerPort": 2020, "protocol": "TCP"}]},
+        app,
+    ]);
+    pod["spec"]["containers"][1]["ports"][0]["name"] = json!("web");
+    let answer = mutate(&server, &ca, &review_for(pod.clone(), "uid-ambiguous")).await;
+    assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    let message = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains(inject::ANN_CONTAINER), "{message}");
+    pod["metadata"]["annotations"][inject::ANN_CONTAINER] = json!("web");
+    let answer = mutate(&server, &ca, &review_for(pod.clone(), "uid-container")).await;
+    let patched = apply(&pod, &answer);
+    let sidecar = &patched["spec"]["initContainers"][0];
+    assert!(
+        sidecar["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("--upstream=127.0.0.1:8080")),
+        "the app, not the log shipper: {sidecar}"
     );
 
     let mut pod = defaulted_pod();
@@ -558,7 +656,7 @@ async fn concurrent_reviews() {
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap(), expected);
+        same_but_token(t.await.unwrap(), expected.clone());
     }
     server.shutdown().await;
 }
@@ -654,7 +752,9 @@ fn bad_certificate_files_exit_2() {
     }
 }
 
-/// The binary: starts, says where it listens, answers, and exits 0 on SIGTERM.
+/// The binary: starts, says where it listens, answers, logs each pod with its namespace
+/// and owner, and on SIGTERM drains (issue 9): /healthz 503, reviews still answered for
+/// --drain-time, then exit 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_and_stops_on_sigterm() {
     use std::io::BufRead as _;
@@ -665,6 +765,7 @@ async fn binary_serves_and_stops_on_sigterm() {
     std::fs::write(dir.0.join("tls.key"), key).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lameduck"))
         .args(["webhook", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--drain-time", "2s"])
         .arg("--tls-cert")
         .arg(dir.0.join("tls.crt"))
         .arg("--tls-key")
@@ -706,9 +807,36 @@ async fn binary_serves_and_stops_on_sigterm() {
         assert_eq!(status, 200);
         serde_json::from_slice::<Json>(&body).unwrap()
     };
-    assert_eq!(
+    same_but_token(
         apply(&defaulted_pod(), &answer),
-        cli_result(&defaulted_pod())
+        cli_result(&defaulted_pod()),
+    );
+    let mut denied = defaulted_pod();
+    denied["metadata"]["annotations"]["lameduck.io/drain_max"] = json!("60s");
+    let review = serde_json::to_vec(&review_for(denied, "uid-denied")).unwrap();
+    let (status, _) = request(addr, &ca.pem, "POST", "/mutate", review).await;
+    assert_eq!(status, 200);
+    // Issue 11: the log line names the namespace, the owner and the reason.
+    let log_of = |message: &str| -> Json {
+        (0..100)
+            .find_map(|_| {
+                let line = lines.recv_timeout(Duration::from_secs(10)).ok()?;
+                let log: Json = serde_json::from_str(&line).unwrap_or(Json::Null);
+                (log["message"] == message).then_some(log)
+            })
+            .unwrap_or_else(|| panic!("no log line {message:?}"))
+    };
+    let injected = log_of("pod injected");
+    assert_eq!(injected["namespace"], "shop", "{injected}");
+    assert_eq!(injected["owner"], "ReplicaSet/web-7d4b9c5f6", "{injected}");
+    let denial = log_of("pod denied");
+    assert_eq!(denial["namespace"], "shop", "{denial}");
+    assert_eq!(denial["owner"], "ReplicaSet/web-7d4b9c5f6", "{denial}");
+    assert!(
+        denial["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("lameduck.io/drain_max")),
+        "{denial}"
     );
 
     let killed = std::process::Command::new("kill")
@@ -716,6 +844,30 @@ async fn binary_serves_and_stops_on_sigterm() {
         .status()
         .unwrap();
     assert!(killed.success());
+    let signalled = Instant::now();
+    // Draining: not ready, still alive, still answering reviews on new connections.
+    let mut answered = 0;
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        let (status, _) = request(addr, &ca.pem, "GET", "/healthz", vec![]).await;
+        assert_eq!(status, 503, "/healthz fails while draining");
+        let (status, _) = request(addr, &ca.pem, "GET", "/livez", vec![]).await;
+        assert_eq!(status, 200, "/livez stays up while draining");
+        let review = serde_json::to_vec(&review_for(defaulted_pod(), "uid-draining")).unwrap();
+        let (status, body) = request(addr, &ca.pem, "POST", "/mutate", review).await;
+        assert_eq!(status, 200);
+        let answer: Json = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+        answered += 1;
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "exited while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        answered >= 5,
+        "only {answered} reviews answered while draining"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = child.0.try_wait().unwrap() {
@@ -723,10 +875,15 @@ async fn binary_serves_and_stops_on_sigterm() {
         }
         assert!(
             Instant::now() < deadline,
-            "the webhook did not exit on SIGTERM"
+            "the webhook did not exit after its drain time"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "exited before --drain-time: {:?}",
+        signalled.elapsed()
+    );
     assert_eq!(status.code(), Some(0));
 }
 
