@@ -253,7 +253,46 @@ async fn shut_down(
 }
 
 async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| StartError(format!("cannot listen on {addr} ({flag}): {e}")))
+    let err = |addr: SocketAddr, e: std::io::Error| {
+        StartError(format!("cannot listen on {addr} ({flag}): {e}"))
+    };
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) => match ipv4_fallback(addr, &e) {
+            Some(v4) => {
+                tracing::warn!(%addr, error = %e, fallback = %v4, "no IPv6 here; listening on IPv4 only");
+                TcpListener::bind(v4).await.map_err(|e| err(v4, e))
+            }
+            None => Err(err(addr, e)),
+        },
+    }
+}
+
+/// `[::]` (the injected default, dual-stack) on a node whose kernel has IPv6 turned off:
+/// the same port on `0.0.0.0` instead of failing to start.
+fn ipv4_fallback(addr: SocketAddr, e: &std::io::Error) -> Option<SocketAddr> {
+    let no_ipv6 = matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    );
+    (no_ipv6 && addr.ip() == std::net::Ipv6Addr::UNSPECIFIED)
+        .then(|| SocketAddr::from(([0, 0, 0, 0], addr.port())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_ipv6_falls_back_to_ipv4_only_without_ipv6() {
+        let any6: SocketAddr = "[::]:8080".parse().unwrap();
+        let no = std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT);
+        assert_eq!(
+            ipv4_fallback(any6, &no),
+            Some("0.0.0.0:8080".parse().unwrap())
+        );
+        let in_use = std::io::Error::from_raw_os_error(libc::EADDRINUSE);
+        assert_eq!(ipv4_fallback(any6, &in_use), None);
+        assert_eq!(ipv4_fallback("[::1]:8080".parse().unwrap(), &no), None);
+    }
 }
