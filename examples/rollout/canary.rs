@@ -102,7 +102,7 @@ fn print_header(s: &CanaryScenario) {
          four runs at once, all on 127.0.0.1\n"
     );
     println!(
-        "  load           {} req/s ({:.0}/min, the seed's 15,000/min), open-loop, over one listener rule",
+        "  load           {} req/s ({:.0}/min; the seed's: 15,000/min), open-loop, over one listener rule",
         s.rate,
         s.rate * 60.0
     );
@@ -122,19 +122,22 @@ fn print_header(s: &CanaryScenario) {
         "                 deregistrations {} after they are asked for (the seed's 70s ModifyRule lag)",
         d(s.lag)
     );
-    let steps: Vec<String> = s
-        .steps
-        .iter()
-        .map(|st| match st {
-            Step::Pause => format!("pause {}", d(s.pause)),
-            other => other.to_string(),
-        })
-        .collect();
-    println!(
-        "  Argo           spec.replicas {}; steps: {}",
-        s.replicas,
-        steps.join(", ")
-    );
+    println!("  Argo           spec.replicas {}; steps:", s.replicas);
+    // One line per pause.
+    let mut line = Vec::new();
+    for st in &s.steps {
+        match st {
+            Step::Pause => {
+                line.push(format!("pause {}", d(s.pause)));
+                println!("                   {}", line.join(", "));
+                line.clear();
+            }
+            other => line.push(other.to_string()),
+        }
+    }
+    if !line.is_empty() {
+        println!("                   {}", line.join(", "));
+    }
     println!(
         "                 canary = ⌈weight × {}⌉; dynamicStableScale: stable = ⌈(100 − weight) × {}⌉ as soon as the",
         s.replicas, s.replicas
@@ -226,6 +229,7 @@ fn print_table(reports: &[CanaryReport]) {
         "peak pods",
         "pod-seconds",
         "vs 5 pods",
+        "drains",
         "app SIGTERM vs deregistration",
     ]
     .map(String::from)
@@ -260,10 +264,35 @@ fn print_table(reports: &[CanaryReport]) {
             r.peak_pods().to_string(),
             format!("{:.0}", r.pod_seconds()),
             format!("{:.2}×", r.fleet_ratio()),
+            drains(r),
             sigterm,
         ]);
     }
     print_aligned(&rows);
+}
+
+/// lameduck's drains, as `/drain` answered them: `5 quiet, 8.0-8.1s`.
+fn drains(r: &CanaryReport) -> String {
+    let answers: Vec<_> = r.pods.iter().filter_map(|p| p.drain.as_ref()).collect();
+    let failed = r.pods.iter().filter(|p| p.hook_error.is_some()).count();
+    if answers.is_empty() && failed == 0 {
+        return "-".to_owned();
+    }
+    let quiet = answers.iter().filter(|d| d.reason == "quiet").count();
+    let (lo, hi) = answers.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), d| {
+        (lo.min(d.seconds), hi.max(d.seconds))
+    });
+    let mut out = format!("{quiet} quiet");
+    if quiet < answers.len() {
+        out.push_str(&format!(", {} max", answers.len() - quiet));
+    }
+    if failed > 0 {
+        out.push_str(&format!(", {failed} hook failed"));
+    }
+    if !answers.is_empty() {
+        out.push_str(&format!(", {lo:.1}-{hi:.1}s"));
+    }
+    out
 }
 
 /// The verdict: what the canary costs without lameduck and with it. False if a lameduck
@@ -307,26 +336,24 @@ fn print_verdict(reports: &[CanaryReport]) -> bool {
         );
         return false;
     }
-    let cost = |r: &CanaryReport| {
-        format!(
-            "{} of {} requests failed ({:.1} %), up to {} pods, {:.2}× the fleet's pod-seconds",
-            r.traffic.errors(),
-            r.traffic.total,
-            r.traffic.error_rate() * 100.0,
-            r.peak_pods(),
-            r.fleet_ratio()
-        )
+    let (Some(alone), Some(workaround), Some(with)) =
+        (find(false, true), find(false, false), find(true, true))
+    else {
+        return true;
     };
-    let mut parts = Vec::new();
-    if let Some(r) = find(false, true) {
-        parts.push(format!("app alone with dynamicStableScale: {}", cost(r)));
-    }
-    if let Some(r) = find(false, false) {
-        parts.push(format!("the workaround: {}", cost(r)));
-    }
-    if let Some(r) = find(true, true) {
-        parts.push(format!("lameduck with dynamicStableScale: {}", cost(r)));
-    }
-    println!("Verdict: {}.", parts.join("; "));
+    println!(
+        "Verdict: without lameduck this canary either failed {} of {} requests ({:.1} %, \
+         dynamicStableScale) or kept the old fleet up: up to {} pods, {:.2}× the fleet's \
+         pod-seconds (the workaround); with lameduck and dynamicStableScale, {} failed, at \
+         up to {} pods and {:.2}×.",
+        alone.traffic.errors(),
+        alone.traffic.total,
+        alone.traffic.error_rate() * 100.0,
+        workaround.peak_pods(),
+        workaround.fleet_ratio(),
+        with.traffic.errors(),
+        with.peak_pods(),
+        with.fleet_ratio()
+    );
     true
 }

@@ -2,12 +2,15 @@
 //! rollout with lameduck, on one machine in under a minute.
 //!
 //! One pod behind a simulated ALB, all on 127.0.0.1: steady load, the pod is deleted (t0),
-//! the load balancer deregisters it only later (t0 + lag). Run three times: the app alone,
-//! the app with lameduck as a regular sidecar, and as a native sidecar. Prints a live
-//! progress line, then a table and a verdict; `--svg FILE` draws the timeline.
+//! the load balancer deregisters it only later (t0 + lag). Run four times: the app alone,
+//! the app with lameduck as a regular sidecar, as a native sidecar, and with `--quiet auto`.
+//! Prints a live progress line, then a table and a verdict; `--svg FILE` draws the timeline.
 //!
-//! This file owns the command line, the terminal output and the table; the simulation is in
-//! `sim/` (shared with `tests/rollout.rs`), the picture in `plot.rs`.
+//! `-- canary` tells the seed's story instead (`canary.rs`): an Argo Rollouts canary of a
+//! fleet behind two weighted target groups, four runs at once; `-- both` tells both.
+//!
+//! This file owns the command line, the single-pod story's terminal output and table; the
+//! simulation is in `sim/` (shared with `tests/rollout.rs`), the pictures in `plot.rs`.
 
 mod canary;
 mod plot;
@@ -159,7 +162,13 @@ rate carried by health checks (--rate 0.5), the same with a quiet window shorter
 health-check interval (--rate 0.5 --quiet 1s: lameduck lets go between two checks), a grace
 period that runs out before the drain (--grace 4s), another lameduck flag
 (--proxy-arg=--health-path=/healthz). Exit code 1 if a lameduck run failed a request or let
-the app be signalled before deregistration.";
+the app be signalled before deregistration.
+
+`rollout canary`: the seed's Argo canary, four runs at once (app alone or lameduck, with
+dynamicStableScale or the workaround); it uses --lag, --health-check-interval, --warmup, the
+app and lameduck flags above, and the Canary ones. Try a longer lag (canary --lag 10s), or
+pauses shorter than the lag plus the quiet window (canary --pause 6s): drains then overlap
+the next step, and lameduck's peak grows. `rollout both` tells both stories.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Story {

@@ -330,6 +330,8 @@ fn canary_rates(r: &CanaryReport, x0: f64, x1: f64) -> (Points, Points) {
             err[i] += 1;
         }
     }
+    // Up to this run's end: after it, no traffic was sent, none failed.
+    let last = r.samples.iter().map(|s| s.end).fold(x0, f64::max);
     let points = |v: Vec<u32>| {
         v.into_iter()
             .enumerate()
@@ -339,6 +341,7 @@ fn canary_rates(r: &CanaryReport, x0: f64, x1: f64) -> (Points, Points) {
                     f64::from(c) / CANARY_BUCKET,
                 )
             })
+            .take_while(|&(x, _)| x <= last)
             .collect()
     };
     (points(ok), points(err))
