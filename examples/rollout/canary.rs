@@ -62,7 +62,7 @@ pub fn story(a: &Args, runtime: &tokio::runtime::Runtime) -> Result<bool, String
     let recorders: Vec<Arc<Recorder>> = scenarios.iter().map(|_| Recorder::new()).collect();
     let reports = runtime.block_on(async {
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let display = tokio::spawn(show_progress(scenarios.clone(), recorders.clone(), stopped));
+        let display = tokio::spawn(show_progress(recorders.clone(), stopped));
         let runs: Vec<_> = scenarios
             .iter()
             .zip(&recorders)
@@ -162,12 +162,9 @@ fn print_header(s: &CanaryScenario) {
     );
 }
 
-/// A progress line on a terminal (sent and failed per run) every 250 ms until `stop`.
-async fn show_progress(
-    scenarios: Vec<CanaryScenario>,
-    recs: Vec<Arc<Recorder>>,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) {
+/// A progress line on a terminal (requests failed per run, in table order) every 250 ms
+/// until `stop`.
+async fn show_progress(recs: Vec<Arc<Recorder>>, mut stop: tokio::sync::oneshot::Receiver<()>) {
     let tty = std::io::stdout().is_terminal();
     if !tty {
         println!("running…");
@@ -189,15 +186,11 @@ async fn show_progress(
                 .live()
                 .at
                 .map_or("starting".to_owned(), |t| format!("t0{t:+.0}s"));
-            let runs: Vec<String> = scenarios
-                .iter()
-                .zip(&recs)
-                .map(|(s, r)| {
-                    let l = r.live();
-                    format!("{}: {} failed", s.label, l.errors)
-                })
-                .collect();
-            print!("\r\x1b[2K  {at:>9}  {}", runs.join(" | "));
+            let failed: Vec<String> = recs.iter().map(|r| r.live().errors.to_string()).collect();
+            print!(
+                "\r\x1b[2K  {at:>7}  requests failed so far, run by run: {}",
+                failed.join(" · ")
+            );
             let _ = std::io::stdout().flush();
         }
     }

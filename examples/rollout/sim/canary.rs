@@ -433,8 +433,14 @@ pub async fn run(scn: &CanaryScenario, rec: Arc<Recorder>) -> Result<CanaryRepor
     );
     // The stable ReplicaSet before the rollout: Ready and registered.
     for _ in 0..scn.replicas {
-        let (id, addr) = fleet.create(Group::Stable).await?;
-        listener.apply(Change::Register(Group::Stable, id, addr));
+        match fleet.create(Group::Stable).await {
+            Ok((id, addr)) => listener.apply(Change::Register(Group::Stable, id, addr)),
+            Err(e) => {
+                listener.stop();
+                listener.checks_done().await;
+                return Err(e);
+            }
+        }
     }
     listener.apply(Change::Weight(0));
     let start = Instant::now();
