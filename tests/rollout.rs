@@ -1,7 +1,9 @@
 //! The rollout demo's simulation, shortened, as the test that guards the whole drain path:
 //! a pod deleted while the load balancer still sends loses requests on its own, and loses
 //! none with lameduck in front, as a regular or a native sidecar, at a low request rate
-//! carried only by health checks, and with slow requests in flight at deregistration.
+//! carried only by health checks, and with slow requests in flight at deregistration. And
+//! the canary story: with `dynamicStableScale` the app alone loses requests, lameduck none,
+//! at fewer pods than the workaround.
 //!
 //! The simulation is the demo's own (`examples/rollout/sim`), included by path. Each test
 //! runs its scenarios concurrently; everything listens on 127.0.0.1 with ephemeral ports.
@@ -200,4 +202,104 @@ async fn slow_requests_in_flight_still_complete() {
             explain(r)
         );
     }
+}
+
+// === the canary story ===
+
+/// The canary at about a third of the demo's scale: the controller lag 1.5 s, health checks
+/// every 500 ms, `--quiet 1.5s` (a full second more than the interval, for a busy machine),
+/// pauses of 2.5 s (longer than the lag; a drain of about 3 s may overlap the next step,
+/// which costs lameduck one pod of peak at most: 9 against the workaround's 10 unless a
+/// drain took over 5 s), the scale-down delay 1 s; 100 req/s over 5 pods.
+fn short_canary(lameduck: bool, dynamic: bool) -> sim::canary::CanaryScenario {
+    let mut s = sim::canary::CanaryScenario::new(lameduck, dynamic);
+    s.rate = 100.0;
+    s.warmup = MS(1000);
+    s.lag = MS(1500);
+    s.pause = MS(2500);
+    s.scale_down_delay = MS(1000);
+    s.health_check_interval = MS(500);
+    s.drain_min = MS(500);
+    s.quiet = MS(1500);
+    s.drain_max = Duration::from_secs(8);
+    s.grace = Duration::from_secs(12);
+    s
+}
+
+async fn run_canary(s: sim::canary::CanaryScenario) -> sim::canary::CanaryReport {
+    let label = s.label.clone();
+    sim::canary::run(&s, Recorder::new())
+        .await
+        .unwrap_or_else(|e| panic!("{label}: the canary failed to run: {e}"))
+}
+
+fn explain_canary(r: &sim::canary::CanaryReport) -> String {
+    let mut out = format!(
+        "{}: traffic {:?}\n  health checks {:?}\n  peak pods {}, pod-seconds {:.1}\n",
+        r.scenario.label,
+        r.traffic,
+        r.health_checks,
+        r.peak_pods(),
+        r.pod_seconds()
+    );
+    for (at, line) in &r.timeline {
+        let _ = writeln!(out, "  t0{at:+.3}s  {line}");
+    }
+    for p in &r.pods {
+        let _ = writeln!(out, "  {p:?}");
+    }
+    for s in r
+        .samples
+        .iter()
+        .filter(|s| s.outcome != sim::Outcome::Ok)
+        .take(10)
+    {
+        let _ = writeln!(out, "  failed: {s:?}");
+    }
+    out
+}
+
+/// The seed's canary: with `dynamicStableScale` the app alone loses requests (stable pods
+/// killed while the ALB still sends them their old share); the workaround keeps the whole
+/// old fleet up; with lameduck, `dynamicStableScale` loses nothing and needs fewer pods
+/// than the workaround.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_with_lameduck_needs_no_extra_pods_and_loses_nothing() {
+    let (alone, workaround, lameduck) = tokio::join!(
+        run_canary(short_canary(false, true)),
+        run_canary(short_canary(false, false)),
+        run_canary(short_canary(true, true)),
+    );
+    let why = explain_canary(&alone);
+    assert!(
+        alone.traffic.errors() > 0,
+        "the app alone lost nothing with dynamicStableScale: the simulation does not \
+         reproduce the seed's failure\n{why}"
+    );
+    let why = explain_canary(&lameduck);
+    assert!(lameduck.traffic.total > 1000, "{why}");
+    assert_eq!(lameduck.traffic.errors(), 0, "errors with lameduck\n{why}");
+    assert_eq!(lameduck.removed(), 5, "every stable pod was removed\n{why}");
+    assert_eq!(lameduck.drains_capped(), 0, "a drain hit its cap\n{why}");
+    let margin = lameduck
+        .earliest_sigterm_after_deregistration()
+        .unwrap_or_else(|| panic!("no app was signalled\n{why}"));
+    assert!(margin > 0.0, "an app was signalled while registered\n{why}");
+    assert_eq!(
+        workaround.peak_pods(),
+        10,
+        "{}",
+        explain_canary(&workaround)
+    );
+    assert!(
+        lameduck.peak_pods() < workaround.peak_pods(),
+        "lameduck peaked at {} pods, the workaround at {}\n{why}",
+        lameduck.peak_pods(),
+        workaround.peak_pods()
+    );
+    assert!(
+        lameduck.pod_seconds() < workaround.pod_seconds(),
+        "{why}\n{}",
+        explain_canary(&workaround)
+    );
 }

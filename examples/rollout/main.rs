@@ -2,13 +2,17 @@
 //! rollout with lameduck, on one machine in under a minute.
 //!
 //! One pod behind a simulated ALB, all on 127.0.0.1: steady load, the pod is deleted (t0),
-//! the load balancer deregisters it only later (t0 + lag). Run three times: the app alone,
-//! the app with lameduck as a regular sidecar, and as a native sidecar. Prints a live
-//! progress line, then a table and a verdict; `--svg FILE` draws the timeline.
+//! the load balancer deregisters it only later (t0 + lag). Run four times: the app alone,
+//! the app with lameduck as a regular sidecar, as a native sidecar, and with `--quiet auto`.
+//! Prints a live progress line, then a table and a verdict; `--svg FILE` draws the timeline.
 //!
-//! This file owns the command line, the terminal output and the table; the simulation is in
-//! `sim/` (shared with `tests/rollout.rs`), the picture in `plot.rs`.
+//! `-- canary` tells the seed's story instead (`canary.rs`): an Argo Rollouts canary of a
+//! fleet behind two weighted target groups, four runs at once; `-- both` tells both.
+//!
+//! This file owns the command line, the single-pod story's terminal output and table; the
+//! simulation is in `sim/` (shared with `tests/rollout.rs`), the pictures in `plot.rs`.
 
+mod canary;
 mod plot;
 // Shared with tests/rollout.rs, which reads parts of the report the demo does not.
 #[allow(dead_code)]
@@ -31,6 +35,12 @@ use sim::{Mode, Recorder, Report, Scenario};
 #[derive(Parser, Debug)]
 #[command(name = "rollout", after_help = AFTER_HELP)]
 struct Args {
+    /// Which story: one pod deleted behind one target group (`pod`), the seed's Argo
+    /// Rollouts canary of a fleet behind two weighted target groups, four runs at once
+    /// (`canary`), or both, one after the other.
+    #[arg(value_enum, default_value = "pod")]
+    story: Story,
+
     /// Requests per second the load balancer sends (open-loop, paced).
     #[arg(long, default_value_t = 200.0, help_heading = "Load balancer")]
     rate: f64,
@@ -111,9 +121,36 @@ struct Args {
     )]
     proxy_arg: Vec<String>,
 
-    /// Write the timeline picture here.
+    /// spec.replicas of the canary's Rollout (the stable fleet).
+    #[arg(long, value_name = "N", default_value_t = 5, help_heading = "Canary")]
+    replicas: u32,
+    /// Requests per second over the canary's two target groups (15,000 a minute).
+    #[arg(
+        long,
+        value_name = "R",
+        default_value_t = 250.0,
+        help_heading = "Canary"
+    )]
+    canary_rate: f64,
+    /// Every pause step of the canary [default: --lag plus --quiet plus 1s, so that each
+    /// step has settled before the next, as with production's 5-10 min pauses].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, help_heading = "Canary")]
+    pause: Option<Duration>,
+    /// scaleDownDelaySeconds of the workaround runs (60 s in production).
+    #[arg(long, value_name = "DUR", default_value = "4s", value_parser = parse_duration,
+          help_heading = "Canary")]
+    scale_down_delay: Duration,
+    /// Consecutive failed health checks that take a target out of rotation
+    /// (UnhealthyThresholdCount).
+    #[arg(long, value_name = "N", default_value_t = 2, help_heading = "Canary")]
+    unhealthy_threshold: u32,
+
+    /// Write the single-pod story's timeline picture here.
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     svg: Option<String>,
+    /// Write the canary story's picture here (pods per ReplicaSet and errors over time).
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    canary_svg: Option<String>,
     /// Write lameduck's own log here (nothing is logged to the terminal).
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     log: Option<String>,
@@ -125,7 +162,23 @@ rate carried by health checks (--rate 0.5), the same with a quiet window shorter
 health-check interval (--rate 0.5 --quiet 1s: lameduck lets go between two checks), a grace
 period that runs out before the drain (--grace 4s), another lameduck flag
 (--proxy-arg=--health-path=/healthz). Exit code 1 if a lameduck run failed a request or let
-the app be signalled before deregistration.";
+the app be signalled before deregistration.
+
+`rollout canary`: the seed's Argo canary, four runs at once (app alone or lameduck, with
+dynamicStableScale or the workaround); it uses --lag, --health-check-interval, --warmup, the
+app and lameduck flags above, and the Canary ones. Try a longer lag (canary --lag 10s), or
+pauses shorter than the lag plus the quiet window (canary --pause 6s): drains then overlap
+the next step, and lameduck's peak grows. `rollout both` tells both stories.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Story {
+    /// One pod deleted behind one target group.
+    Pod,
+    /// The seed's Argo canary: four runs at once.
+    Canary,
+    /// The pod story, then the canary.
+    Both,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Run {
@@ -147,42 +200,27 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let scenarios = match scenarios(&args) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("rollout: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    // The header describes the runs with a fixed --quiet; a run that differs says so.
-    let base = scenarios
-        .iter()
-        .find(|s| s.mode != Mode::AppAlone && s.proxy_arg("--quiet") != Some("auto"))
-        .unwrap_or(&scenarios[0])
-        .clone();
-    print_header(&args, &base);
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("the runtime starts");
-    let mut reports = Vec::new();
-    for scn in &scenarios {
-        match runtime.block_on(run_one(scn, &base)) {
-            Ok(r) => reports.push(r),
-            Err(e) => {
-                eprintln!("rollout: {}: {e}", scn.label);
-                return ExitCode::from(2);
-            }
+    let stories: &[Story] = match args.story {
+        Story::Pod => &[Story::Pod],
+        Story::Canary => &[Story::Canary],
+        Story::Both => &[Story::Pod, Story::Canary],
+    };
+    let mut ok = true;
+    for (i, story) in stories.iter().enumerate() {
+        if i > 0 {
+            println!("\n{}\n", "─".repeat(100));
         }
-    }
-    println!();
-    print_table(&reports);
-    let ok = print_verdict(&reports);
-    if let Some(path) = &args.svg {
-        match plot::write_svg(path, &reports) {
-            Ok(()) => println!("Timeline written to {path}"),
+        let result = match story {
+            Story::Canary => canary::story(&args, &runtime),
+            _ => pod_story(&args, &runtime),
+        };
+        match result {
+            Ok(fine) => ok &= fine,
             Err(e) => {
                 eprintln!("rollout: {e}");
                 return ExitCode::from(2);
@@ -196,11 +234,45 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runs asked for, with the drain settings derived from the health-check interval and
-/// the lag unless given.
-fn scenarios(a: &Args) -> Result<Vec<Scenario>, String> {
-    let hc = (!a.health_check_interval.is_zero()).then_some(a.health_check_interval);
-    let interval = hc.unwrap_or(Duration::ZERO);
+/// The single-pod story: its runs one after the other, the table, the verdict, the
+/// picture. `Ok(false)` if a lameduck run failed.
+fn pod_story(args: &Args, runtime: &tokio::runtime::Runtime) -> Result<bool, String> {
+    let scenarios = scenarios(args)?;
+    // The header describes the runs with a fixed --quiet; a run that differs says so.
+    let base = scenarios
+        .iter()
+        .find(|s| s.mode != Mode::AppAlone && s.proxy_arg("--quiet") != Some("auto"))
+        .unwrap_or(&scenarios[0])
+        .clone();
+    print_header(args, &base);
+
+    let mut reports = Vec::new();
+    for scn in &scenarios {
+        let r = runtime
+            .block_on(run_one(scn, &base))
+            .map_err(|e| format!("{}: {e}", scn.label))?;
+        reports.push(r);
+    }
+    println!();
+    print_table(&reports);
+    let ok = print_verdict(&reports);
+    if let Some(path) = &args.svg {
+        plot::write_svg(path, &reports)?;
+        println!("Timeline written to {path}");
+    }
+    Ok(ok)
+}
+
+/// lameduck's drain settings and the grace period, derived from the health-check interval
+/// and the lag unless given.
+struct Drain {
+    quiet: Duration,
+    drain_max: Duration,
+    grace: Duration,
+}
+
+fn drain(a: &Args) -> Drain {
+    let interval = a.health_check_interval;
     let quiet = a
         .quiet
         .unwrap_or(interval + (interval / 2).max(Duration::from_secs(1)));
@@ -208,6 +280,23 @@ fn scenarios(a: &Args) -> Result<Vec<Scenario>, String> {
         .drain_max
         .unwrap_or((a.lag * 2 + quiet).max(Duration::from_secs(15)));
     let grace = a.grace.unwrap_or(drain_max + Duration::from_secs(5));
+    Drain {
+        quiet,
+        drain_max,
+        grace,
+    }
+}
+
+/// The runs asked for, with the drain settings derived from the health-check interval and
+/// the lag unless given.
+fn scenarios(a: &Args) -> Result<Vec<Scenario>, String> {
+    let hc = (!a.health_check_interval.is_zero()).then_some(a.health_check_interval);
+    let interval = hc.unwrap_or(Duration::ZERO);
+    let Drain {
+        quiet,
+        drain_max,
+        grace,
+    } = drain(a);
     if !(a.rate >= 0.0 && a.rate <= 20_000.0) {
         return Err(format!("--rate {} must be between 0 and 20000", a.rate));
     }
@@ -473,11 +562,18 @@ fn print_table(reports: &[Report]) {
             sigterm,
         ]);
     }
+    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    print_aligned(&rows);
+}
+
+/// Prints a table: the first column left-aligned, the last one after two spaces, the
+/// others right-aligned; a blank line after.
+fn print_aligned(rows: &[Vec<String>]) {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let last = widths.len() - 1;
-    for row in &rows {
+    for row in rows {
         let mut line = String::new();
         for (c, cell) in row.iter().enumerate() {
             let pad = " ".repeat(widths[c] - cell.chars().count());

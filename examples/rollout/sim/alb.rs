@@ -135,7 +135,9 @@ impl Alb {
                 };
                 n += 1;
                 let alb = self.clone();
-                tasks.spawn(async move { alb.traffic_request(&path).await });
+                tasks.spawn(async move {
+                    alb.traffic_request(&path).await;
+                });
                 while tasks.try_join_next().is_some() {}
             }
         }
@@ -159,7 +161,9 @@ impl Alb {
                 while at < stop {
                     tokio::time::sleep_until(at).await;
                     let alb = alb.clone();
-                    checks.spawn(async move { alb.health_check(source).await });
+                    checks.spawn(async move {
+                        alb.health_check(source).await;
+                    });
                     at += interval;
                 }
                 while checks.join_next().await.is_some() {}
@@ -168,13 +172,15 @@ impl Alb {
         while checkers.join_next().await.is_some() {}
     }
 
-    async fn traffic_request(&self, path: &str) {
+    /// One traffic request over the pool, recorded; returns how it ended.
+    pub async fn traffic_request(&self, path: &str) -> Outcome {
         let started = Instant::now();
         self.rec.started(Kind::Traffic);
         let outcome = tokio::time::timeout(self.cfg.request_timeout, self.exchange(path))
             .await
             .unwrap_or(Outcome::Timeout);
         self.rec.finished(Kind::Traffic, started, outcome);
+        outcome
     }
 
     /// One request over the pool.
@@ -277,8 +283,8 @@ impl Alb {
         Ok(tx)
     }
 
-    /// One health check, on a new connection from `source`.
-    async fn health_check(&self, source: IpAddr) {
+    /// One health check, on a new connection from `source`, recorded; returns how it ended.
+    pub async fn health_check(&self, source: IpAddr) -> Outcome {
         let started = Instant::now();
         self.rec.started(Kind::HealthCheck);
         let check = async {
@@ -320,11 +326,13 @@ impl Alb {
             Err(_) => Outcome::Timeout,
         };
         self.rec.finished(Kind::HealthCheck, started, outcome);
+        outcome
     }
 }
 
-/// Spreads slow requests evenly: request `n` is slow when `(n+1)·f` reaches a new integer.
-fn is_slow(n: u64, fraction: f64) -> bool {
+/// Spreads a share of the requests evenly: request `n` is in the share `fraction` (0 to 1)
+/// when `(n+1)·fraction` reaches a new integer. Slow requests; the canary's weight.
+pub fn is_slow(n: u64, fraction: f64) -> bool {
     fraction > 0.0 && ((n + 1) as f64 * fraction).floor() > (n as f64 * fraction).floor()
 }
 

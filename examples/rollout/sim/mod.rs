@@ -1,21 +1,31 @@
-//! The rollout simulation: one pod behind a load balancer, on 127.0.0.1, terminated the way
-//! the kubelet does it while the load balancer is still sending.
+//! The rollout simulation, on 127.0.0.1: pods terminated the way the kubelet does it while
+//! the load balancer is still sending. Two stories: one pod behind a load balancer
+//! ([`run`]), and an Argo-like canary of a fleet behind two weighted target groups
+//! ([`canary::run`]).
 //!
 //! The one implementation behind both `examples/rollout` (the demo) and
 //! `tests/rollout.rs` (which includes this module by path): a [`Scenario`] in, a [`Report`]
-//! out. Times in a report are seconds relative to t0, the moment the pod is deleted.
+//! out (a [`canary::CanaryScenario`] and a [`canary::CanaryReport`] for the canary). Times
+//! in a report are seconds relative to t0, the moment the pod is deleted (the rollout
+//! starts).
 //!
 //! | module | owns |
 //! |---|---|
 //! | [`app`] | the naive app: keep-alive server, idle timeout, no SIGTERM handler |
 //! | [`pod`] | containers as threads with their own runtime; lameduck in-process; the kubelet |
-//! | [`alb`] | the load balancer: paced traffic over a keep-alive pool, health checks, deregistration |
+//! | [`alb`] | the load balancer towards one target: paced traffic over a keep-alive pool, health checks, deregistration |
+//! | [`listener`] | the canary's ALB: a weighted rule over two target groups, target health |
+//! | [`argo`] | Argo Rollouts' canary steps and replica counts |
+//! | [`canary`] | the canary story: Argo and load balancer controllers, the fleet, its report |
 //!
-//! This module owns the scenario, the timeline of one run ([`Recorder`]) and its outcome
-//! classes.
+//! This module owns the single-pod scenario, the timeline of one run ([`Recorder`]) and
+//! the outcome classes.
 
 pub mod alb;
 pub mod app;
+pub mod argo;
+pub mod canary;
+pub mod listener;
 pub mod pod;
 
 use std::collections::BTreeMap;
