@@ -425,6 +425,9 @@ mod tests {
             protocol: Protocol::Http1,
             connect_timeout: Duration::from_millis(200),
             idle_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            request_body_timeout: Duration::from_secs(1),
             cut: Default::default(),
         }));
         let metrics = Arc::new(Metrics::new(lc.clone()));

@@ -169,10 +169,48 @@ pub struct ProxyArgs {
 
     /// Once a request's first byte arrives, its headers must be complete within this long,
     /// or the connection is closed (slowloris). Does not shorten the idle window: the clock
-    /// starts at the first byte, not when the connection goes idle.
+    /// starts at the first byte, not when the connection goes idle. The HTTP/2 preface
+    /// counts as a head.
     #[arg(long, env = "LAMEDUCK_HEADER_READ_TIMEOUT", value_name = "DUR", default_value = "10s",
           value_parser = parse_duration, help_heading = "Timeouts")]
     pub header_read_timeout: Duration,
+
+    /// A request body must bring at least 1 KiB per this long until it ends, or the request
+    /// is ended with 408 (a body trickled a byte at a time would hold the client's and the
+    /// app's connections for ever). 60s: the ALB's default idle timeout, after which the
+    /// ALB gives up on a silent client too.
+    #[arg(long, env = "LAMEDUCK_REQUEST_BODY_TIMEOUT", value_name = "DUR", default_value = "60s",
+          value_parser = parse_duration, help_heading = "Timeouts")]
+    pub request_body_timeout: Duration,
+
+    /// The app must start its response (headers) within this long after the request was
+    /// sent, or the client gets 504 naming the timeout and the app connection is closed.
+    /// 60s: the ALB's default idle timeout, when the ALB itself answers 504; raise both
+    /// together for slow endpoints or long polling.
+    #[arg(long, env = "LAMEDUCK_UPSTREAM_RESPONSE_TIMEOUT", value_name = "DUR", default_value = "60s",
+          value_parser = parse_duration, help_heading = "Timeouts")]
+    pub upstream_response_timeout: Duration,
+
+    /// A response body from the app that sends nothing for this long is ended (the client
+    /// sees the connection closed, or the h2 stream reset). 60s, like the ALB's idle
+    /// timeout: a stream (SSE, gRPC) must send something at least this often.
+    #[arg(long, env = "LAMEDUCK_UPSTREAM_BODY_TIMEOUT", value_name = "DUR", default_value = "60s",
+          value_parser = parse_duration, help_heading = "Timeouts")]
+    pub upstream_body_timeout: Duration,
+
+    /// Downstream connections served at once; beyond it new connections are accepted and
+    /// closed at once (counted in lameduck_connections_refused_total), so the process keeps
+    /// file descriptors for the admin port and the app. 0 (default): derived from the file
+    /// descriptor limit, which lameduck raises to its hard limit at start: (limit - 64) / 2,
+    /// half kept for app connections.
+    #[arg(
+        long,
+        env = "LAMEDUCK_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 0,
+        help_heading = "Limits"
+    )]
+    pub max_connections: usize,
 
     /// Worker threads. 1 (default) runs everything on one thread, the cheapest for a sidecar
     /// with a fractional CPU limit; raise it only for a pod given several cores.
@@ -237,6 +275,12 @@ impl ProxyArgs {
             ("--upstream-connect-timeout", self.upstream_connect_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--header-read-timeout", self.header_read_timeout),
+            ("--request-body-timeout", self.request_body_timeout),
+            (
+                "--upstream-response-timeout",
+                self.upstream_response_timeout,
+            ),
+            ("--upstream-body-timeout", self.upstream_body_timeout),
         ] {
             if d.is_zero() {
                 return Err(format!("{flag} must be greater than 0"));
@@ -441,9 +485,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e}; expected a duration like 500ms, 10s or 2m"))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; expected a duration like 500ms, 10s or 2m"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "{s} is longer than {}, the longest duration lameduck accepts (a pod's grace \
+             period bounds every drain anyway)",
+            fmt_dur(MAX_DURATION)
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration any flag or annotation accepts: far beyond any real drain or
+/// timeout, and far from the clock arithmetic's overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 fn fmt_dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()

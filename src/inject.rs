@@ -156,8 +156,8 @@ pub const DEFAULT_ADMIN_PORT: u16 = 9901;
 /// pod declares).
 const PORT_SEARCH: u16 = 1000;
 
-const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m";
-const QUIET_FORM: &str = "auto, or a duration such as 500ms, 10s or 2m";
+const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m, at most 24h";
+const QUIET_FORM: &str = "auto, or a duration such as 500ms, 10s or 2m, at most 24h";
 const BOOL_FORM: &str = "\"true\" or \"false\"";
 const PATH_FORM: &str = "an absolute path such as /healthz";
 const PROTOCOL_FORM: &str = "http1 or h2c";
@@ -1919,8 +1919,9 @@ mod tests {
         assert!(!wants_injection(&meta(Some("false")), true));
     }
 
+    /// Before: accepted, and the proxy then panicked on clock overflow at the end of the drain.
     #[test]
-    fn absurd_drain_max_saturates_the_grace_period() {
+    fn absurd_drain_max_is_refused() {
         let spec: PodSpec = serde_json::from_value(serde_json::json!({
             "containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}]
         }))
@@ -1935,8 +1936,18 @@ mod tests {
             ),
             ..Default::default()
         };
-        let out = inject(&spec, &meta, &Settings::default()).unwrap();
-        assert_eq!(out.spec.termination_grace_period_seconds, Some(i64::MAX));
+        let err = inject(&spec, &meta, &Settings::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lameduck.io/drain-max"), "{err}");
+        let meta = ObjectMeta {
+            annotations: Some([(ANN_DRAIN_MAX.to_owned(), "48h".to_owned())].into()),
+            ..Default::default()
+        };
+        let err = inject(&spec, &meta, &Settings::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 24h"), "{err}");
     }
 
     #[test]

@@ -58,6 +58,36 @@ pub struct Timeouts {
     pub header_read: Duration,
 }
 
+/// File descriptors kept for the admin port, the app's health probes and the process.
+pub const RESERVED_FDS: u64 = 64;
+
+/// The downstream connection limit for a file descriptor limit: what is left after
+/// [`RESERVED_FDS`], halved, since every downstream connection may hold an app connection.
+pub fn max_connections_for(fd_limit: u64) -> usize {
+    (fd_limit.saturating_sub(RESERVED_FDS) / 2).clamp(1, usize::MAX as u64) as usize
+}
+
+/// Raises the soft file descriptor limit to the hard one; returns (before, after).
+pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct owned by this frame.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((before, lim.rlim_cur))
+}
+
 /// Why the accept loop stopped serving, other than [`Lifecycle::close`].
 #[derive(Debug, thiserror::Error)]
 #[error("the traffic port stopped accepting: {0}")]
@@ -66,11 +96,18 @@ pub struct AcceptError(#[source] pub io::Error);
 /// Serves the traffic port until [`Lifecycle::close`]; then drops the listening socket and
 /// returns `Ok`. Returns an error only if the socket itself fails (accept errors that say
 /// the listening socket is unusable); per-connection and resource errors are retried.
+/// At most `max_connections` are served at once: beyond it a new connection is accepted and
+/// closed at once (the file descriptors stay for the admin port and the app). Refusing the
+/// newest rather than closing the oldest idle one: an idle connection is one the load
+/// balancer may be about to reuse (a close racing that reuse is the 502 this proxy exists to
+/// prevent), while a refused new connection fails before any request was sent on it. Below
+/// the limit no connection is ever closed for it.
 pub async fn serve(
     listener: TcpListener,
     lifecycle: Lifecycle,
     proxy: Proxy,
     timeouts: Timeouts,
+    max_connections: usize,
 ) -> Result<(), AcceptError> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -78,7 +115,12 @@ pub async fn serve(
         .keep_alive(true)
         .header_read_timeout(None)
         .max_buf_size(MAX_HEAD_BYTES);
-    let builder = Arc::new(builder);
+    let shared = Arc::new(Shared {
+        builder,
+        lifecycle: lifecycle.clone(),
+        timeouts,
+        metrics: proxy.metrics().clone(),
+    });
     let closing = lifecycle.closing_token();
     loop {
         let accepted = tokio::select! {
@@ -99,17 +141,24 @@ pub async fn serve(
                 AcceptClass::Fatal => return Err(AcceptError(e)),
             },
         };
+        if lifecycle.connections() >= max_connections {
+            proxy.metrics().connections_refused.inc();
+            tracing::debug!(%peer, max_connections, "connection limit reached; refusing");
+            drop(stream);
+            continue;
+        }
         proxy.accepted();
+        // Counted from the accept, so the limit above sees every connection at once.
+        let open = lifecycle.connection();
         let track = Arc::new(ConnTrack::new());
         let svc = proxy.stack(track.clone(), peer.ip().to_canonical());
         tokio::spawn(serve_connection(
-            builder.clone(),
+            shared.clone(),
             stream,
             peer,
             svc,
             track,
-            lifecycle.clone(),
-            timeouts,
+            open,
         ));
     }
 }
@@ -137,20 +186,34 @@ impl AcceptClass {
     }
 }
 
+/// What every connection task of one listener shares.
+struct Shared {
+    builder: auto::Builder<TokioExecutor>,
+    lifecycle: Lifecycle,
+    timeouts: Timeouts,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
 async fn serve_connection(
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     svc: crate::proxy::Stack,
     track: Arc<ConnTrack>,
-    lifecycle: Lifecycle,
-    timeouts: Timeouts,
+    open: ConnectionGuard,
 ) {
+    let Shared {
+        builder,
+        lifecycle,
+        timeouts,
+        metrics,
+    } = &*shared;
+    let timeouts = *timeouts;
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(TrackedIo {
         inner: Some(stream),
         track: track.clone(),
-        open: Some(lifecycle.connection()),
+        open: Some(open),
         shut_down: false,
     });
     let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
@@ -225,6 +288,7 @@ async fn serve_connection(
                     }
                     ConnVerdict::SlowHeaders => {
                         tracing::debug!(%peer, "request head not completed in time; closing");
+                        metrics.client_error("header_read_timeout");
                         return;
                     }
                 }
@@ -577,6 +641,13 @@ mod tests {
         assert!(!t.h2.load(Ordering::Acquire));
         let since = t.head_since.load(Ordering::Acquire);
         assert_eq!(t.verdict(since - 1 + 11 * SEC, T), ConnVerdict::SlowHeaders);
+    }
+
+    #[test]
+    fn connection_limit_follows_the_fd_limit() {
+        assert_eq!(max_connections_for(256), 96);
+        assert_eq!(max_connections_for(1_048_576), 524_256);
+        assert_eq!(max_connections_for(10), 1);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! | `lameduck_connections_active` | gauge | |
 //! | `lameduck_connections_total` | counter | |
 //! | `lameduck_upstream_errors_total` | counter | `kind` |
+//! | `lameduck_client_errors_total` | counter | `kind` |
+//! | `lameduck_connections_refused_total` | counter | |
 //! | `lameduck_upstream_retries_total` | counter | |
 //! | `lameduck_state` | gauge: 0 serving, 1 draining, 2 drained | |
 //! | `lameduck_drain_duration_seconds` | gauge | |
@@ -52,8 +54,10 @@ pub struct Metrics {
     upstream_errors: IntCounterVec,
     /// Indexed by `Phase as usize`.
     health_checks: [IntCounter; 3],
+    client_errors: IntCounterVec,
     pub upstream_retries: IntCounter,
     pub connections_total: IntCounter,
+    pub connections_refused: IntCounter,
 }
 
 impl Metrics {
@@ -82,6 +86,19 @@ impl Metrics {
                 "Failures talking to the app, by kind (connect, timeout, reset, protocol, body).",
             ),
             &["kind"],
+        )
+        .expect("valid metric");
+        let client_errors = IntCounterVec::new(
+            Opts::new(
+                "lameduck_client_errors_total",
+                "Requests ended for the client's own fault, by kind (request_body, request_body_timeout, header_read_timeout).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let connections_refused = IntCounter::new(
+            "lameduck_connections_refused_total",
+            "Downstream connections closed on arrival because --max-connections were open.",
         )
         .expect("valid metric");
         let upstream_retries = IntCounter::new(
@@ -118,6 +135,8 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn Collector>,
             Box::new(duration.clone()),
             Box::new(upstream_errors.clone()),
+            Box::new(client_errors.clone()),
+            Box::new(connections_refused.clone()),
             Box::new(health_checks.clone()),
             Box::new(upstream_retries.clone()),
             Box::new(connections_total.clone()),
@@ -134,8 +153,10 @@ impl Metrics {
             durations,
             upstream_errors,
             health_checks,
+            client_errors,
             upstream_retries,
             connections_total,
+            connections_refused,
         }
     }
 
@@ -155,6 +176,10 @@ impl Metrics {
 
     pub fn upstream_error(&self, kind: &str) {
         self.upstream_errors.with_label_values(&[kind]).inc();
+    }
+
+    pub fn client_error(&self, kind: &str) {
+        self.client_errors.with_label_values(&[kind]).inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -346,6 +371,7 @@ mod tests {
             "lameduck_in_flight_requests 1",
             "lameduck_connections_active 0",
             "lameduck_connections_total 0",
+            "lameduck_connections_refused_total 0",
             "lameduck_upstream_errors_total{kind=\"connect\"} 1",
             "lameduck_upstream_retries_total 0",
             "lameduck_state 0",

@@ -26,7 +26,7 @@ use tower::{Layer, Service};
 use crate::drain::{Lifecycle, Phase, RequestGuard, RequestKind};
 use crate::listener::{ConnRequest, ConnTrack};
 use crate::metrics::Metrics;
-use crate::upstream::{Protocol, Upstream, UpstreamBody, UpstreamError};
+use crate::upstream::{ClientBody, Protocol, RequestBody, Upstream, UpstreamBody, UpstreamError};
 
 /// The full stack for one downstream connection.
 pub type Stack = Track<DrainAware<Forward>>;
@@ -77,6 +77,10 @@ impl Proxy {
         self.track.metrics.connections_total.inc();
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.track.metrics
+    }
+
     /// The service for one accepted connection from `peer`.
     pub fn stack(&self, conn: Arc<ConnTrack>, peer: std::net::IpAddr) -> Stack {
         let layer = TrackLayer {
@@ -104,12 +108,12 @@ impl ResBody {
 
 impl Body for ResBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ResBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ResBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
@@ -331,7 +335,7 @@ pub struct Tracked {
 #[error("response cut at drain-max")]
 pub struct CutAtDrainMax(#[source] h2::Error);
 
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub type BodyError = crate::upstream::BoxError;
 
 impl Body for Tracked {
     type Data = Bytes;
@@ -366,9 +370,12 @@ impl Body for Tracked {
                 }
                 tracing::debug!(error = %e, "upstream response body failed midway");
                 if let Some(d) = &done {
-                    d.shared.metrics.upstream_error("body");
+                    let stalled = e.is::<crate::upstream::BodyStalled>();
+                    d.shared
+                        .metrics
+                        .upstream_error(if stalled { "body_timeout" } else { "body" });
                 }
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
         }
@@ -538,7 +545,7 @@ impl ForwardShared {
         if upgrade {
             return self.forward_upgrade(req).await;
         }
-        let req = req.map(http_body_util::Either::Left);
+        let req = self.client_body(req);
         let metrics = &self.metrics;
         match self
             .upstream
@@ -561,6 +568,11 @@ impl ForwardShared {
         }
     }
 
+    fn client_body(&self, req: Request<Incoming>) -> Request<RequestBody> {
+        let timeout = self.upstream.config().request_body_timeout;
+        req.map(|b| http_body_util::Either::Left(ClientBody::new(b, timeout)))
+    }
+
     fn fail(&self, e: UpstreamError) -> Response<ResBody> {
         if self.lifecycle.is_cut() {
             // Not the app's fault: drain-max is over and its connection was ended.
@@ -568,6 +580,16 @@ impl ForwardShared {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "lameduck: the pod is shutting down (drain-max reached before the app answered)\n",
             );
+        }
+        if e.kind.is_client() {
+            // The client's doing (a broken or trickled body): not an app failure, and not
+            // worth a warning per request.
+            self.metrics.client_error(e.kind.label());
+            tracing::debug!(kind = e.kind.label(), error = %e, "client request failed");
+            let mut resp = local(e.kind.status(), format!("lameduck: {e}\n"));
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
         }
         self.metrics.upstream_error(e.kind.label());
         tracing::warn!(kind = e.kind.label(), error = %e, "upstream request failed");
@@ -578,7 +600,7 @@ impl ForwardShared {
     /// the two upgraded connections together. The tunnel holds off the end of the drain.
     async fn forward_upgrade(&self, mut req: Request<Incoming>) -> Response<ResBody> {
         let downstream = hyper::upgrade::on(&mut req);
-        let req = req.map(http_body_util::Either::Left);
+        let req = self.client_body(req);
         let mut resp = match self.upstream.send_upgrade(req).await {
             Ok(resp) => resp,
             Err(e) => return self.fail(e),

@@ -95,6 +95,9 @@ impl Bound {
             protocol: args.upstream_protocol,
             connect_timeout: args.upstream_connect_timeout,
             idle_timeout: args.upstream_idle_timeout,
+            response_timeout: args.upstream_response_timeout,
+            body_timeout: args.upstream_body_timeout,
+            request_body_timeout: args.request_body_timeout,
             cut: lifecycle.cut_token(),
         }));
         let proxy = Proxy::new(
@@ -104,6 +107,28 @@ impl Bound {
             args.health_path.clone(),
             args.health_check_agents.clone(),
         );
+        let max_connections = match args.max_connections {
+            0 => {
+                let limit = match listener::raise_fd_limit() {
+                    Ok((before, after)) => {
+                        if after > before {
+                            tracing::info!(
+                                before,
+                                after,
+                                "file descriptor limit raised to the hard limit"
+                            );
+                        }
+                        after
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the file descriptor limit; assuming 1024");
+                        1024
+                    }
+                };
+                listener::max_connections_for(limit)
+            }
+            n => n,
+        };
         let mut serving = tokio::spawn(listener::serve(
             traffic,
             lifecycle.clone(),
@@ -112,6 +137,7 @@ impl Bound {
                 idle: args.idle_timeout,
                 header_read: args.header_read_timeout,
             },
+            max_connections,
         ));
         let admin_state = Arc::new(Admin::new(
             lifecycle.clone(),
@@ -132,6 +158,7 @@ impl Bound {
             quiet = ?args.quiet,
             quiet_fallback = ?args.quiet_fallback,
             drain_max = ?args.drain_max,
+            max_connections,
             version = env!("CARGO_PKG_VERSION"),
             "lameduck proxy serving"
         );

@@ -14,6 +14,7 @@
 //! re-established when it closes.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -59,6 +60,12 @@ pub struct Config {
     pub protocol: Protocol,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// The app must start its response within this long (`--upstream-response-timeout`).
+    pub response_timeout: Duration,
+    /// A response body silent this long is ended (`--upstream-body-timeout`).
+    pub body_timeout: Duration,
+    /// A request body must bring [`BODY_MIN_BYTES`] per this long (`--request-body-timeout`).
+    pub request_body_timeout: Duration,
     /// Cancelled when drain-max is over at exit ([`crate::drain::Lifecycle::cut`]): every
     /// app connection is ended, so responses still streaming from it end too.
     pub cut: tokio_util::sync::CancellationToken,
@@ -74,7 +81,7 @@ struct CutExecutor(tokio_util::sync::CancellationToken);
 
 impl<F> hyper::rt::Executor<F> for CutExecutor
 where
-    F: std::future::Future + Send + 'static,
+    F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
@@ -104,8 +111,12 @@ pub enum ErrorKind {
     Reset,
     /// The app sent something that is not HTTP.
     Protocol,
-    /// The client's request body failed while it was being forwarded.
+    /// The client's request body failed while it was being forwarded (the client's fault).
     RequestBody,
+    /// The client's request body was too slow (`--request-body-timeout`; the client's fault).
+    RequestBodyTimeout,
+    /// The app did not start its response in time (`--upstream-response-timeout`).
+    ResponseTimeout,
 }
 
 impl ErrorKind {
@@ -116,14 +127,22 @@ impl ErrorKind {
             ErrorKind::Reset => "reset",
             ErrorKind::Protocol => "protocol",
             ErrorKind::RequestBody => "request_body",
+            ErrorKind::RequestBodyTimeout => "request_body_timeout",
+            ErrorKind::ResponseTimeout => "response_timeout",
         }
+    }
+
+    /// The client's fault rather than the app's: counted apart, logged quietly.
+    pub fn is_client(self) -> bool {
+        matches!(self, ErrorKind::RequestBody | ErrorKind::RequestBodyTimeout)
     }
 
     /// The status code the client gets.
     pub fn status(self) -> http::StatusCode {
         match self {
-            ErrorKind::Timeout => http::StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Timeout | ErrorKind::ResponseTimeout => http::StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RequestBody => http::StatusCode::BAD_REQUEST,
+            ErrorKind::RequestBodyTimeout => http::StatusCode::REQUEST_TIMEOUT,
             _ => http::StatusCode::BAD_GATEWAY,
         }
     }
@@ -140,6 +159,11 @@ impl UpstreamError {
     fn from_hyper(e: hyper::Error) -> Self {
         let kind = if e.is_parse() || e.is_parse_status() {
             ErrorKind::Protocol
+        } else if caused_by::<RequestBodyTooSlow>(&e) {
+            return UpstreamError {
+                kind: ErrorKind::RequestBodyTimeout,
+                source: None,
+            };
         } else if e.is_body_write_aborted() || is_user_body(&e) {
             ErrorKind::RequestBody
         } else {
@@ -148,6 +172,31 @@ impl UpstreamError {
         UpstreamError::new(kind, e)
     }
 }
+
+/// Somewhere in `e`'s chain of sources.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The least a request body must bring per `--request-body-timeout` until it ends.
+pub const BODY_MIN_BYTES: usize = 1024;
+
+/// A request body that brought less than [`BODY_MIN_BYTES`] in a whole window.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body brought less than 1 KiB in {0:?} (--request-body-timeout)")]
+pub struct RequestBodyTooSlow(pub Duration);
+
+/// A response body from the app that sent nothing for a whole window.
+#[derive(Debug, thiserror::Error)]
+#[error("the app sent nothing for {0:?} in the middle of its response (--upstream-body-timeout)")]
+pub struct BodyStalled(pub Duration);
 
 fn is_user_body(e: &hyper::Error) -> bool {
     // hyper reports a failing request body as a user error whose source is the body's error.
@@ -162,6 +211,10 @@ impl fmt::Display for UpstreamError {
             ErrorKind::Reset => "the app closed the connection before responding",
             ErrorKind::Protocol => "the app sent an invalid HTTP response",
             ErrorKind::RequestBody => "the client's request body failed",
+            ErrorKind::RequestBodyTimeout => {
+                "the client's request body brought less than 1 KiB per --request-body-timeout"
+            }
+            ErrorKind::ResponseTimeout => "the app did not start its response in time",
         };
         match &self.source {
             Some(s) => write!(f, "{what}: {s}"),
@@ -184,7 +237,7 @@ pub struct Upstream {
 }
 
 /// Bodies sent upstream: the client's streaming body, or nothing (a rebuilt retry).
-pub type RequestBody = http_body_util::Either<Incoming, http_body_util::Empty<Bytes>>;
+pub type RequestBody = http_body_util::Either<ClientBody, http_body_util::Empty<Bytes>>;
 
 struct Pool {
     idle: Mutex<Vec<Idle>>,
@@ -263,9 +316,21 @@ impl Upstream {
         req: Request<RequestBody>,
         on_retry: impl FnOnce(),
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        match self.cfg.protocol {
-            Protocol::Http1 => self.send_h1(req, on_retry).await,
-            Protocol::H2c => self.send_h2(req, on_retry).await,
+        let send = async {
+            match self.cfg.protocol {
+                Protocol::Http1 => self.send_h1(req, on_retry).await,
+                Protocol::H2c => self.send_h2(req, on_retry).await,
+            }
+        };
+        // Dropping the request on timeout closes its app connection: it never returns to
+        // the pool with a response still coming.
+        let timeout = self.cfg.response_timeout;
+        match tokio::time::timeout(timeout, send).await {
+            Ok(res) => res.map(|r| r.map(|b| b.with_timeout(self.cfg.body_timeout))),
+            Err(_) => Err(UpstreamError::new(
+                ErrorKind::ResponseTimeout,
+                format!("nothing within {timeout:?} (--upstream-response-timeout)"),
+            )),
         }
     }
 
@@ -308,10 +373,10 @@ impl Upstream {
         resp: Response<Incoming>,
         tx: http1::SendRequest<RequestBody>,
     ) -> Response<UpstreamBody> {
-        resp.map(|body| UpstreamBody {
-            inner: body,
-            ret: Some((self.pool.clone(), tx)),
-            done: false,
+        resp.map(|body| {
+            let mut body = UpstreamBody::unpooled(body);
+            body.ret = Some((self.pool.clone(), tx));
+            body
         })
     }
 
@@ -514,11 +579,13 @@ impl Pool {
 // === impl UpstreamBody ===
 
 /// The app's response body, streamed. When it has been read to the end, its connection goes
-/// back to the pool.
+/// back to the pool. A body silent for its timeout (`--upstream-body-timeout`) ends with
+/// [`BodyStalled`]; the timer exists only once the body has had to wait.
 pub struct UpstreamBody {
     inner: Incoming,
     ret: Option<(Arc<Pool>, http1::SendRequest<RequestBody>)>,
     done: bool,
+    stall: Stall,
 }
 
 impl UpstreamBody {
@@ -527,23 +594,133 @@ impl UpstreamBody {
             inner,
             ret: None,
             done: false,
+            stall: Stall::new(None),
         }
+    }
+
+    fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.stall = Stall::new(Some(timeout));
+        self
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = res {
-            self.done = true;
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(res)) => {
+                this.stall.progress();
+                Poll::Ready(Some(res.map_err(Into::into)))
+            }
+            Poll::Pending => match this.stall.poll_expired(cx) {
+                Some(t) => Poll::Ready(Some(Err(BodyStalled(t).into()))),
+                None => Poll::Pending,
+            },
         }
-        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A window timer for a body that waits: armed on the first wait, pushed back by progress.
+/// No timer (and no clock read) for a body that never waits.
+struct Stall {
+    timeout: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Progress since the timer was last armed: push it back before the next wait.
+    moved: bool,
+}
+
+impl Stall {
+    fn new(timeout: Option<Duration>) -> Stall {
+        Stall {
+            timeout,
+            timer: None,
+            moved: false,
+        }
+    }
+
+    fn progress(&mut self) {
+        self.moved = true;
+    }
+
+    /// While waiting: `Some(timeout)` once a whole window passed without progress.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<Duration> {
+        let t = self.timeout?;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+        if std::mem::take(&mut self.moved) {
+            timer.as_mut().reset(Instant::now() + t);
+        }
+        timer.as_mut().poll(cx).is_ready().then_some(t)
+    }
+}
+
+// === impl ClientBody ===
+
+/// The client's request body on its way to the app. It must bring [`BODY_MIN_BYTES`] per
+/// `--request-body-timeout` until it ends, or it ends with [`RequestBodyTooSlow`] (a body
+/// trickled a byte at a time would hold both connections for ever).
+pub struct ClientBody {
+    inner: Incoming,
+    stall: Stall,
+    /// Bytes since the window began.
+    bytes: usize,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, timeout: Duration) -> ClientBody {
+        ClientBody {
+            inner,
+            stall: Stall::new(Some(timeout)),
+            bytes: 0,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.bytes += frame.data_ref().map_or(0, Bytes::len);
+                if this.bytes >= BODY_MIN_BYTES {
+                    this.bytes = 0;
+                    this.stall.progress();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Pending => match this.stall.poll_expired(cx) {
+                Some(t) => Poll::Ready(Some(Err(RequestBodyTooSlow(t).into()))),
+                None => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {

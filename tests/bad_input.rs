@@ -22,6 +22,12 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
 fn bad_flags_exit_2_with_the_whole_message() {
     let cases: &[(&[&str], &[&str])] = &[
         (&["proxy", "--drain-max", "soon"], &["--drain-max", "soon"]),
+        // Before: accepted, then a panic on clock overflow at the end of the drain.
+        (&["proxy", "--drain-max", "300000000000y"], &["--drain-max"]),
+        (
+            &["proxy", "--idle-timeout", "48h"],
+            &["--idle-timeout", "longer than 1day"],
+        ),
         (&["proxy", "--listen", "not-an-address"], &["--listen"]),
         (&["proxy", "--upstream", "no-port"], &["--upstream"]),
         (&["proxy", "--health-path", "healthz"], &["absolute path"]),

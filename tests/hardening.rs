@@ -174,3 +174,149 @@ async fn h2_idle_timeout_closes_a_peer_that_never_acks() {
         code: 0
     }));
 }
+
+/// An app that never answers: 504 naming the timeout, counted. Before: nothing after 130 s.
+#[tokio::test]
+async fn a_stalled_app_gets_a_504_naming_the_timeout() {
+    let (_up, p) = start(&["--upstream-response-timeout", "400ms"]).await;
+    let t = Instant::now();
+    let r = get(p.traffic, "/sleep/5000").await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        r.text().contains("--upstream-response-timeout"),
+        "{}",
+        r.text()
+    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert_eq!(
+        p.metric("lameduck_upstream_errors_total{kind=\"response_timeout\"}")
+            .await,
+        1.0
+    );
+}
+
+/// An app that stops sending in the middle of its body: the response is ended, counted.
+#[tokio::test]
+async fn a_response_body_that_stalls_is_ended() {
+    let (_up, p) = start(&["--upstream-body-timeout", "400ms"]).await;
+    let t = Instant::now();
+    let r = raw(
+        p.traffic,
+        b"GET /stall/10000 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(8),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("first"), "{r}");
+    assert!(!r.contains("last"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(
+        eventually(PATIENCE, || async {
+            p.metric("lameduck_upstream_errors_total{kind=\"body_timeout\"}")
+                .await
+                == 1.0
+        })
+        .await
+    );
+}
+
+/// A request body trickled a byte at a time gets 408 and both connections are freed.
+/// Before: held for as long as the client liked. A broken chunked body is the client's
+/// fault: 400, counted as a client error, not an upstream one, and no warning per request.
+#[tokio::test]
+async fn slow_and_broken_request_bodies_are_the_clients_fault() {
+    let (_up, p) = start(&["--request-body-timeout", "500ms"]).await;
+    let mut c = TcpStream::connect(p.traffic).await.unwrap();
+    c.write_all(b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    for _ in 0..40 {
+        if c.write_all(b"x").await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(150), c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                // The rest of the answer, to the close.
+                let _ = tokio::time::timeout(T, c.read_to_end(&mut out)).await;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    let r = String::from_utf8_lossy(&out);
+    assert!(
+        r.starts_with("HTTP/1.1 408"),
+        "{r:?} after {:?}",
+        t.elapsed()
+    );
+    assert!(r.contains("--request-body-timeout"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+
+    let r = raw(
+        p.traffic,
+        b"POST /sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot hex\r\n",
+        T,
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(
+        p.metric("lameduck_client_errors_total{kind=\"request_body_timeout\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        p.metric("lameduck_client_errors_total{kind=\"request_body\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        p.metric("lameduck_upstream_errors_total{kind=\"request_body\"}")
+            .await,
+        0.0
+    );
+    assert!(
+        !p.logs()
+            .iter()
+            .any(|l| l.contains("WARN") || l.contains("\"level\":\"WARN\"")),
+        "{:?}",
+        p.logs()
+    );
+}
+
+/// With the file descriptor limit at 256, a flood of idle connections cannot starve the
+/// admin port or an existing client. Before: `502 … Too many open files`, and `/livez`
+/// stopped answering (a liveness failure caused from outside).
+#[tokio::test]
+async fn a_connection_flood_cannot_exhaust_file_descriptors() {
+    let up = upstream(UpOpts::default()).await;
+    let p = Proxy::start_with_fd_limit(up.addr, &[], Some(256));
+    let mut existing = H1::connect(p.traffic).await;
+    assert_eq!(existing.get("/").await.unwrap().status, 200);
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        match TcpStream::connect(p.traffic).await {
+            Ok(s) => flood.push(s),
+            Err(_) => break,
+        }
+    }
+    // Let the proxy accept (and refuse) them all.
+    assert!(
+        eventually(PATIENCE, || async {
+            p.metric("lameduck_connections_refused_total").await >= 150.0
+        })
+        .await,
+        "refused: {}",
+        p.metric("lameduck_connections_refused_total").await
+    );
+    assert_eq!(get(p.admin, "/livez").await.status, 200);
+    assert_eq!(get(p.admin, "/readyz").await.status, 200);
+    assert_eq!(existing.get("/").await.unwrap().status, 200);
+    let s = get(p.admin, "/status").await.json();
+    assert!(s["connections"].as_u64().unwrap() <= 96, "{s}");
+    drop(flood);
+}

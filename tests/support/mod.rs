@@ -44,6 +44,11 @@ pub struct Proxy {
 impl Proxy {
     /// Starts `lameduck proxy` on ephemeral loopback ports in front of `upstream`.
     pub fn start(upstream: SocketAddr, extra: &[&str]) -> Proxy {
+        Proxy::start_with_fd_limit(upstream, extra, None)
+    }
+
+    /// As [`Proxy::start`], with the child's file descriptor limit (soft and hard) set.
+    pub fn start_with_fd_limit(upstream: SocketAddr, extra: &[&str], nofile: Option<u64>) -> Proxy {
         let up = upstream.to_string();
         let mut args = vec![
             "proxy",
@@ -57,7 +62,24 @@ impl Proxy {
             "json",
         ];
         args.extend_from_slice(extra);
-        let mut child = Command::new(proxy_bin())
+        let mut cmd = Command::new(proxy_bin());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -414,6 +436,24 @@ async fn app(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible>
         } else {
             "slept".to_owned()
         })));
+    }
+    if let Some(ms) = path.strip_prefix("/stall/") {
+        // One chunk, then nothing for MS milliseconds, then the end.
+        let ms: u64 = ms.parse().unwrap_or(0);
+        let stream = futures_util::stream::unfold(0u8, move |i| async move {
+            match i {
+                0 => Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"first "))),
+                    1,
+                )),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Some((Ok(Frame::data(Bytes::from_static(b"last"))), 2))
+                }
+                _ => None,
+            }
+        });
+        return Ok(Response::new(StreamBody::new(stream).boxed()));
     }
     if let Some(rest) = path.strip_prefix("/stream/") {
         let (n, ms) = rest.split_once('/').unwrap_or((rest, "10"));
