@@ -562,15 +562,7 @@ fn inject_goldens_pass_server_side_dry_run() {
                                    "x-kubernetes-preserve-unknown-fields": true}}}]},
     });
     cluster.apply(None, &widget_crd.to_string());
-    cluster.kubectl(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/widgets.example.com",
-        ],
-        None,
-    );
+    cluster.wait_established("widgets.example.com");
 
     // Documents without a namespace go to `default`: a dry run stores nothing there.
     let mut failures = Vec::new();
@@ -639,9 +631,9 @@ fn injected_rollouts_are_stored_whole_and_their_template_validates() {
         "inject injected the Rollout's template"
     );
 
-    // Created for real: the Argo Rollouts CRD's schema prunes what it does not know, so a
-    // CRD without `restartPolicy` on init containers would quietly turn the native sidecar
-    // into an init container that never ends.
+    // Created for real. A Rollout CRD without `restartPolicy` on init containers (v1.6.x)
+    // makes kubectl's strict field validation refuse it, and with validation off its
+    // pruning would quietly turn the native sidecar into an init container that never ends.
     cluster.apply(Some(&ns.name), &injected_yaml);
     let stored = cluster.get_json(&["rollout", "checkout", "-n", &ns.name]);
     let stored_template = &stored["spec"]["template"];

@@ -202,30 +202,25 @@ pub struct Cluster {
 /// The control plane, started on first use; `None` (after a `SKIPPED:` line) when the
 /// binaries or kubectl are missing and `LAMEDUCK_REQUIRE_TOOLS` is not `1`.
 pub fn cluster() -> Option<&'static Cluster> {
-    static CLUSTER: OnceLock<Result<Option<Cluster>, ()>> = OnceLock::new();
+    static CLUSTER: OnceLock<Result<Option<Cluster>, String>> = OnceLock::new();
     let started = CLUSTER.get_or_init(|| {
-        // A failed start panics in the first test that asked, with the reason; the others
-        // fail at once instead of trying again.
+        // A failed start fails every test with the same reason, without trying again.
         std::panic::catch_unwind(|| {
             let bin = binaries()?;
             let kubectl = kubectl()?;
             Some(start(bin, kubectl))
         })
         .map_err(|panic| {
-            let reason = panic
+            panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            let _ = writeln!(
-                std::io::stderr(),
-                "the control plane did not start: {reason}"
-            );
+                .unwrap_or_default()
         })
     });
     match started {
         Ok(cluster) => cluster.as_ref(),
-        Err(()) => panic!("the control plane did not start (see the first failing test)"),
+        Err(reason) => panic!("the control plane did not start: {reason}"),
     }
 }
 
@@ -265,7 +260,7 @@ fn binaries() -> Option<PathBuf> {
         return Some(dir);
     }
     skip(&format!(
-        "no control plane in {} (missing {}): run tests/cluster/build.sh",
+        "the cluster tests: no control plane in {} (missing {}); run tests/cluster/build.sh",
         dir.display(),
         missing.join(", ")
     ));
@@ -593,15 +588,21 @@ impl Cluster {
             ],
             None,
         );
-        self.kubectl(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/rollouts.argoproj.io",
-            ],
-            None,
-        );
+        self.wait_established("rollouts.argoproj.io");
+    }
+
+    /// Waits (bounded) until the CustomResourceDefinition is Established. (`kubectl wait`
+    /// fails instead of waiting while a new CRD has no conditions yet.)
+    pub fn wait_established(&self, crd: &str) {
+        let established = poll(API_PATIENCE, || {
+            let out = self.kubectl_raw(&["get", "crd", crd, "-o", "json"], None);
+            let crd: Json = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            crd["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Established" && c["status"] == "True")
+            })
+        });
+        assert!(established, "CRD {crd} not Established in {API_PATIENCE:?}");
     }
 
     /// The apiserver's address as a socket address.
