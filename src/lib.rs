@@ -17,11 +17,13 @@
 //! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
 //! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
 //! | [`webhook`] | `lameduck webhook`: the HTTPS AdmissionReview shell around [`inject`] |
+//! | [`events`] | `--events`: the drain's Kubernetes Event on the pod, and the API call posting it |
 
 pub mod admin;
 pub mod cadence;
 pub mod cli;
 pub mod drain;
+pub mod events;
 pub mod inject;
 pub mod listener;
 pub mod metrics;

@@ -702,3 +702,114 @@ fn injected_rollouts_are_stored_whole_and_their_template_validates() {
         Some(replicaset.to_string().as_bytes()),
     );
 }
+
+// === --events ===
+
+fn drained_state(requests: u64) -> lameduck::drain::State {
+    lameduck::drain::State::Drained {
+        since: tokio::time::Instant::now(),
+        started_at: std::time::SystemTime::now() - Duration::from_secs(12),
+        trigger: lameduck::drain::Trigger::Admin,
+        window: lameduck::cadence::QuietWindow::fixed(Duration::from_secs(10)),
+        reason: lameduck::drain::DrainReason::Quiet,
+        took: Duration::from_millis(12_300),
+        requests_during_drain: requests,
+        health_checks_during_drain: 4,
+    }
+}
+
+#[test]
+fn drain_event_is_posted_on_the_pod_with_the_documented_role_only() {
+    use lameduck::events::{ApiClient, Events, EventsError, PodRef};
+    let Some(cluster) = cluster() else { return };
+    let _serial = serial();
+    let ns = cluster.namespace("events");
+    // The Role the events module documents, bound to one ServiceAccount of two.
+    let rbac = json!([
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "app"}},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "other"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "lameduck-events"},
+         "rules": [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "lameduck-events"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": "lameduck-events"},
+         "subjects": [{"kind": "ServiceAccount", "name": "app", "namespace": ns.name}]},
+    ]);
+    cluster.apply(Some(&ns.name), &list(rbac.as_array().unwrap().clone()));
+    cluster.kubectl(
+        &["create", "-n", &ns.name, "-f", "-"],
+        Some(pod("web", "web", false).to_string().as_bytes()),
+    );
+    let stored = cluster.get_json(&["pod", "web", "-n", &ns.name]);
+    let pod_ref = PodRef {
+        namespace: ns.name.clone(),
+        name: "web".into(),
+        uid: stored["metadata"]["uid"].as_str().map(str::to_owned),
+    };
+    let client = |sa: &str| {
+        let token = cluster.kubectl(
+            &["create", "token", sa, "-n", &ns.name, "--duration=10m"],
+            None,
+        );
+        let addr = cluster.addr();
+        ApiClient::new(
+            &addr.ip().to_string(),
+            addr.port(),
+            &token,
+            cluster.ca.pem.as_bytes(),
+        )
+        .unwrap()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    runtime.block_on(async {
+        // Without the Role: the check says no, start turns events off, a post is refused.
+        let other = client("other");
+        assert!(!other.can_create_events(&ns.name).await.unwrap());
+        assert!(!Events::start(Ok(other.clone()), pod_ref.clone())
+            .await
+            .enabled());
+        let event = lameduck::events::drain_event(
+            &drained_state(1),
+            &pod_ref,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        match other.create_event(&event).await {
+            Err(EventsError::Status { status, .. }) => assert_eq!(status.as_u16(), 403),
+            other => panic!("expected 403 without the Role, got {other:?}"),
+        }
+        // No API at all (not in a pod): off, no error.
+        let nowhere = ApiClient::in_cluster(&cluster.dir.join("no-such-dir"));
+        assert!(!Events::start(nowhere, pod_ref.clone()).await.enabled());
+
+        // With the Role: one Event on the pod.
+        let events = Events::start(Ok(client("app")), pod_ref.clone()).await;
+        assert!(events.enabled());
+        events.drained(&drained_state(42)).await;
+    });
+
+    let found = cluster.get_json(&[
+        "events",
+        "-n",
+        &ns.name,
+        "--field-selector",
+        "involvedObject.kind=Pod,involvedObject.name=web,reason=Drained",
+    ]);
+    let items = found["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "one Drained event on the pod: {found:#}");
+    let event = &items[0];
+    assert_eq!(event["involvedObject"]["uid"], stored["metadata"]["uid"]);
+    assert_eq!(event["type"], "Normal");
+    let message = event["message"].as_str().unwrap();
+    assert!(
+        message.contains("12.3s") && message.contains("42 requests served while draining"),
+        "{message}"
+    );
+    assert!(message.contains("quiet window"), "{message}");
+}
