@@ -1,7 +1,7 @@
 //! End to end against a real control plane (tests/support/cluster.rs): the webhook as
 //! `k8s/webhook` installs it, the real pod validation, controllers that create pods from
-//! Deployments, StatefulSets and Jobs, failurePolicy, certificate rotation, the `inject`
-//! goldens and Argo Rollouts with the real CRD.
+//! Deployments, StatefulSets and Jobs, failurePolicy, denials, certificate rotation, the
+//! `inject` goldens, Argo Rollouts with the real CRD, and the drain Event (`events`).
 //!
 //! Needs the binaries from `tests/cluster/build.sh` and kubectl; without them every test
 //! prints `SKIPPED:` and passes, unless `LAMEDUCK_REQUIRE_TOOLS=1`.
