@@ -359,19 +359,33 @@ fn assert_injected(pod: &Json) {
 
 /// Pods with `app=<app>` in the namespace once there are `n` (bounded wait).
 fn wait_pods(cluster: &Cluster, ns: &str, app: &str, n: usize) -> Vec<Json> {
+    wait_selected(cluster, ns, &format!("app={app}"), n)
+}
+
+fn wait_selected(cluster: &Cluster, ns: &str, selector: &str, n: usize) -> Vec<Json> {
     let mut pods = Vec::new();
     let found = poll(API_PATIENCE, || {
-        pods = cluster.get_json(&["pods", "-n", ns, "-l", &format!("app={app}")])["items"]
+        pods = cluster.get_json(&["pods", "-n", ns, "-l", selector])["items"]
             .as_array()
             .unwrap()
             .clone();
         pods.len() >= n
     });
-    assert!(
-        found,
-        "{n} pods app={app} in {ns} expected within {API_PATIENCE:?}, found {}",
-        pods.len()
-    );
+    if !found {
+        // Why a controller could not create them, as `kubectl get events` would say.
+        let events = cluster.get_json(&["events", "-n", ns, "--field-selector", "type=Warning"]);
+        let why: Vec<&str> = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["message"].as_str())
+            .collect();
+        panic!(
+            "{n} pods {selector} in {ns} expected within {API_PATIENCE:?}, found {}; \
+             warnings: {why:#?}",
+            pods.len()
+        );
+    }
     pods
 }
 
@@ -446,6 +460,85 @@ fn workload_pods_come_back_injected_and_unlabelled_pods_skip_the_webhook() {
         opted_in,
         "reviews seen by the webhook: one per opted-in pod, none for unlabelled pods"
     );
+}
+
+#[test]
+fn the_webhooks_own_deployment_meets_the_restricted_pod_security_level() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = serial();
+    let webhook = Webhook::start(cluster);
+    let _installed = install(cluster, &webhook);
+    // k8s/webhook's namespace enforces `restricted`: the ReplicaSet controller's pods for
+    // the webhook Deployment are admitted (their Secret volume need not exist: nothing runs).
+    let pods = wait_selected(
+        cluster,
+        "lameduck-system",
+        "app.kubernetes.io/name=lameduck-webhook",
+        2,
+    );
+    assert_eq!(pods.len(), 2, "two replicas");
+    // And the level is enforced there: a pod that is not restricted is refused.
+    let loose = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "loose"},
+        "spec": {"containers": [{"name": "c", "image": "example.com/c:1"}]},
+    });
+    let out = cluster.kubectl_raw(
+        &[
+            "create",
+            "--dry-run=server",
+            "-n",
+            "lameduck-system",
+            "-f",
+            "-",
+        ],
+        Some(loose.to_string().as_bytes()),
+    );
+    assert!(
+        !out.status.success(),
+        "lameduck-system admits unrestricted pods"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PodSecurity \"restricted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn injected_pods_meet_the_restricted_pod_security_level() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = serial();
+    let ns = cluster.namespace("restricted");
+    cluster.kubectl(
+        &[
+            "label",
+            "namespace",
+            &ns.name,
+            "pod-security.kubernetes.io/enforce=restricted",
+        ],
+        None,
+    );
+    let webhook = Webhook::start(cluster);
+    let _installed = install(cluster, &webhook);
+    // An app that meets `restricted` itself; what the webhook adds must too (PodSecurity
+    // validates after the mutating webhooks).
+    let mut p = pod("hardened", "hardened", true);
+    p["spec"]["securityContext"] = json!({
+        "runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"},
+    });
+    p["spec"]["containers"][0]["securityContext"] = json!({
+        "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+    });
+    let out = cluster.kubectl_raw(
+        &["create", "-n", &ns.name, "-f", "-"],
+        Some(p.to_string().as_bytes()),
+    );
+    assert!(
+        out.status.success(),
+        "the injected pod is refused under restricted: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_injected(&cluster.get_json(&["pod", "hardened", "-n", &ns.name]));
 }
 
 #[test]
