@@ -26,7 +26,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::Value as Json;
 
 /// The pinned versions, as `tests/cluster/build.sh` names its cache directory.
-pub const KEY: &str = "k8s-v1.37.2-etcd-v3.7.0-argo-rollouts-v1.10.1";
+pub const KEY: &str = "k8s-v1.37.2-etcd-v3.7.0-argo-rollouts-v1.10.1-cert-manager-v1.21.2";
 
 /// Upper bound for the control plane to come up (etcd, apiserver `/readyz`, the first
 /// namespace's ServiceAccount from the controller-manager).
@@ -36,6 +36,13 @@ const STARTUP: Duration = Duration::from_secs(120);
 pub const API_PATIENCE: Duration = Duration::from_secs(60);
 
 const ADMIN_TOKEN: &str = "lameduck-test-admin-token";
+
+/// CRDs build.sh copies next to the binaries, installed at startup.
+const ROLLOUT_CRD: &str = "rollout-crd.yaml";
+const CERT_MANAGER_CRDS: [&str; 2] = [
+    "cert-manager-issuers-crd.yaml",
+    "cert-manager-certificates-crd.yaml",
+];
 
 // === certificates ===
 
@@ -189,7 +196,7 @@ fn tail(path: &Path, lines: usize) -> String {
 pub struct Cluster {
     /// The throwaway data directory (etcd data, certificates, kubeconfig, logs).
     pub dir: PathBuf,
-    /// Where the binaries and rollout-crd.yaml are.
+    /// Where the binaries and the CRDs are.
     pub bin: PathBuf,
     pub kubeconfig: PathBuf,
     pub kubectl: PathBuf,
@@ -251,7 +258,9 @@ fn binaries() -> Option<PathBuf> {
         "etcd",
         "kube-apiserver",
         "kube-controller-manager",
-        "rollout-crd.yaml",
+        ROLLOUT_CRD,
+        CERT_MANAGER_CRDS[0],
+        CERT_MANAGER_CRDS[1],
     ]
     .into_iter()
     .filter(|f| !dir.join(f).is_file())
@@ -460,7 +469,7 @@ fn start(bin: PathBuf, kubectl: PathBuf) -> Cluster {
             );
             std::thread::sleep(Duration::from_millis(250));
         }
-        cluster.install_rollout_crd();
+        cluster.install_crds();
         let _ = writeln!(
             std::io::stderr(),
             "control plane up at {} in {:.1}s (data in {})",
@@ -574,21 +583,30 @@ impl Cluster {
         );
     }
 
-    /// The Argo Rollouts CRD that build.sh copied from the argo-rollouts Go module. Server-side
-    /// apply: the CRD is too large for the last-applied annotation of a client-side apply.
-    fn install_rollout_crd(&self) {
-        let crd = self.bin.join("rollout-crd.yaml");
-        self.kubectl(
-            &[
-                "apply",
-                "--server-side",
-                "--field-manager=lameduck-tests",
-                "-f",
-                crd.to_str().expect("a UTF-8 path"),
-            ],
-            None,
-        );
-        self.wait_established("rollouts.argoproj.io");
+    /// The CRDs build.sh copied from the Argo Rollouts and cert-manager Go modules (only the
+    /// schemas: no controller of theirs runs). Server-side apply: the Rollout CRD is too
+    /// large for the last-applied annotation of a client-side apply.
+    fn install_crds(&self) {
+        for file in [ROLLOUT_CRD, CERT_MANAGER_CRDS[0], CERT_MANAGER_CRDS[1]] {
+            let path = self.bin.join(file);
+            self.kubectl(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--field-manager=lameduck-tests",
+                    "-f",
+                    path.to_str().expect("a UTF-8 path"),
+                ],
+                None,
+            );
+        }
+        for crd in [
+            "rollouts.argoproj.io",
+            "issuers.cert-manager.io",
+            "certificates.cert-manager.io",
+        ] {
+            self.wait_established(crd);
+        }
     }
 
     /// Waits (bounded) until the CustomResourceDefinition is Established. (`kubectl wait`
