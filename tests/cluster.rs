@@ -272,8 +272,8 @@ impl Drop for Installed {
     }
 }
 
-/// An opted-in pod, single app container with a named port, no preStop: nothing
-/// ambiguous for injection.
+/// A pod template, opted in or not: a single app container with a named port and no
+/// preStop, so nothing is ambiguous for injection.
 fn app_pod_template(app: &str, opted_in: bool) -> Json {
     let mut labels = json!({ "app": app });
     if opted_in {
