@@ -18,11 +18,13 @@
 //! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
 //! | [`yaml`] | YAML out that YAML 1.1 readers read as meant (for `inject`) |
 //! | [`webhook`] | `lameduck webhook`: the HTTPS AdmissionReview shell around [`inject`] |
+//! | [`events`] | `--events`: the drain's Kubernetes Event on the pod, and the API call posting it |
 
 pub mod admin;
 pub mod cadence;
 pub mod cli;
 pub mod drain;
+pub mod events;
 pub mod inject;
 pub mod listener;
 pub mod metrics;

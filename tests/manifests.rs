@@ -92,14 +92,39 @@ fn webhook_configuration_is_opt_in_and_wired() {
     assert_eq!(service["metadata"]["namespace"], svc_ref["namespace"]);
     assert_eq!(service["spec"]["ports"][0]["port"], svc_ref["port"]);
     let cert = find(&docs, "Certificate", "lameduck-webhook");
-    assert_eq!(
-        mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
-        format!(
-            "{}/{}",
-            cert["metadata"]["namespace"].as_str().unwrap(),
-            cert["metadata"]["name"].as_str().unwrap()
-        )
+    // The caBundle is a long-lived CA's, not the rotated leaf's: self-signed Issuer -> CA
+    // Certificate -> CA Issuer -> leaf, and the CA injector reads the CA Certificate.
+    let ca_ref = mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        .as_str()
+        .unwrap();
+    let (ca_namespace, ca_name) = ca_ref.split_once('/').unwrap();
+    let ca_cert = find(&docs, "Certificate", ca_name);
+    assert_eq!(ca_cert["metadata"]["namespace"], ca_namespace);
+    assert_eq!(ca_cert["spec"]["isCA"], true, "{ca_ref} is a CA");
+    let ca_hours: u64 = ca_cert["spec"]["duration"]
+        .as_str()
+        .and_then(|d| d.strip_suffix('h')?.parse().ok())
+        .unwrap();
+    assert!(
+        ca_hours >= 5 * 365 * 24,
+        "the CA is long-lived: {ca_hours}h"
     );
+    let self_signed = find(
+        &docs,
+        "Issuer",
+        ca_cert["spec"]["issuerRef"]["name"].as_str().unwrap(),
+    );
+    assert!(self_signed["spec"]["selfSigned"].is_object());
+    let leaf_issuer = find(
+        &docs,
+        "Issuer",
+        cert["spec"]["issuerRef"]["name"].as_str().unwrap(),
+    );
+    assert_eq!(
+        leaf_issuer["spec"]["ca"]["secretName"], ca_cert["spec"]["secretName"],
+        "the serving certificate is signed by the CA the caBundle holds"
+    );
+    assert_ne!(cert["spec"]["secretName"], ca_cert["spec"]["secretName"]);
     let dns = format!(
         "{}.{}.svc",
         svc_ref["name"].as_str().unwrap(),
@@ -111,11 +136,6 @@ fn webhook_configuration_is_opt_in_and_wired() {
             .unwrap()
             .contains(&json!(dns)),
         "the certificate covers {dns}"
-    );
-    find(
-        &docs,
-        "Issuer",
-        cert["spec"]["issuerRef"]["name"].as_str().unwrap(),
     );
 
     let deploy = find(&docs, "Deployment", "lameduck-webhook");
