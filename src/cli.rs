@@ -212,6 +212,46 @@ pub struct ProxyArgs {
     )]
     pub max_connections: usize,
 
+    /// Post one Kubernetes Event on this pod per drain (reason Drained or DrainCutShort, with
+    /// the seconds, the requests served while draining and the quiet window's reason). Needs
+    /// the pod's ServiceAccount token and `create` on `events` in its namespace; without
+    /// access, says so once at start and carries on. Needs --pod-name and --pod-namespace.
+    #[arg(long, env = "LAMEDUCK_EVENTS", help_heading = "Kubernetes")]
+    pub events: bool,
+
+    /// This pod's name, for --events (the downward API's metadata.name).
+    #[arg(
+        long,
+        env = "LAMEDUCK_POD_NAME",
+        value_name = "NAME",
+        help_heading = "Kubernetes"
+    )]
+    pub pod_name: Option<String>,
+
+    /// This pod's namespace, for --events (the downward API's metadata.namespace).
+    #[arg(
+        long,
+        env = "LAMEDUCK_POD_NAMESPACE",
+        value_name = "NS",
+        help_heading = "Kubernetes"
+    )]
+    pub pod_namespace: Option<String>,
+
+    /// This pod's uid, for --events (the downward API's metadata.uid; optional).
+    #[arg(
+        long,
+        env = "LAMEDUCK_POD_UID",
+        value_name = "UID",
+        help_heading = "Kubernetes"
+    )]
+    pub pod_uid: Option<String>,
+
+    /// Where the pod's ServiceAccount token and CA are mounted, for --events (the API server
+    /// is KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, which the kubelet sets).
+    #[arg(long, env = "LAMEDUCK_SERVICE_ACCOUNT_DIR", value_name = "DIR",
+          default_value = crate::events::SERVICE_ACCOUNT_DIR, help_heading = "Kubernetes")]
+    pub service_account_dir: std::path::PathBuf,
+
     /// Worker threads. 1 (default) runs everything on one thread, the cheapest for a sidecar
     /// with a fractional CPU limit; raise it only for a pod given several cores.
     #[arg(long, env = "LAMEDUCK_THREADS", value_name = "N", default_value_t = 1,
@@ -285,6 +325,13 @@ impl ProxyArgs {
             if d.is_zero() {
                 return Err(format!("{flag} must be greater than 0"));
             }
+        }
+        if self.events && (self.pod_name.is_none() || self.pod_namespace.is_none()) {
+            return Err(
+                "--events needs --pod-name and --pod-namespace (LAMEDUCK_POD_NAME and \
+                 LAMEDUCK_POD_NAMESPACE, from the downward API)"
+                    .into(),
+            );
         }
         if self.listen == self.admin && self.listen.port() != 0 {
             return Err(format!(

@@ -69,6 +69,9 @@ pub const ANN_UPSTREAM_HEALTH: &str = "lameduck.io/upstream-health";
 pub const ANN_UPSTREAM_PROTOCOL: &str = "lameduck.io/upstream-protocol";
 pub const ANN_IDLE_TIMEOUT: &str = "lameduck.io/idle-timeout";
 pub const ANN_REPLACE_PRESTOP: &str = "lameduck.io/replace-prestop";
+/// `"true"`: the sidecar posts one Event per drain on its pod (`--events`, the pod's name,
+/// namespace and uid from the downward API). Needs the Role in the README.
+pub const ANN_EVENTS: &str = "lameduck.io/events";
 pub const ANN_PROXY_PORT: &str = "lameduck.io/proxy-port";
 pub const ANN_ADMIN_PORT: &str = "lameduck.io/admin-port";
 pub const ANN_BIND_ADDRESS: &str = "lameduck.io/bind-address";
@@ -96,6 +99,7 @@ pub const KNOWN_ANNOTATIONS: &[&str] = &[
     ANN_UPSTREAM_PROTOCOL,
     ANN_IDLE_TIMEOUT,
     ANN_REPLACE_PRESTOP,
+    ANN_EVENTS,
     ANN_PROXY_PORT,
     ANN_ADMIN_PORT,
     ANN_BIND_ADDRESS,
@@ -475,6 +479,19 @@ pub fn inject(
     for (flag, _, value) in &opts.flags {
         args.push(format!("{flag}={value}"));
     }
+    if opts.events {
+        // The kubelet expands $(VAR) in args from the container's env (set below from the
+        // downward API), so the proxy's validation sees the flags --events needs.
+        args.extend(
+            [
+                "--events",
+                "--pod-name=$(LAMEDUCK_POD_NAME)",
+                "--pod-namespace=$(LAMEDUCK_POD_NAMESPACE)",
+                "--pod-uid=$(LAMEDUCK_POD_UID)",
+            ]
+            .map(String::from),
+        );
+    }
     // The proxy's own parser and validation decide whether these arguments make sense.
     let proxy = ProxyArgs::parse_and_validate(&args[1..]).map_err(|e| opts.flag_error(&e))?;
 
@@ -486,11 +503,31 @@ pub fn inject(
         (admin_port, admin_name),
         resources,
     );
-    sidecar.env = Some(vec![EnvVar {
+    let mut env = vec![EnvVar {
         name: TOKEN_ENV.into(),
         value: Some(token),
         ..Default::default()
-    }]);
+    }];
+    if opts.events {
+        for (name, path) in [
+            ("LAMEDUCK_POD_NAME", "metadata.name"),
+            ("LAMEDUCK_POD_NAMESPACE", "metadata.namespace"),
+            ("LAMEDUCK_POD_UID", "metadata.uid"),
+        ] {
+            env.push(EnvVar {
+                name: name.into(),
+                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: path.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    sidecar.env = Some(env);
     if opts.native_sidecar {
         sidecar.restart_policy = Some("Always".into());
         out.spec
@@ -593,6 +630,7 @@ struct Options {
     container: Option<String>,
     native_sidecar: bool,
     replace_prestop: bool,
+    events: bool,
     allow_degraded: bool,
     /// `(flag, annotation, value)` for every proxy flag injection sets beyond the ports,
     /// in flag order; no annotation: lameduck's own default ([`DEFAULT_QUIET`]).
@@ -710,6 +748,7 @@ impl Options {
             container,
             native_sidecar: boolean(ANN_NATIVE_SIDECAR, settings.native_sidecar)?,
             replace_prestop: boolean(ANN_REPLACE_PRESTOP, false)?,
+            events: boolean(ANN_EVENTS, false)?,
             allow_degraded: boolean(ANN_ALLOW_DEGRADED, false)?,
             flags,
             upstream_protocol,

@@ -146,6 +146,21 @@ impl Bound {
             args.upstream_health.clone(),
             args.drain_token.clone(),
         ));
+        let events = args.events.then(|| {
+            let pod = crate::events::PodRef {
+                namespace: args.pod_namespace.clone().unwrap_or_default(),
+                name: args.pod_name.clone().unwrap_or_default(),
+                uid: args.pod_uid.clone(),
+            };
+            let lifecycle = lifecycle.clone();
+            let dir = args.service_account_dir.clone();
+            tokio::spawn(async move {
+                let client = crate::events::ApiClient::in_cluster(&dir);
+                let events = crate::events::Events::start(client, pod).await;
+                let state = lifecycle.drained().await;
+                events.drained(&state).await;
+            })
+        });
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = tokio::spawn(admin::serve(admin, admin_state, async {
             let _ = admin_stopped.await;
@@ -192,6 +207,10 @@ impl Bound {
             }
         };
         shut_down(&lifecycle, serving, deadline).await;
+        if let Some(events) = events {
+            // Posted as the drain ended, normally long done; never hold the exit for it.
+            let _ = tokio::time::timeout(EVENT_FLUSH, events).await;
+        }
         let _ = stop_admin.send(());
         if tokio::time::timeout(ADMIN_FLUSH, admin_task).await.is_err() {
             tracing::warn!("admin connections still open after {ADMIN_FLUSH:?}; exiting anyway");
@@ -213,6 +232,9 @@ fn drain_deadline(lifecycle: &Lifecycle, state: &State) -> tokio::time::Instant 
 
 /// Exit code of a proxy that was drained (on the admin port) but never terminated.
 pub const EXIT_NEVER_TERMINATED: u8 = 3;
+
+/// How long the exit waits for the drain's Event still being posted (`--events`).
+const EVENT_FLUSH: Duration = Duration::from_secs(2);
 
 /// How long the ordered shutdown waits for connections after drain-max has cut them.
 const CUT_FLUSH: Duration = Duration::from_secs(1);

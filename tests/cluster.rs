@@ -903,3 +903,97 @@ fn drain_event_is_posted_on_the_pod_with_the_documented_role_only() {
     );
     assert!(message.contains("quiet window"), "{message}");
 }
+
+/// The real binary with `--events`, the pod's credentials as the kubelet mounts them
+/// (a token and the CA in a directory, the API server in `KUBERNETES_SERVICE_*`): a drain
+/// requested on the admin port puts one `Drained` Event on its pod.
+#[test]
+fn proxy_with_events_posts_the_drain_on_its_pod() {
+    let Some(cluster) = cluster() else { return };
+    let _serial = serial();
+    let ns = cluster.namespace("proxy-events");
+    let rbac = json!([
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "app"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "lameduck-events"},
+         "rules": [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "lameduck-events"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": "lameduck-events"},
+         "subjects": [{"kind": "ServiceAccount", "name": "app", "namespace": ns.name}]},
+    ]);
+    cluster.apply(Some(&ns.name), &list(rbac.as_array().unwrap().clone()));
+    cluster.kubectl(
+        &["create", "-n", &ns.name, "-f", "-"],
+        Some(pod("web", "web", false).to_string().as_bytes()),
+    );
+    let token = cluster.kubectl(
+        &["create", "token", "app", "-n", &ns.name, "--duration=10m"],
+        None,
+    );
+    let sa = cluster.dir.join(format!("sa-{}", ns.name));
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::write(sa.join("token"), token.trim()).unwrap();
+    std::fs::write(sa.join("ca.crt"), cluster.ca.pem.as_bytes()).unwrap();
+    let api = cluster.addr();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lameduck"))
+        .args([
+            "proxy",
+            "--listen=127.0.0.1:0",
+            "--admin=127.0.0.1:0",
+            "--upstream=127.0.0.1:1",
+            "--drain-min=0s",
+            "--quiet=0s",
+            "--drain-max=30s",
+            "--log-format=json",
+            "--events",
+            "--pod-name=web",
+        ])
+        .arg(format!("--pod-namespace={}", ns.name))
+        .arg(format!("--service-account-dir={}", sa.display()))
+        .env("KUBERNETES_SERVICE_HOST", api.ip().to_string())
+        .env("KUBERNETES_SERVICE_PORT", api.port().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .take(50)
+        .find(|l| l.contains("lameduck proxy serving"))
+        .expect("the proxy starts");
+    let v: Json = serde_json::from_str(&serving).unwrap();
+    let admin: SocketAddr = v["admin"].as_str().unwrap().parse().unwrap();
+    // A raw POST /drain; it answers once the drain is released.
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(API_PATIENCE)).unwrap();
+    s.write_all(b"POST /drain HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut found = Json::Null;
+    let posted = poll(API_PATIENCE, || {
+        found = cluster.get_json(&[
+            "events",
+            "-n",
+            &ns.name,
+            "--field-selector",
+            "involvedObject.kind=Pod,involvedObject.name=web,reason=Drained",
+        ]);
+        found["items"].as_array().map_or(0, Vec::len) == 1
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(posted, "one Drained Event on the pod: {found:#}");
+    let message = found["items"][0]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("0 requests served while draining"),
+        "{message}"
+    );
+}
