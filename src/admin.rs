@@ -50,7 +50,14 @@ pub struct Admin {
     drain_token: Option<String>,
     /// The app has been reachable at least once: before that, not ready is `starting`.
     seen_up: AtomicBool,
+    /// The last probe of the app and when it finished: `/readyz` calls within
+    /// [`PROBE_REUSE`] share it, and concurrent calls wait for one probe instead of each
+    /// opening an app connection.
+    last_probe: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
 }
+
+/// How long one probe of the app answers every `/readyz`: far below any probe period.
+const PROBE_REUSE: Duration = Duration::from_millis(500);
 
 type Resp = Response<Full<Bytes>>;
 
@@ -69,6 +76,7 @@ impl Admin {
             upstream_health,
             drain_token,
             seen_up: AtomicBool::new(false),
+            last_probe: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -109,12 +117,7 @@ impl Admin {
             Phase::Drained => return text(StatusCode::SERVICE_UNAVAILABLE, "drained"),
             Phase::Serving => {}
         }
-        let probe = tokio::time::timeout(
-            PROBE_TIMEOUT,
-            self.upstream.probe(self.upstream_health.as_deref()),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {PROBE_TIMEOUT:?}")));
+        let probe = self.probe().await;
         // Draining may have started while the probe ran: that answer wins.
         if self.lifecycle.phase() != Phase::Serving {
             return text(
@@ -138,6 +141,24 @@ impl Admin {
                 text(StatusCode::SERVICE_UNAVAILABLE, "upstream-unreachable")
             }
         }
+    }
+
+    /// The app's reachability, probed at most once per [`PROBE_REUSE`].
+    async fn probe(&self) -> Result<(), String> {
+        let mut last = self.last_probe.lock().await;
+        if let Some((at, res)) = &*last {
+            if at.elapsed() < PROBE_REUSE {
+                return res.clone();
+            }
+        }
+        let res = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            self.upstream.probe(self.upstream_health.as_deref()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {PROBE_TIMEOUT:?}")));
+        *last = Some((tokio::time::Instant::now(), res.clone()));
+        res
     }
 
     async fn drain<B>(&self, req: &Request<B>) -> Resp {

@@ -100,6 +100,7 @@ impl Bound {
             request_body_timeout: args.request_body_timeout,
             cut: lifecycle.cut_token(),
         }));
+        upstream.spawn_reaper();
         let proxy = Proxy::new(
             lifecycle.clone(),
             metrics.clone(),

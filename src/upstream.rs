@@ -234,6 +234,7 @@ pub struct Upstream {
     cfg: Config,
     pool: Arc<Pool>,
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 /// Bodies sent upstream: the client's streaming body, or nothing (a rebuilt retry).
@@ -301,7 +302,33 @@ impl Upstream {
             }),
             cfg,
             h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Closes pooled app connections once idle past `--upstream-idle-timeout`, so a burst
+    /// does not leave up to [`MAX_IDLE`] sockets open. Runs until the upstream is dropped.
+    pub fn spawn_reaper(&self) {
+        let pool = Arc::downgrade(&self.pool);
+        let every = self.cfg.idle_timeout.max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.reap();
+            }
+        });
+    }
+
+    /// Idle pooled connections (for tests and `/status`).
+    pub fn idle_connections(&self) -> usize {
+        self.pool
+            .idle
+            .lock()
+            .expect("pool lock is never poisoned")
+            .len()
     }
 
     pub fn config(&self) -> &Config {
@@ -339,9 +366,17 @@ impl Upstream {
         req: Request<RequestBody>,
         on_retry: impl FnOnce(),
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (mut tx, reused) = match self.pool.checkout() {
-            Some((tx, idle)) => (tx, Some(idle)),
-            None => (self.connect_h1().await?, None),
+        let (mut tx, reused) = loop {
+            match self.pool.checkout() {
+                // A connection whose last response was just read may not be ready yet
+                // (its task has not seen the end of the message): wait for it, rather than
+                // fail on it, drop it and count a retry.
+                Some((mut tx, idle)) => match tx.ready().await {
+                    Ok(()) => break (tx, Some(idle)),
+                    Err(_) => continue,
+                },
+                None => break (self.connect_h1().await?, None),
+            }
         };
         let replay = match reused {
             Some(idle) if idle >= REPLAY_AFTER_IDLE => Replay::capture(&req),
@@ -446,7 +481,7 @@ impl Upstream {
         };
         let (mut tx, reused) = match shared {
             Some(tx) => (tx, true),
-            None => (self.connect_h2().await?, false),
+            None => (self.shared_h2().await?, false),
         };
         let again = match tx.try_send_request(req).await {
             Ok(resp) => return Ok(resp.map(UpstreamBody::unpooled)),
@@ -461,6 +496,20 @@ impl Upstream {
             .await
             .map(|r| r.map(UpstreamBody::unpooled))
             .map_err(UpstreamError::from_hyper)
+    }
+
+    /// The shared h2 connection, made by one caller at a time: requests arriving while it
+    /// is being re-established wait for it instead of each opening their own.
+    async fn shared_h2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+        let _one = self.h2_connecting.lock().await;
+        let current = {
+            let guard = self.h2.lock().expect("h2 slot lock is never poisoned");
+            guard.as_ref().filter(|tx| !tx.is_closed()).cloned()
+        };
+        match current {
+            Some(tx) => Ok(tx),
+            None => self.connect_h2().await,
+        }
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
@@ -560,6 +609,13 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// Drops connections idle past the idle timeout (their sockets close).
+    fn reap(&self) {
+        let mut idle = self.idle.lock().expect("pool lock is never poisoned");
+        let t = self.idle_timeout;
+        idle.retain(|c| c.since.elapsed() < t && !c.tx.is_closed());
     }
 
     fn checkin(&self, tx: http1::SendRequest<RequestBody>) {

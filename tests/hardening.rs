@@ -136,6 +136,8 @@ async fn a_slowloris_starting_with_p_is_closed_at_the_header_timeout() {
     let mut c = TcpStream::connect(p.traffic).await.unwrap();
     c.write_all(b"P").await.unwrap();
     let t = Instant::now();
+    // The trickle's pace: `P` arrives alone, as the proxy's whole first read.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut buf = [0u8; 64];
     let deadline = t + Duration::from_secs(10);
     let mut closed = false;
@@ -319,4 +321,62 @@ async fn a_connection_flood_cannot_exhaust_file_descriptors() {
     let s = get(p.admin, "/status").await.json();
     assert!(s["connections"].as_u64().unwrap() <= 96, "{s}");
     drop(flood);
+}
+
+/// 300 concurrent `/readyz` share one probe of the app. Before: about one app connection
+/// each (500 calls opened ~494).
+#[tokio::test]
+async fn readiness_probes_share_one_app_probe() {
+    let (up, p) = start(&[]).await;
+    let admin = p.admin;
+    let calls: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(async move { get(admin, "/readyz").await.status }))
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    let opened = up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(opened <= 5, "{opened} app connections for 300 probes");
+}
+
+/// Keep-alive app connections are reused without false retries under concurrency, and the
+/// ones a burst left idle are closed once past `--upstream-idle-timeout`. Before: checkout
+/// handed out connections hyper had not made ready (dropped, reconnected, counted as
+/// retries), and nothing closed idle ones (up to 1,024 after a spike).
+#[tokio::test]
+async fn the_app_pool_reuses_without_false_retries_and_reaps_idle_connections() {
+    let (up, p) = start(&["--upstream-idle-timeout", "500ms"]).await;
+    let traffic = p.traffic;
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = H1::connect(traffic).await;
+                for _ in 0..50 {
+                    assert_eq!(c.get("/").await.unwrap().status, 200);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(p.metric("lameduck_upstream_retries_total").await, 0.0);
+    let opened = up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(opened <= 24, "{opened} app connections for 16 clients");
+    // A burst of slow requests opens one app connection each; idle afterwards, they close.
+    let burst: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(async move { get(traffic, "/sleep/200").await.status }))
+        .collect();
+    for b in burst {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+    assert!(up.open.load(std::sync::atomic::Ordering::SeqCst) >= 20);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            up.open.load(std::sync::atomic::Ordering::SeqCst) == 0
+        })
+        .await,
+        "{} app connections still open",
+        up.open.load(std::sync::atomic::Ordering::SeqCst)
+    );
 }

@@ -325,6 +325,8 @@ pub struct UpOpts {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub connections: Arc<AtomicUsize>,
+    /// Connections open now.
+    pub open: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -351,17 +353,27 @@ pub async fn upstream(opts: UpOpts) -> Upstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
-    let (conns, reqs) = (connections.clone(), requests.clone());
+    let (conns, reqs, open2) = (connections.clone(), requests.clone(), open.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             conns.fetch_add(1, Ordering::SeqCst);
+            open2.fetch_add(1, Ordering::SeqCst);
             let reqs = reqs.clone();
             let opts = opts.clone();
+            let open = open2.clone();
             tokio::spawn(async move {
+                struct Closed(Arc<AtomicUsize>);
+                impl Drop for Closed {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let _closed = Closed(open);
                 let svc = service_fn(move |req| {
                     reqs.fetch_add(1, Ordering::SeqCst);
                     app(req)
@@ -385,6 +397,7 @@ pub async fn upstream(opts: UpOpts) -> Upstream {
     Upstream {
         addr,
         connections,
+        open,
         requests,
         task,
     }
