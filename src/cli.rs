@@ -125,11 +125,25 @@ pub struct ProxyArgs {
           value_parser = parse_duration, help_heading = "Drain")]
     pub drain_max: Duration,
 
-    /// While draining, answer requests to PATH on the traffic port with 503 (the load
-    /// balancer marks the target unhealthy sooner); while serving they go to the app.
+    /// While draining, answer requests to PATH on the traffic port with 503 (gRPC requests:
+    /// `grpc-status: 14`), so the load balancer marks the target unhealthy sooner; while
+    /// serving they go to the app. May be given more than once (env: comma-separated).
+    /// /AWS.ALB/healthcheck, the ALB's default gRPC health check, is always one.
     #[arg(long, env = "LAMEDUCK_HEALTH_PATH", value_name = "PATH", value_parser = parse_path,
-          help_heading = "Drain")]
-    pub health_path: Option<String>,
+          value_delimiter = ',', help_heading = "Drain")]
+    pub health_path: Vec<String>,
+
+    /// While draining, leave persistent connections alone (the behaviour before 0.2). By
+    /// default, HTTP/1 responses carry `Connection: close` and HTTP/2 connections get a
+    /// graceful GOAWAY once draining starts, so clients that hold one connection (gRPC,
+    /// keep-alive clients inside the cluster) move to other pods; new connections are still
+    /// accepted and served, and an idle connection is never closed for it.
+    #[arg(
+        long,
+        env = "LAMEDUCK_KEEP_ALIVE_WHILE_DRAINING",
+        help_heading = "Drain"
+    )]
+    pub keep_alive_while_draining: bool,
 
     /// Readiness also needs GET PATH on the app to answer 2xx (default: a TCP connect).
     #[arg(long, env = "LAMEDUCK_UPSTREAM_HEALTH", value_name = "PATH", value_parser = parse_path,

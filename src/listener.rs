@@ -108,6 +108,7 @@ pub async fn serve(
     proxy: Proxy,
     timeouts: Timeouts,
     max_connections: usize,
+    discourage: bool,
 ) -> Result<(), AcceptError> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -120,6 +121,7 @@ pub async fn serve(
         lifecycle: lifecycle.clone(),
         timeouts,
         metrics: proxy.metrics().clone(),
+        discourage,
     });
     let closing = lifecycle.closing_token();
     loop {
@@ -192,6 +194,8 @@ struct Shared {
     lifecycle: Lifecycle,
     timeouts: Timeouts,
     metrics: Arc<crate::metrics::Metrics>,
+    /// HTTP/2 connections get GOAWAY when draining starts (not `--keep-alive-while-draining`).
+    discourage: bool,
 }
 
 async fn serve_connection(
@@ -207,6 +211,7 @@ async fn serve_connection(
         lifecycle,
         timeouts,
         metrics,
+        discourage,
     } = &*shared;
     let timeouts = *timeouts;
     let _ = stream.set_nodelay(true);
@@ -244,10 +249,14 @@ async fn serve_connection(
                 }
                 return;
             }
-            // Drained, or the exit's close (see `Lifecycle::close`).
+            // Draining (h2 only), Drained, or the exit's close (see `Lifecycle::close`).
             changed = state.changed(), if watching => {
-                let drained = state.borrow_and_update().is_drained();
-                if changed.is_err() || (drained && !accepted_drained) || lifecycle.is_closing() {
+                let phase = state.borrow_and_update().phase();
+                let h2_goes = *discourage
+                    && phase == Phase::Draining
+                    && track.h2.load(Ordering::Acquire);
+                let drained = phase == Phase::Drained && !accepted_drained;
+                if changed.is_err() || h2_goes || drained || lifecycle.is_closing() {
                     watching = false;
                     // hyper's HTTP/1 graceful shutdown closes a connection whose request
                     // head is still arriving as if it were idle: that request would be

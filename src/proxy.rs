@@ -39,30 +39,51 @@ pub struct Proxy {
     forward: Forward,
 }
 
+/// The ALB's default health-check path for gRPC target groups (success code 12,
+/// Unimplemented): a health check whatever `--health-path` says.
+pub const ALB_GRPC_HEALTH_PATH: &str = "/AWS.ALB/healthcheck";
+
+/// How the traffic path recognises and answers health checks, and treats connections while
+/// draining.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// `--health-path` (any number); [`ALB_GRPC_HEALTH_PATH`] is always one too.
+    pub health_paths: Vec<String>,
+    /// `--health-check-agents`: User-Agent prefixes of load-balancer health checkers.
+    pub health_check_agents: Vec<String>,
+    /// `--keep-alive-while-draining`: today's behaviour before 0.2, persistent connections
+    /// left alone until the drain ends.
+    pub keep_alive_while_draining: bool,
+}
+
 impl Proxy {
-    /// `health_path` and `health_check_agents` (User-Agent prefixes) recognise the load
-    /// balancer's health checks.
     pub fn new(
         lifecycle: Lifecycle,
         metrics: Arc<Metrics>,
         upstream: Arc<Upstream>,
-        health_path: Option<String>,
-        health_check_agents: Vec<String>,
+        options: Options,
     ) -> Proxy {
-        let health_path: Option<Arc<str>> = health_path.map(Arc::from);
+        let mut paths: Vec<String> = options.health_paths;
+        if !paths.iter().any(|p| p == ALB_GRPC_HEALTH_PATH) {
+            paths.push(ALB_GRPC_HEALTH_PATH.to_owned());
+        }
+        let health_paths: Arc<[Box<str>]> = paths.into_iter().map(String::into_boxed_str).collect();
         Proxy {
             track: Arc::new(TrackShared {
                 lifecycle: lifecycle.clone(),
                 metrics: metrics.clone(),
-                health_path: health_path.clone(),
-                health_check_agents: health_check_agents
+                health_paths: health_paths.clone(),
+                health_check_agents: options
+                    .health_check_agents
                     .into_iter()
                     .filter(|a| !a.is_empty())
                     .collect(),
+                discourage: !options.keep_alive_while_draining,
             }),
             drain: DrainAwareLayer {
                 lifecycle: lifecycle.clone(),
-                health_path,
+                health_paths,
+                discourage: !options.keep_alive_while_draining,
             },
             forward: Forward(Arc::new(ForwardShared {
                 upstream,
@@ -150,8 +171,14 @@ fn local(status: StatusCode, text: impl Into<Bytes>) -> Response<ResBody> {
 struct TrackShared {
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
-    health_path: Option<Arc<str>>,
+    health_paths: Arc<[Box<str>]>,
     health_check_agents: Vec<String>,
+    /// Persistent connections are asked to go once draining starts.
+    discourage: bool,
+}
+
+fn is_health_path(paths: &[Box<str>], path: &str) -> bool {
+    paths.iter().any(|p| &**p == path)
 }
 
 /// Headers a load balancer adds to every request it proxies for a client, and never to its
@@ -180,10 +207,7 @@ impl TrackShared {
         if !first_on_connection || PROXIED.iter().any(|h| req.headers().contains_key(h)) {
             return RequestKind::Traffic;
         }
-        let by_path = self
-            .health_path
-            .as_deref()
-            .is_some_and(|p| req.uri().path() == p);
+        let by_path = is_health_path(&self.health_paths, req.uri().path());
         let by_agent = || {
             req.headers().get(header::USER_AGENT).is_some_and(|ua| {
                 self.health_check_agents
@@ -242,11 +266,15 @@ where
         let (conn, first) = ConnTrack::request(&self.conn);
         let kind = self.shared.kind(&req, first);
         let request = self.shared.lifecycle.request(kind, self.peer);
-        if req.version() == Version::HTTP_2
-            && (request.phase() == Phase::Drained || self.shared.lifecycle.is_closing())
-        {
-            // A connection still (or newly) open after the drain: GOAWAY, once this and any
-            // other open stream have finished. (`connection: close` means nothing in h2.)
+        let going = match request.phase() {
+            Phase::Serving => self.shared.lifecycle.is_closing(),
+            Phase::Draining => self.shared.discourage,
+            Phase::Drained => true,
+        };
+        if going && req.version() == Version::HTTP_2 {
+            // A connection still (or newly) open while draining or after: GOAWAY, once this
+            // and any other open stream have finished. (`connection: close` means nothing
+            // in h2.) New connections are still accepted and served.
             self.conn.go_away();
         }
         let done = Some(Done {
@@ -397,6 +425,18 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// A gRPC trailers-only response (HTTP 200, the status in the headers, no body).
+fn grpc_trailers_only(status: HeaderMap) -> Response<ResBody> {
+    let mut resp = Response::new(ResBody::Local(None));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.extend(status);
+    resp
+}
+
 /// `grpc-status: 14` (UNAVAILABLE): the status gRPC clients retry elsewhere.
 fn grpc_unavailable(message: &'static str) -> HeaderMap {
     let mut t = HeaderMap::new();
@@ -410,7 +450,8 @@ fn grpc_unavailable(message: &'static str) -> HeaderMap {
 #[derive(Clone)]
 pub struct DrainAwareLayer {
     lifecycle: Lifecycle,
-    health_path: Option<Arc<str>>,
+    health_paths: Arc<[Box<str>]>,
+    discourage: bool,
 }
 
 impl<S> Layer<S> for DrainAwareLayer {
@@ -423,8 +464,11 @@ impl<S> Layer<S> for DrainAwareLayer {
     }
 }
 
-/// While draining, answers the load balancer's health check itself (503, so the target is
-/// marked unhealthy quickly); once drained, asks HTTP/1 clients to close the connection.
+/// While draining, answers the load balancer's health check itself (503, or for gRPC a
+/// trailers-only `grpc-status: 14`, so the target is marked unhealthy quickly); while
+/// draining (unless `--keep-alive-while-draining`) and once drained, asks HTTP/1 clients to
+/// close the connection after each response. Idle connections are never closed for it: the
+/// close always travels with a response, so no request can race it.
 #[derive(Clone)]
 pub struct DrainAware<S> {
     inner: S,
@@ -444,20 +488,31 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        if let Some(path) = &self.layer.health_path {
-            let phase = self.layer.lifecycle.phase();
-            if phase != Phase::Serving && req.uri().path() == &**path {
+        let phase = self.layer.lifecycle.phase();
+        if phase != Phase::Serving && is_health_path(&self.layer.health_paths, req.uri().path()) {
+            let resp = if is_grpc(req.headers()) {
+                grpc_trailers_only(grpc_unavailable(
+                    "lameduck: the pod is draining; use another target",
+                ))
+            } else {
                 let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, phase.as_str());
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return DrainAwareFuture::Local { resp: Some(resp) };
-            }
+                resp
+            };
+            return DrainAwareFuture::Local { resp: Some(resp) };
         }
-        let http1 = req.version() < Version::HTTP_2;
+        // HTTP/1: ask the client to reconnect (elsewhere) after this response.
+        let close = req.version() < Version::HTTP_2
+            && match phase {
+                Phase::Serving => false,
+                Phase::Draining => self.layer.discourage,
+                Phase::Drained => true,
+            };
         DrainAwareFuture::Inner {
             inner: self.inner.call(req),
             lifecycle: self.layer.lifecycle.clone(),
-            http1,
+            close,
         }
     }
 }
@@ -466,7 +521,7 @@ pin_project_lite::pin_project! {
     #[project = DrainAwareProj]
     pub enum DrainAwareFuture<F> {
         Local { resp: Option<Response<ResBody>> },
-        Inner { #[pin] inner: F, lifecycle: Lifecycle, http1: bool },
+        Inner { #[pin] inner: F, lifecycle: Lifecycle, close: bool },
     }
 }
 
@@ -484,15 +539,13 @@ where
             DrainAwareProj::Inner {
                 inner,
                 lifecycle,
-                http1,
+                close,
             } => {
                 let Ok(mut resp) = ready!(inner.poll(cx));
-                // Drained: close keep-alive connections after this response, so a late
-                // client reconnects elsewhere. (h2 connections get GOAWAY instead.)
-                if *http1
-                    && (lifecycle.phase() == Phase::Drained || lifecycle.is_closing())
-                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
-                {
+                // Decided when the request started, or the exit began since (its close is
+                // graceful: this response still goes out whole).
+                let close = *close || lifecycle.is_closing();
+                if close && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -835,8 +888,9 @@ mod tests {
         TrackShared {
             metrics: Arc::new(Metrics::new(lc.clone())),
             lifecycle: lc,
-            health_path: path.map(Arc::from),
+            health_paths: path.map(|p| p.into()).into_iter().collect(),
             health_check_agents: vec!["ELB-HealthChecker/".into()],
+            discourage: true,
         }
     }
 
@@ -866,6 +920,18 @@ mod tests {
         }
         // ALB checks open a new connection each time.
         assert_eq!(check("/healthz", &[], false), Traffic);
+    }
+
+    #[test]
+    fn grpc_health_checks_fail_in_grpc_while_draining() {
+        let r = grpc_trailers_only(grpc_unavailable("draining"));
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["content-type"], "application/grpc");
+        assert_eq!(r.headers()["grpc-status"], "14");
+        assert!(r.body().is_end_stream());
+        let paths: Vec<Box<str>> = vec!["/healthz".into(), ALB_GRPC_HEALTH_PATH.into()];
+        assert!(is_health_path(&paths, "/AWS.ALB/healthcheck"));
+        assert!(!is_health_path(&paths, "/AWS.ALB/healthcheck/x"));
     }
 
     #[test]

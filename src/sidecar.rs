@@ -105,8 +105,11 @@ impl Bound {
             lifecycle.clone(),
             metrics.clone(),
             upstream.clone(),
-            args.health_path.clone(),
-            args.health_check_agents.clone(),
+            crate::proxy::Options {
+                health_paths: args.health_path.clone(),
+                health_check_agents: args.health_check_agents.clone(),
+                keep_alive_while_draining: args.keep_alive_while_draining,
+            },
         );
         let max_connections = match args.max_connections {
             0 => {
@@ -139,6 +142,7 @@ impl Bound {
                 header_read: args.header_read_timeout,
             },
             max_connections,
+            !args.keep_alive_while_draining,
         ));
         let admin_state = Arc::new(Admin::new(
             lifecycle.clone(),

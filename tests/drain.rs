@@ -30,9 +30,14 @@ async fn readyz_flips_at_once_and_requests_are_served_throughout_draining() {
     let r = get(p.admin, "/readyz").await;
     assert_eq!((r.status.as_u16(), r.text().trim()), (503, "draining"));
 
-    // The same keep-alive connection and new ones keep being served.
-    for _ in 0..20 {
-        assert_eq!(c.get("/").await.unwrap().status, 200);
+    // Requests keep being served. The keep-alive connection is asked to go, by its next
+    // response (so a client that holds one connection moves to other pods), and new
+    // connections are accepted and served.
+    let r = c.get("/").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["connection"], "close");
+    assert!(c.wait_closed(PATIENCE).await, "closed after that response");
+    for _ in 0..39 {
         assert_eq!(get(p.traffic, "/").await.status, 200);
     }
     let s = get(p.admin, "/status").await.json();
@@ -45,6 +50,33 @@ async fn readyz_flips_at_once_and_requests_are_served_throughout_draining() {
         40.0
     );
     assert_eq!(p.metric("lameduck_state").await, 1.0);
+}
+
+/// `--keep-alive-while-draining`: the behaviour before 0.2, a keep-alive connection keeps
+/// being served while draining, with no `Connection: close`.
+#[tokio::test]
+async fn keep_alive_while_draining_leaves_persistent_connections_alone() {
+    let up = upstream(UpOpts::default()).await;
+    let p = Proxy::start(
+        up.addr,
+        &[
+            "--drain-min",
+            "0s",
+            "--quiet",
+            "30s",
+            "--drain-max",
+            "60s",
+            "--keep-alive-while-draining",
+        ],
+    );
+    let mut c = H1::connect(p.traffic).await;
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    assert_eq!(get(p.admin, "/drain?wait=false").await.status, 202);
+    for _ in 0..20 {
+        let r = c.get("/").await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(!r.headers.contains_key("connection"), "{:?}", r.headers);
+    }
 }
 
 #[tokio::test]

@@ -357,11 +357,21 @@ async fn sigterm_lets_a_server_streaming_call_finish_then_goaway_and_fin() {
             }
         })
         .expect("trailers");
-    let goaways: Vec<usize> = (0..h.seen.len())
-        .filter(|&i| matches!(h.seen[i], Frame::GoAway { .. }))
-        .collect();
+    // GOAWAY comes as the drain starts (mid-call: the call goes on), the final one names
+    // the call, and the call's trailers are the last thing on the connection before the FIN.
     assert_eq!(h.goaways(), vec![(1 << 31) - 1, 1], "{:?}", h.seen);
-    assert!(trailers < goaways[1], "{:?}", h.seen);
+    let first_goaway = h
+        .seen
+        .iter()
+        .position(|f| matches!(f, Frame::GoAway { .. }));
+    assert!(first_goaway < Some(trailers), "{:?}", h.seen);
+    assert!(
+        h.seen[trailers + 1..]
+            .iter()
+            .all(|f| !matches!(f, Frame::Data { .. } | Frame::Headers { .. })),
+        "{:?}",
+        h.seen
+    );
     assert!(!h.seen.iter().any(|f| matches!(f, Frame::RstStream { .. })));
     assert_eq!(p.wait_exit(PATIENCE).expect("exits").code(), Some(0));
 }
@@ -571,4 +581,75 @@ async fn requests_after_the_drain_are_counted_apart() {
     assert_eq!(s["released"], true, "{s}");
     // Every accepted connection is counted (before: the counter was never incremented).
     assert_eq!(p.metric("lameduck_connections_total").await, 3.0);
+}
+
+/// While draining, an h2c connection held by a persistent client is told to go (GOAWAY)
+/// while its stream finishes; a gRPC health check on a health path (here the ALB's default
+/// one) gets a trailers-only UNAVAILABLE, not an HTTP 503.
+#[tokio::test]
+async fn draining_asks_h2_clients_to_go_and_fails_grpc_health_checks_in_grpc() {
+    let up = upstream(UpOpts {
+        h2: true,
+        ..Default::default()
+    })
+    .await;
+    let p = Proxy::start(
+        up.addr,
+        &[
+            "--upstream-protocol",
+            "h2c",
+            "--drain-min",
+            "0s",
+            "--quiet",
+            "30s",
+            "--drain-max",
+            "60s",
+        ],
+    );
+    ready(&p).await;
+    let mut h = H2::connect(p.traffic).await;
+    h.request(1, "GET", "/sleep/800", &[]).await;
+    assert!(
+        eventually(PATIENCE, || async {
+            p.metric("lameduck_in_flight_requests").await == 1.0
+        })
+        .await
+    );
+    assert_eq!(get(p.admin, "/drain?wait=false").await.status, 202);
+    // GOAWAY at once, the stream completes, the connection ends: the client reconnects.
+    assert_eq!(
+        h.until_end(PATIENCE).await.unwrap(),
+        End::Fin,
+        "{:?}",
+        h.seen
+    );
+    assert_eq!(h.goaways(), vec![(1 << 31) - 1, 1], "{:?}", h.seen);
+    assert!(h.data_len(1) > 0, "{:?}", h.seen);
+    // A new connection is still served; its gRPC health check fails in gRPC terms.
+    let mut h = H2::connect(p.traffic).await;
+    h.request(
+        1,
+        "POST",
+        "/AWS.ALB/healthcheck",
+        &[("content-type", "application/grpc"), ("te", "trailers")],
+    )
+    .await;
+    let headers = h
+        .until(PATIENCE, |f| matches!(f, Frame::Headers { stream: 1, .. }))
+        .await
+        .unwrap();
+    // Trailers-only: one HEADERS frame that ends the stream, no DATA.
+    assert_eq!(
+        headers,
+        Frame::Headers {
+            stream: 1,
+            end: true
+        }
+    );
+    assert_eq!(h.data_len(1), 0);
+    assert_eq!(
+        p.metric("lameduck_health_checks_total{phase=\"draining\"}")
+            .await,
+        1.0
+    );
 }
