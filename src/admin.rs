@@ -191,7 +191,9 @@ impl Admin {
         // as the drain ended) must be answered before the kubelet may signal the app.
         let state = self.lifecycle.released().await;
         let mut v = state_json(&state);
-        v["requests_after_drained"] = self.lifecycle.snapshot().requests_after_drained.into();
+        let snap = self.lifecycle.snapshot();
+        v["requests_after_drained"] = snap.requests_after_drained.into();
+        v["tunnels_open"] = snap.tunnels.into();
         json_response(StatusCode::OK, v)
     }
 }
@@ -268,6 +270,7 @@ pub fn status_json(s: &Snapshot) -> serde_json::Value {
         "state": s.state.phase(),
         "in_flight": s.in_flight,
         "connections": s.connections,
+        "tunnels": s.tunnels,
         "seconds_since_last_request": s.since_last_request.map(|d| d.as_secs_f64()),
         "drain_started_at": started,
         "drain_seconds": took.map(|d| d.as_secs_f64()),

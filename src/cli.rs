@@ -133,6 +133,13 @@ pub struct ProxyArgs {
           value_delimiter = ',', help_heading = "Drain")]
     pub health_path: Vec<String>,
 
+    /// After the drain, how long upgraded tunnels (WebSockets) still open may stay before
+    /// the app is released without them (within drain-max). Tunnels never hold the quiet
+    /// decision; they close at exit. 10s: time for a tunnel that is finishing to finish.
+    #[arg(long, env = "LAMEDUCK_TUNNEL_GRACE", value_name = "DUR", default_value = "10s",
+          value_parser = parse_duration, help_heading = "Drain")]
+    pub tunnel_grace: Duration,
+
     /// While draining, leave persistent connections alone (the behaviour before 0.2). By
     /// default, HTTP/1 responses carry `Connection: close` and HTTP/2 connections get a
     /// graceful GOAWAY once draining starts, so clients that hold one connection (gRPC,
@@ -396,6 +403,7 @@ impl ProxyArgs {
                 },
             },
             max: self.drain_max,
+            tunnel_grace: self.tunnel_grace,
         }
     }
 }

@@ -150,6 +150,9 @@ pub struct DrainSettings {
     pub min: Duration,
     pub quiet: Quiet,
     pub max: Duration,
+    /// How long upgraded tunnels (WebSockets) may stay open after the drain before the
+    /// release goes ahead without them (`--tunnel-grace`), within drain-max.
+    pub tunnel_grace: Duration,
 }
 
 impl DrainSettings {
@@ -159,6 +162,7 @@ impl DrainSettings {
             min,
             quiet: Quiet::Fixed(quiet),
             max,
+            tunnel_grace: Duration::ZERO,
         }
     }
 }
@@ -211,6 +215,8 @@ pub struct Snapshot {
     pub state: State,
     pub in_flight: usize,
     pub connections: usize,
+    /// Upgraded tunnels (WebSockets) open.
+    pub tunnels: usize,
     pub since_last_request: Option<Duration>,
     pub requests_during_drain: u64,
     pub health_checks_during_drain: u64,
@@ -245,6 +251,9 @@ struct Inner {
     health_checks: HealthChecks,
     in_flight: AtomicUsize,
     connections: AtomicUsize,
+    tunnels: AtomicUsize,
+    /// Woken each time `tunnels` drops to zero.
+    no_tunnels: Notify,
     /// `now_nanos() + 1` when the last request started; 0 = none yet.
     last_request: AtomicU64,
     requests_during_drain: AtomicU64,
@@ -279,6 +288,8 @@ impl Lifecycle {
             health_checks: HealthChecks::default(),
             in_flight: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            tunnels: AtomicUsize::new(0),
+            no_tunnels: Notify::new(),
             last_request: AtomicU64::new(0),
             requests_during_drain: AtomicU64::new(0),
             health_checks_during_drain: AtomicU64::new(0),
@@ -501,6 +512,7 @@ impl Lifecycle {
             state,
             in_flight: self.in_flight(),
             connections: self.0.connections.load(Ordering::Acquire),
+            tunnels: self.tunnels(),
             since_last_request: (last != 0)
                 .then(|| Duration::from_nanos(now_nanos().saturating_sub(last - 1))),
             requests_during_drain: self.0.requests_during_drain.load(Ordering::Acquire),
@@ -544,11 +556,29 @@ impl Lifecycle {
         }
     }
 
-    /// Holds off the end of the drain without counting as a new request: an upgraded
-    /// (WebSocket) tunnel that outlives its HTTP exchange.
-    pub fn hold(&self) -> HoldGuard {
-        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
-        HoldGuard(self.clone())
+    /// An upgraded tunnel (WebSocket) that outlives its HTTP exchange. Counted apart from
+    /// requests: it does not hold the quiet decision (a long-lived tunnel would make every
+    /// drain run to drain-max); after the drain the release waits for tunnels only for
+    /// `--tunnel-grace`.
+    pub fn tunnel(&self) -> TunnelGuard {
+        self.0.tunnels.fetch_add(1, Ordering::AcqRel);
+        TunnelGuard(self.clone())
+    }
+
+    pub fn tunnels(&self) -> usize {
+        self.0.tunnels.load(Ordering::Acquire)
+    }
+
+    async fn no_tunnels(&self) {
+        loop {
+            let notified = self.0.no_tunnels.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.tunnels() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Counts an open downstream connection.
@@ -629,6 +659,21 @@ impl Lifecycle {
                     "requests that started after traffic went quiet still in flight at \
                      drain-max; releasing the app anyway"
                 );
+            }
+            if self.tunnels() > 0 {
+                let grace = (Instant::now() + self.0.settings.tunnel_grace).min(deadline);
+                if tokio::time::timeout_at(grace, self.no_tunnels())
+                    .await
+                    .is_err()
+                {
+                    let n = self.tunnels();
+                    tracing::warn!(
+                        tunnels = n,
+                        tunnel_grace = ?self.0.settings.tunnel_grace,
+                        "{n} WebSocket/upgraded tunnel(s) still open after --tunnel-grace; \
+                         releasing the app, the tunnels close at exit"
+                    );
+                }
             }
         }
         self.set_released();
@@ -723,12 +768,14 @@ impl Drop for RequestGuard {
     }
 }
 
-/// Something other than a request holding off the end of the drain.
-pub struct HoldGuard(Lifecycle);
+/// One open upgraded tunnel.
+pub struct TunnelGuard(Lifecycle);
 
-impl Drop for HoldGuard {
+impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        self.0.release();
+        if self.0 .0.tunnels.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0 .0.no_tunnels.notify_waiters();
+        }
     }
 }
 
@@ -925,6 +972,7 @@ mod tests {
             min: Duration::ZERO,
             quiet: Quiet::Auto { fallback: S(30) },
             max: S(120),
+            tunnel_grace: Duration::ZERO,
         });
         // No checks yet: the fallback.
         assert_eq!(lc.quiet_window().0.kind(), "fallback");

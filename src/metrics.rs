@@ -12,6 +12,7 @@
 //! | `lameduck_request_duration_seconds` | histogram | `phase` |
 //! | `lameduck_in_flight_requests` | gauge | |
 //! | `lameduck_connections_active` | gauge | |
+//! | `lameduck_tunnels_active` | gauge | |
 //! | `lameduck_connections_total` | counter | |
 //! | `lameduck_upstream_errors_total` | counter | `kind` |
 //! | `lameduck_client_errors_total` | counter | `kind` |
@@ -213,6 +214,7 @@ struct LifecycleCollector {
     state: prometheus::IntGauge,
     in_flight: prometheus::IntGauge,
     connections: prometheus::IntGauge,
+    tunnels: prometheus::IntGauge,
     drain_duration: prometheus::Gauge,
     sources: prometheus::IntGauge,
     intervals: prometheus::GaugeVec,
@@ -229,12 +231,17 @@ impl LifecycleCollector {
         .expect("valid metric");
         let in_flight = prometheus::IntGauge::new(
             "lameduck_in_flight_requests",
-            "Requests (and upgraded tunnels) on the traffic port not yet finished.",
+            "Requests on the traffic port not yet finished (tunnels: lameduck_tunnels_active).",
         )
         .expect("valid metric");
         let connections = prometheus::IntGauge::new(
             "lameduck_connections_active",
             "Open downstream connections on the traffic port.",
+        )
+        .expect("valid metric");
+        let tunnels = prometheus::IntGauge::new(
+            "lameduck_tunnels_active",
+            "Upgraded tunnels (WebSockets) open on the traffic port.",
         )
         .expect("valid metric");
         let drain_duration = prometheus::Gauge::new(
@@ -264,6 +271,7 @@ impl LifecycleCollector {
             state.desc(),
             in_flight.desc(),
             connections.desc(),
+            tunnels.desc(),
             drain_duration.desc(),
             sources.desc(),
             intervals.desc(),
@@ -278,6 +286,7 @@ impl LifecycleCollector {
             state,
             in_flight,
             connections,
+            tunnels,
             drain_duration,
             sources,
             intervals,
@@ -297,6 +306,7 @@ impl Collector for LifecycleCollector {
         self.state.set(snap.state.phase() as i64);
         self.in_flight.set(snap.in_flight as i64);
         self.connections.set(snap.connections as i64);
+        self.tunnels.set(snap.tunnels as i64);
         self.drain_duration.set(match snap.state {
             State::Serving => 0.0,
             State::Draining { since, .. } => since.elapsed().as_secs_f64(),
@@ -318,6 +328,7 @@ impl Collector for LifecycleCollector {
             self.state.collect(),
             self.in_flight.collect(),
             self.connections.collect(),
+            self.tunnels.collect(),
             self.drain_duration.collect(),
             self.sources.collect(),
             self.intervals.collect(),

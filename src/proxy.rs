@@ -663,10 +663,10 @@ impl ForwardShared {
             return resp.map(|b| ResBody::Upstream(UpstreamBody::unpooled(b)));
         }
         let upstream = hyper::upgrade::on(&mut resp);
-        let hold = self.lifecycle.hold();
-        let cut = self.lifecycle.cut_token();
+        let open = self.lifecycle.tunnel();
+        let lifecycle = self.lifecycle.clone();
         tokio::spawn(async move {
-            let _hold = hold;
+            let _open = open;
             let tunnel = async {
                 match tokio::try_join!(downstream, upstream) {
                     Ok((d, u)) => {
@@ -678,9 +678,16 @@ impl ForwardShared {
                     Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                 }
             };
+            // At exit, after the release (and its --tunnel-grace), the tunnel ends: both
+            // sides see a FIN (a WebSocket client: 1006, and reconnects). Injecting close
+            // frames would mean parsing and re-framing the stream (fragmented, compressed
+            // messages), which a proxy cannot do safely mid-message.
+            let mut state = lifecycle.subscribe();
             tokio::select! {
                 _ = tunnel => {}
-                _ = cut.cancelled() => tracing::debug!("upgraded tunnel cut at drain-max"),
+                _ = state.wait_for(|_| lifecycle.is_closing()) => {
+                    tracing::debug!("upgraded tunnel closed at exit")
+                }
             }
         });
         strip_hop_by_hop(resp.headers_mut(), true);

@@ -76,8 +76,10 @@ async fn websocket_style_upgrade_works_end_to_end() {
             .unwrap();
         assert_eq!(buf, msg);
     }
-    // The open tunnel holds off the end of the drain.
-    assert_eq!(p.metric("lameduck_in_flight_requests").await, 1.0);
+    // The open tunnel is counted as a tunnel, not a request in flight (it does not hold
+    // the quiet decision: tests/shutdown.rs).
+    assert_eq!(p.metric("lameduck_tunnels_active").await, 1.0);
+    assert_eq!(p.metric("lameduck_in_flight_requests").await, 0.0);
 }
 
 #[tokio::test]

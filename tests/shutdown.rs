@@ -653,3 +653,68 @@ async fn draining_asks_h2_clients_to_go_and_fails_grpc_health_checks_in_grpc() {
         1.0
     );
 }
+
+/// An open WebSocket is a tunnel, not a request: the drain ends on quiet while it is open
+/// (before: every drain ran to drain-max with `requests_during_drain: 0, reason: max`),
+/// `/status` and the metrics count it, the release waits for it only `--tunnel-grace`,
+/// `/drain` names it, and at exit it is closed, after which the process exits.
+#[tokio::test]
+async fn websockets_are_tunnels_with_their_own_grace() {
+    let up = upstream(UpOpts::default()).await;
+    let mut p = Proxy::start(
+        up.addr,
+        &[
+            "--drain-min",
+            "0s",
+            "--quiet",
+            "300ms",
+            "--drain-max",
+            "30s",
+            "--tunnel-grace",
+            "1s",
+        ],
+    );
+    ready(&p).await;
+    let mut ws = TcpStream::connect(p.traffic).await.unwrap();
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = ws.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    ws.write_all(b"ping").await.unwrap();
+    let n = ws.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"ping");
+    let s = get(p.admin, "/status").await.json();
+    assert_eq!(
+        (s["tunnels"].as_u64(), s["in_flight"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+    assert_eq!(p.metric("lameduck_tunnels_active").await, 1.0);
+
+    p.signal("TERM");
+    let t = Instant::now();
+    let r = post(p.admin, "/drain").await.json();
+    let waited = t.elapsed();
+    assert_eq!(r["reason"], "quiet", "{r}");
+    assert_eq!(r["tunnels_open"], 1, "{r}");
+    assert!(r["drain_seconds"].as_f64().unwrap() < 5.0, "{r}");
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "released before the grace: {waited:?}"
+    );
+    // At exit the tunnel closes (a FIN), then the process exits 0.
+    let end = tokio::time::timeout(PATIENCE, ws.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(0)), "{end:?}");
+    assert_eq!(p.wait_exit(PATIENCE).expect("exits").code(), Some(0));
+    assert!(
+        p.logs()
+            .iter()
+            .any(|l| l.contains("still open after --tunnel-grace")),
+        "{:?}",
+        p.logs()
+    );
+}
