@@ -347,6 +347,16 @@ impl ProxyArgs {
                 return Err(format!("{flag} must be greater than 0"));
             }
         }
+        if let Some(path) = &self.upstream_health {
+            if path.starts_with(crate::upstream::GRPC_HEALTH_SERVICE)
+                && self.upstream_protocol != Protocol::H2c
+            {
+                return Err(format!(
+                    "--upstream-health {path} is the gRPC health service: it needs \
+                     --upstream-protocol h2c"
+                ));
+            }
+        }
         if self.events && (self.pod_name.is_none() || self.pod_namespace.is_none()) {
             return Err(
                 "--events needs --pod-name and --pod-namespace (LAMEDUCK_POD_NAME and \

@@ -380,3 +380,51 @@ async fn the_app_pool_reuses_without_false_retries_and_reaps_idle_connections() 
         up.open.load(std::sync::atomic::Ordering::SeqCst)
     );
 }
+
+/// `--upstream-health /grpc.health.v1.Health/Check` speaks the standard gRPC health
+/// service over h2c: ready while the app answers SERVING, not ready once it answers
+/// NOT_SERVING. Before: readiness sent a plain GET, which a gRPC server refuses, and the pod
+/// never became ready.
+#[tokio::test]
+async fn readiness_speaks_the_grpc_health_service() {
+    // SERVING.
+    let health = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(1));
+    let up = upstream(UpOpts {
+        h2: true,
+        grpc_health: health.clone(),
+        ..Default::default()
+    })
+    .await;
+    let p = Proxy::start(
+        up.addr,
+        &[
+            "--upstream-protocol",
+            "h2c",
+            "--upstream-health",
+            "/grpc.health.v1.Health/Check",
+        ],
+    );
+    assert!(
+        eventually(PATIENCE, || async {
+            get(p.admin, "/readyz").await.status == 200
+        })
+        .await,
+        "never ready: {:?}",
+        p.logs()
+    );
+    health.store(2, std::sync::atomic::Ordering::SeqCst); // NOT_SERVING
+    assert!(
+        eventually(PATIENCE, || async {
+            let r = get(p.admin, "/readyz").await;
+            r.status == 503 && r.text().trim() == "upstream-unreachable"
+        })
+        .await
+    );
+    // Without h2c, the gRPC health path is a bad flag, not a pod that never gets ready.
+    let out = std::process::Command::new(BIN)
+        .args(["proxy", "--upstream-health", "/grpc.health.v1.Health/Check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream-protocol h2c"));
+}

@@ -320,6 +320,9 @@ pub struct UpOpts {
     pub idle_close: Option<Duration>,
     /// Serve h2c (prior knowledge) instead of HTTP/1.1.
     pub h2: bool,
+    /// The ServingStatus `/grpc.health.v1.Health/Check` answers (1 SERVING, 2 NOT_SERVING);
+    /// shared, so a test can change it while the app runs.
+    pub grpc_health: Arc<std::sync::atomic::AtomicU8>,
 }
 
 pub struct Upstream {
@@ -343,6 +346,8 @@ type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// - `/headers`: the request's method, path and headers, one `name: value` per line
 /// - `/sleep/MS`: answers after MS milliseconds
 /// - `/bytes/N`: streams N bytes in 64 KiB chunks
+/// - `POST /grpc.health.v1.Health/Check` (gRPC): the standard health service, answering
+///   [`UpOpts::grpc_health`]
 /// - `/stream/N/MS`: N 16-byte chunks, one every MS milliseconds, then trailers (`grpc-status:
 ///   0`, so it reads as a gRPC server-streaming call; over h2 only)
 /// - `POST /sink`: reads the body and answers its length
@@ -374,9 +379,10 @@ pub async fn upstream(opts: UpOpts) -> Upstream {
                     }
                 }
                 let _closed = Closed(open);
+                let health = opts.grpc_health.clone();
                 let svc = service_fn(move |req| {
                     reqs.fetch_add(1, Ordering::SeqCst);
-                    app(req)
+                    app(req, health.load(Ordering::SeqCst))
                 });
                 let io = TokioIo::new(stream);
                 if opts.h2 {
@@ -407,8 +413,30 @@ fn full(s: impl Into<Bytes>) -> UpBody {
     Full::new(s.into()).boxed()
 }
 
-async fn app(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+async fn app(mut req: Request<Incoming>, grpc_health: u8) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_owned();
+    if path == "/grpc.health.v1.Health/Check" {
+        // The standard health service, by hand: one HealthCheckResponse{status}, then
+        // trailers with grpc-status 0. A non-gRPC request gets 415, as gRPC servers answer.
+        let grpc = req
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if !grpc {
+            return Ok(Response::builder().status(415).body(full("")).unwrap());
+        }
+        let msg = Bytes::from(vec![0, 0, 0, 0, 2, 0x08, grpc_health]);
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames = futures_util::stream::iter([
+            Ok::<_, Infallible>(Frame::data(msg)),
+            Ok(Frame::trailers(t)),
+        ]);
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .body(StreamBody::new(frames).boxed())
+            .unwrap());
+    }
     if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
