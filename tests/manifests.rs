@@ -44,7 +44,7 @@ fn sources(dir: &str) -> Vec<Json> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .filter(|p| !p.ends_with("kustomization.yaml"))
+        .filter(|p| !p.ends_with("kustomization.yaml") && !p.ends_with("kustomizeconfig.yaml"))
         .collect();
     files.sort();
     files
@@ -92,14 +92,39 @@ fn webhook_configuration_is_opt_in_and_wired() {
     assert_eq!(service["metadata"]["namespace"], svc_ref["namespace"]);
     assert_eq!(service["spec"]["ports"][0]["port"], svc_ref["port"]);
     let cert = find(&docs, "Certificate", "lameduck-webhook");
-    assert_eq!(
-        mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
-        format!(
-            "{}/{}",
-            cert["metadata"]["namespace"].as_str().unwrap(),
-            cert["metadata"]["name"].as_str().unwrap()
-        )
+    // The caBundle is a long-lived CA's, not the rotated leaf's: self-signed Issuer -> CA
+    // Certificate -> CA Issuer -> leaf, and the CA injector reads the CA Certificate.
+    let ca_ref = mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        .as_str()
+        .unwrap();
+    let (ca_namespace, ca_name) = ca_ref.split_once('/').unwrap();
+    let ca_cert = find(&docs, "Certificate", ca_name);
+    assert_eq!(ca_cert["metadata"]["namespace"], ca_namespace);
+    assert_eq!(ca_cert["spec"]["isCA"], true, "{ca_ref} is a CA");
+    let ca_hours: u64 = ca_cert["spec"]["duration"]
+        .as_str()
+        .and_then(|d| d.strip_suffix('h')?.parse().ok())
+        .unwrap();
+    assert!(
+        ca_hours >= 5 * 365 * 24,
+        "the CA is long-lived: {ca_hours}h"
     );
+    let self_signed = find(
+        &docs,
+        "Issuer",
+        ca_cert["spec"]["issuerRef"]["name"].as_str().unwrap(),
+    );
+    assert!(self_signed["spec"]["selfSigned"].is_object());
+    let leaf_issuer = find(
+        &docs,
+        "Issuer",
+        cert["spec"]["issuerRef"]["name"].as_str().unwrap(),
+    );
+    assert_eq!(
+        leaf_issuer["spec"]["ca"]["secretName"], ca_cert["spec"]["secretName"],
+        "the serving certificate is signed by the CA the caBundle holds"
+    );
+    assert_ne!(cert["spec"]["secretName"], ca_cert["spec"]["secretName"]);
     let dns = format!(
         "{}.{}.svc",
         svc_ref["name"].as_str().unwrap(),
@@ -111,11 +136,6 @@ fn webhook_configuration_is_opt_in_and_wired() {
             .unwrap()
             .contains(&json!(dns)),
         "the certificate covers {dns}"
-    );
-    find(
-        &docs,
-        "Issuer",
-        cert["spec"]["issuerRef"]["name"].as_str().unwrap(),
     );
 
     let deploy = find(&docs, "Deployment", "lameduck-webhook");
@@ -156,13 +176,25 @@ fn webhook_configuration_is_opt_in_and_wired() {
         i64::from(w.listen.port()),
         c["ports"][0]["containerPort"].as_i64().unwrap()
     );
+    // The image is set once: the sidecar's comes from the same value as the webhook's
+    // (LAMEDUCK_SIDECAR_IMAGE, which kustomizeconfig.yaml lets `images:` rewrite), never
+    // from an argument that `images:` would leave behind.
+    assert!(
+        !args.iter().any(|a| a.starts_with("--sidecar-image")),
+        "{args:?}"
+    );
+    let sidecar_image = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "LAMEDUCK_SIDECAR_IMAGE")
+        .expect("the webhook sets LAMEDUCK_SIDECAR_IMAGE");
     assert_eq!(
-        w.sidecar.sidecar_image,
-        c["image"].as_str().unwrap(),
+        sidecar_image["value"], c["image"],
         "the sidecar image and the webhook image move together"
     );
 
-    // Issue 9: the webhook drains. The preStop sleep covers the API server's endpoint
+    // The webhook drains. The preStop sleep covers the API server's endpoint
     // update lag, then SIGTERM starts --drain-time (with /healthz failing), then reviews
     // in flight get their last seconds: the grace period covers all three.
     let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -423,6 +455,47 @@ fn kustomize_renders_and_manifests_validate() {
         "k8s-examples-regular",
         &documents(&regular.yaml),
     );
+}
+
+/// A user's overlay that sets `images:` once moves the webhook's image and the sidecar image
+/// it injects together.
+#[test]
+fn an_overlay_sets_the_image_once() {
+    let Some(kubectl) = tool("kubectl") else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("lameduck-overlay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for entry in std::fs::read_dir(root().join("k8s/webhook")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+    }
+    let overlay = dir.join("overlay");
+    std::fs::create_dir_all(&overlay).unwrap();
+    let image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/lameduck:v9.9.9";
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "resources: [../base]\n\
+         images:\n\
+         - name: ghcr.io/lameduck/lameduck\n  \
+           newName: 123456789012.dkr.ecr.eu-west-1.amazonaws.com/lameduck\n  \
+           newTag: v9.9.9\n",
+    )
+    .unwrap();
+    let docs = documents(&run(&kubectl, &["kustomize", overlay.to_str().unwrap()]));
+    let _ = std::fs::remove_dir_all(&dir);
+    let c =
+        &find(&docs, "Deployment", "lameduck-webhook")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], image);
+    let env = c["env"].as_array().unwrap();
+    let sidecar = env
+        .iter()
+        .find(|e| e["name"] == "LAMEDUCK_SIDECAR_IMAGE")
+        .unwrap();
+    assert_eq!(sidecar["value"], image, "{env:?}");
 }
 
 /// Every golden output validates, so the goldens cannot drift into invalid pods.
