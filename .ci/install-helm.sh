@@ -22,10 +22,19 @@ if ! [ -x "${cache}/helm" ]; then
   tmp="$(mktemp "${cache}/.helm.XXXXXX")"
   trap 'rm -f "${tmp}"' EXIT
   echo "install-helm: building helm ${version} ..." >&2
-  # The version is stamped as Helm's Makefile does (go build alone reports only the minor).
-  CGO_ENABLED=0 nice go build -trimpath \
-    "-ldflags=-s -w -X helm.sh/helm/v3/internal/version.version=${version} -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
-    -o "${tmp}" helm.sh/helm/v3/cmd/helm
+  # Stamped as Helm's Makefile does: go build alone reports only the minor version, and
+  # `helm template` would assume Kubernetes 1.20 instead of the client-go it is built with.
+  k8s="$(go list -m -f '{{.Version}}' k8s.io/client-go)"  # v0.34.2 -> Kubernetes 1.34
+  k8s_minor="${k8s#v0.}"
+  k8s_minor="${k8s_minor%%.*}"
+  ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=${version}"
+  ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  for pkg in pkg/lint/rules pkg/chartutil; do
+    ldflags+=" -X helm.sh/helm/v3/${pkg}.k8sVersionMajor=1"
+    ldflags+=" -X helm.sh/helm/v3/${pkg}.k8sVersionMinor=${k8s_minor}"
+  done
+  CGO_ENABLED=0 nice go build -trimpath "-ldflags=${ldflags}" -o "${tmp}" \
+    helm.sh/helm/v3/cmd/helm
   chmod 0755 "${tmp}"
   mv "${tmp}" "${cache}/helm"
   trap - EXIT
