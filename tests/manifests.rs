@@ -251,20 +251,72 @@ fn examples_target_named_ports_and_keep_the_canary() {
         .as_str()
         .unwrap()
         .contains("deregistration_delay.timeout_seconds="));
-    // quiet must outlast the health-check interval, or silence means nothing.
+    // Health checks reach lameduck's port, not the app's.
+    assert_eq!(
+        ann["alb.ingress.kubernetes.io/healthcheck-port"],
+        "traffic-port"
+    );
+    // The examples leave quiet at auto, as the README says; auto's fallback, used until
+    // an interval is learned, must outlast the health-check interval, or silence means
+    // nothing.
     let interval: u64 = ann["alb.ingress.kubernetes.io/healthcheck-interval-seconds"]
         .as_str()
         .unwrap()
         .parse()
         .unwrap();
+    let defaults = lameduck::cli::ProxyArgs::parse_and_validate(std::iter::empty::<&str>())
+        .expect("the proxy's defaults are valid");
+    assert!(defaults.quiet_fallback.as_secs() > interval);
+    for d in docs.iter().filter(|d| d["spec"]["template"].is_object()) {
+        let quiet = &d["spec"]["template"]["metadata"]["annotations"][inject::ANN_QUIET];
+        assert!(
+            quiet.is_null() || quiet == "auto",
+            "{}: lameduck.io/quiet {quiet}: leave it at auto",
+            d["metadata"]["name"]
+        );
+    }
+
+    // The NetworkPolicy admits the ports the injected sidecar serves on, by the names
+    // injection gives them, and not the app's own port.
+    let policy = find(&docs, "NetworkPolicy", "web");
     let web = find(&docs, "Deployment", "web");
-    let quiet = lameduck::cli::parse_duration(
-        web["spec"]["template"]["metadata"]["annotations"][inject::ANN_QUIET]
+    for (k, v) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&web["spec"]["template"]["metadata"]["labels"][k], v);
+    }
+    let web_yaml = lameduck::yaml::emit_document(&yaml_serde::to_value(web).unwrap()).unwrap();
+    let injected = inject::inject_manifests(&web_yaml, &Settings::default(), false).unwrap();
+    let injected = &documents(&injected.yaml)[0]["spec"]["template"]["spec"];
+    let port_owner = |name: &str| -> String {
+        injected["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(injected["initContainers"].as_array().into_iter().flatten())
+            .find(|c| {
+                c["ports"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["name"] == name))
+            })
+            .unwrap_or_else(|| panic!("no container has a port named {name}"))["name"]
             .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    assert!(quiet.as_secs() > interval);
+            .unwrap()
+            .to_owned()
+    };
+    let mut admitted = Vec::new();
+    for rule in policy["spec"]["ingress"].as_array().unwrap() {
+        for p in rule["ports"].as_array().unwrap() {
+            admitted.push(p["port"].as_str().expect("named ports").to_owned());
+        }
+    }
+    admitted.sort();
+    admitted.dedup();
+    assert_eq!(admitted, ["http", "lameduck-admin"]);
+    for name in &admitted {
+        assert_eq!(port_owner(name), "lameduck", "port {name}");
+    }
 
     let rollout = find(&docs, "Rollout", "checkout");
     assert_eq!(rollout["apiVersion"], "argoproj.io/v1alpha1");
