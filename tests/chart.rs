@@ -15,7 +15,8 @@
 //!   mounts, the release namespace excluded from injection), arguments `lameduck webhook`
 //!   accepts, one image for the webhook and the sidecar, and validates against the
 //!   Kubernetes schemas (`kubernetes-validate --strict`; CRD kinds excepted);
-//! - invalid values are refused by `helm template` with a message that says why.
+//! - invalid values (values.schema.json: a typo, a value out of its set; and a Secret without
+//!   its CA) are refused by `helm template` with a message that says why.
 //!
 //! A missing tool skips its test with a plain message, unless `LAMEDUCK_REQUIRE_TOOLS=1`,
 //! where it fails.
@@ -501,7 +502,16 @@ fn invalid_values_are_refused() {
     };
     for (args, says) in [
         (vec!["--set", "tls.source=secret"], "tls.secret.caBundle"),
-        (vec!["--set", "tls.source=vault"], "tls.source must be"),
+        // values.schema.json: a value out of its set, and a typo.
+        (vec!["--set", "tls.source=vault"], "/tls/source"),
+        (
+            vec!["--set", "replica=3"],
+            "additional properties 'replica' not allowed",
+        ),
+        (
+            vec!["--set", "webhook.failurePolicy=fail"],
+            "/webhook/failurePolicy",
+        ),
     ] {
         let mut all = vec!["template", "lameduck", CHART];
         all.extend_from_slice(&args);
