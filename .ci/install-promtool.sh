@@ -19,6 +19,6 @@ if ! command -v promtool >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   fi
-  [ -n "$created" ] && rm -f "$policy"
+  if [ -n "$created" ]; then rm -f "$policy"; fi
 fi
 echo "install-promtool: $(promtool --version 2>&1 | head -1)"
