@@ -1,5 +1,8 @@
 # lameduck: the sidecar proxy, `lameduck inject` and the admission webhook, one binary.
 #   docker build -t ghcr.io/lameduck/lameduck:0.1.0 .
+# Both architectures EKS runs (arm64 natively on an arm64 builder, else under QEMU), pushed:
+#   docker buildx build --platform linux/amd64,linux/arm64 -t REGISTRY/lameduck:0.1.0 --push .
+# .github/workflows/release.yml does this on a version tag.
 # Build: the official Rust image (Debian 12), matching the runtime's glibc.
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src

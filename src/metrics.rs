@@ -3,8 +3,8 @@
 //!
 //! Request metrics are recorded by the proxy as each response finishes. The lifecycle
 //! figures (`lameduck_state`, `lameduck_in_flight_requests`, `lameduck_connections_active`,
-//! `lameduck_drain_duration_seconds`) are read from the [`Lifecycle`] at scrape time, so they
-//! cannot disagree with it.
+//! `lameduck_drain_duration_seconds`, `lameduck_drains_total`) are read from the [`Lifecycle`]
+//! at scrape time, so they cannot disagree with it.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -20,6 +20,7 @@
 //! | `lameduck_upstream_retries_total` | counter | |
 //! | `lameduck_state` | gauge: 0 serving, 1 draining, 2 drained | |
 //! | `lameduck_drain_duration_seconds` | gauge | |
+//! | `lameduck_drains_total` | counter | `reason` |
 //! | `lameduck_health_checks_total` | counter | `phase` |
 //! | `lameduck_health_check_sources` | gauge | |
 //! | `lameduck_health_check_interval_seconds` | gauge | `source` |
@@ -38,7 +39,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::drain::{Lifecycle, Phase, RequestKind, State};
+use crate::drain::{DrainReason, Lifecycle, Phase, RequestKind, State};
 
 /// Request latency buckets, in seconds: from sub-millisecond proxy hops to the ALB's 60 s.
 const DURATION_BUCKETS: &[f64] = &[
@@ -216,6 +217,9 @@ struct LifecycleCollector {
     connections: prometheus::IntGauge,
     tunnels: prometheus::IntGauge,
     drain_duration: prometheus::Gauge,
+    /// Indexed by `DrainReason as usize`: 1 for the reason this process's drain ended with.
+    drains_vec: IntCounterVec,
+    drains: [IntCounter; 2],
     sources: prometheus::IntGauge,
     intervals: prometheus::GaugeVec,
     window: prometheus::Gauge,
@@ -249,6 +253,18 @@ impl LifecycleCollector {
             "How long the drain has lasted so far (draining) or took (drained); 0 while serving.",
         )
         .expect("valid metric");
+        // A process drains at most once, so each series goes 0 -> 1; both reasons are
+        // exported from the start, so `increase()` sees the step.
+        let drains_vec = IntCounterVec::new(
+            Opts::new(
+                "lameduck_drains_total",
+                "Drains that ended, by reason: quiet (traffic stopped) or max (cut at --drain-max, or by a second signal).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let drains = [DrainReason::Quiet, DrainReason::Max]
+            .map(|r| drains_vec.with_label_values(&[r.as_str()]));
         let sources = prometheus::IntGauge::new(
             "lameduck_health_check_sources",
             "Load-balancer nodes (source addresses) currently health-checking this target.",
@@ -273,6 +289,7 @@ impl LifecycleCollector {
             connections.desc(),
             tunnels.desc(),
             drain_duration.desc(),
+            drains_vec.desc(),
             sources.desc(),
             intervals.desc(),
             window.desc(),
@@ -288,6 +305,8 @@ impl LifecycleCollector {
             connections,
             tunnels,
             drain_duration,
+            drains_vec,
+            drains,
             sources,
             intervals,
             window,
@@ -312,6 +331,12 @@ impl Collector for LifecycleCollector {
             State::Draining { since, .. } => since.elapsed().as_secs_f64(),
             State::Drained { took, .. } => took.as_secs_f64(),
         });
+        for (i, c) in self.drains.iter().enumerate() {
+            c.reset();
+            if matches!(snap.state, State::Drained { reason, .. } if reason as usize == i) {
+                c.inc();
+            }
+        }
         self.window.set(snap.window.window.as_secs_f64());
         self.intervals.reset();
         let mut active = 0;
@@ -330,6 +355,7 @@ impl Collector for LifecycleCollector {
             self.connections.collect(),
             self.tunnels.collect(),
             self.drain_duration.collect(),
+            self.drains_vec.collect(),
             self.sources.collect(),
             self.intervals.collect(),
             self.window.collect(),
@@ -351,6 +377,40 @@ mod tests {
         assert_eq!(fmt_code(200, &mut b), "200");
         assert_eq!(fmt_code(503, &mut b), "503");
         assert_eq!(fmt_code(101, &mut b), "101");
+    }
+
+    #[tokio::test]
+    async fn drains_total_says_how_the_drain_ended() {
+        let count = |m: &Metrics, reason: &str| {
+            let text = String::from_utf8(m.render()).unwrap();
+            let line = format!("lameduck_drains_total{{reason=\"{reason}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .unwrap_or_else(|| panic!("no {line:?} in\n{text}"))
+                .to_owned()
+        };
+        for (reason, other) in [("quiet", "max"), ("max", "quiet")] {
+            let lc = Lifecycle::new(DrainSettings::fixed(
+                Duration::ZERO,
+                Duration::ZERO,
+                Duration::from_secs(30),
+            ));
+            let m = Metrics::new(lc.clone());
+            assert_eq!(
+                (count(&m, "quiet"), count(&m, "max")),
+                ("0".into(), "0".into())
+            );
+            if reason == "max" {
+                lc.cut_short();
+            } else {
+                lc.start_drain(crate::drain::Trigger::Signal);
+            }
+            lc.drained().await;
+            assert_eq!(count(&m, reason), "1", "{reason}");
+            assert_eq!(count(&m, other), "0", "{reason}");
+            // Scraped again: still one drain, not two.
+            assert_eq!(count(&m, reason), "1", "{reason}");
+        }
     }
 
     #[test]
@@ -387,6 +447,8 @@ mod tests {
             "lameduck_upstream_retries_total 0",
             "lameduck_state 0",
             "lameduck_drain_duration_seconds 0",
+            "lameduck_drains_total{reason=\"quiet\"} 0",
+            "lameduck_drains_total{reason=\"max\"} 0",
             "lameduck_health_checks_total{phase=\"serving\"} 1",
             "lameduck_health_check_sources 0",
             "lameduck_quiet_window_seconds 0",

@@ -1,5 +1,6 @@
-//! README, `--help` and the code agree: every flag `--help` lists, every metric the
-//! registry exposes and every pod annotation injection knows is documented in the README.
+//! The docs, `--help` and the code agree: every flag `--help` lists and every metric the
+//! registry exposes is documented in the README or in docs/reference.md (which the README
+//! links to), and every pod annotation injection knows is in the README's annotation table.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -8,6 +9,38 @@ const BIN: &str = env!("CARGO_BIN_EXE_lameduck");
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap()
+}
+
+fn reference() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reference.md")).unwrap()
+}
+
+/// The README and the reference it links to, as one text to search.
+fn documented() -> String {
+    let readme = readme();
+    assert!(
+        readme.contains("](docs/reference.md)"),
+        "the README links to docs/reference.md"
+    );
+    readme + "\n" + &reference()
+}
+
+#[test]
+fn the_reference_has_a_section_per_subcommand() {
+    let reference = reference();
+    for heading in [
+        "## `lameduck proxy`",
+        "## `lameduck webhook`",
+        "## `lameduck inject`",
+        "## `lameduck drain`",
+        "## Admin endpoints",
+        "## Metrics",
+    ] {
+        assert!(
+            reference.contains(&format!("\n{heading}")),
+            "docs/reference.md has no {heading:?}"
+        );
+    }
 }
 
 fn flags(subcommand: &str) -> BTreeSet<String> {
@@ -28,22 +61,22 @@ fn flags(subcommand: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn every_flag_is_in_the_readme() {
-    let readme = readme();
+fn every_flag_is_documented() {
+    let readme = documented();
     for sub in ["proxy", "drain", "inject", "webhook"] {
         let flags = flags(sub);
         assert!(flags.len() > 2, "{sub}: parsed no flags from --help");
         for f in flags {
             assert!(
                 readme.contains(&format!("`{f}")) || readme.contains(&format!("[{f}")),
-                "`lameduck {sub} {f}` is not documented in README.md"
+                "`lameduck {sub} {f}` is documented neither in README.md nor in docs/reference.md"
             );
         }
     }
 }
 
 #[test]
-fn every_metric_is_in_the_readme() {
+fn every_metric_is_documented() {
     use lameduck::drain::{DrainSettings, Lifecycle, RequestKind};
     use std::time::Duration;
     let lc = Lifecycle::new(DrainSettings::fixed(
@@ -70,11 +103,11 @@ fn every_metric_is_in_the_readme() {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert!(names.len() >= 10, "{names:?}");
-    let readme = readme();
+    let docs = documented();
     for n in names {
         assert!(
-            readme.contains(&format!("`{n}`")),
-            "metric {n} is not documented in README.md"
+            docs.contains(&format!("`{n}`")),
+            "metric {n} is documented neither in README.md nor in docs/reference.md"
         );
     }
 }

@@ -44,7 +44,7 @@ fn sources(dir: &str) -> Vec<Json> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .filter(|p| !p.ends_with("kustomization.yaml"))
+        .filter(|p| !p.ends_with("kustomization.yaml") && !p.ends_with("kustomizeconfig.yaml"))
         .collect();
     files.sort();
     files
@@ -176,13 +176,25 @@ fn webhook_configuration_is_opt_in_and_wired() {
         i64::from(w.listen.port()),
         c["ports"][0]["containerPort"].as_i64().unwrap()
     );
+    // The image is set once: the sidecar's comes from the same value as the webhook's
+    // (LAMEDUCK_SIDECAR_IMAGE, which kustomizeconfig.yaml lets `images:` rewrite), never
+    // from an argument that `images:` would leave behind.
+    assert!(
+        !args.iter().any(|a| a.starts_with("--sidecar-image")),
+        "{args:?}"
+    );
+    let sidecar_image = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "LAMEDUCK_SIDECAR_IMAGE")
+        .expect("the webhook sets LAMEDUCK_SIDECAR_IMAGE");
     assert_eq!(
-        w.sidecar.sidecar_image,
-        c["image"].as_str().unwrap(),
+        sidecar_image["value"], c["image"],
         "the sidecar image and the webhook image move together"
     );
 
-    // Issue 9: the webhook drains. The preStop sleep covers the API server's endpoint
+    // The webhook drains. The preStop sleep covers the API server's endpoint
     // update lag, then SIGTERM starts --drain-time (with /healthz failing), then reviews
     // in flight get their last seconds: the grace period covers all three.
     let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -239,20 +251,72 @@ fn examples_target_named_ports_and_keep_the_canary() {
         .as_str()
         .unwrap()
         .contains("deregistration_delay.timeout_seconds="));
-    // quiet must outlast the health-check interval, or silence means nothing.
+    // Health checks reach lameduck's port, not the app's.
+    assert_eq!(
+        ann["alb.ingress.kubernetes.io/healthcheck-port"],
+        "traffic-port"
+    );
+    // The examples leave quiet at auto, as the README says; auto's fallback, used until
+    // an interval is learned, must outlast the health-check interval, or silence means
+    // nothing.
     let interval: u64 = ann["alb.ingress.kubernetes.io/healthcheck-interval-seconds"]
         .as_str()
         .unwrap()
         .parse()
         .unwrap();
+    let defaults = lameduck::cli::ProxyArgs::parse_and_validate(std::iter::empty::<&str>())
+        .expect("the proxy's defaults are valid");
+    assert!(defaults.quiet_fallback.as_secs() > interval);
+    for d in docs.iter().filter(|d| d["spec"]["template"].is_object()) {
+        let quiet = &d["spec"]["template"]["metadata"]["annotations"][inject::ANN_QUIET];
+        assert!(
+            quiet.is_null() || quiet == "auto",
+            "{}: lameduck.io/quiet {quiet}: leave it at auto",
+            d["metadata"]["name"]
+        );
+    }
+
+    // The NetworkPolicy admits the ports the injected sidecar serves on, by the names
+    // injection gives them, and not the app's own port.
+    let policy = find(&docs, "NetworkPolicy", "web");
     let web = find(&docs, "Deployment", "web");
-    let quiet = lameduck::cli::parse_duration(
-        web["spec"]["template"]["metadata"]["annotations"][inject::ANN_QUIET]
+    for (k, v) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&web["spec"]["template"]["metadata"]["labels"][k], v);
+    }
+    let web_yaml = lameduck::yaml::emit_document(&yaml_serde::to_value(web).unwrap()).unwrap();
+    let injected = inject::inject_manifests(&web_yaml, &Settings::default(), false).unwrap();
+    let injected = &documents(&injected.yaml)[0]["spec"]["template"]["spec"];
+    let port_owner = |name: &str| -> String {
+        injected["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(injected["initContainers"].as_array().into_iter().flatten())
+            .find(|c| {
+                c["ports"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["name"] == name))
+            })
+            .unwrap_or_else(|| panic!("no container has a port named {name}"))["name"]
             .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    assert!(quiet.as_secs() > interval);
+            .unwrap()
+            .to_owned()
+    };
+    let mut admitted = Vec::new();
+    for rule in policy["spec"]["ingress"].as_array().unwrap() {
+        for p in rule["ports"].as_array().unwrap() {
+            admitted.push(p["port"].as_str().expect("named ports").to_owned());
+        }
+    }
+    admitted.sort();
+    admitted.dedup();
+    assert_eq!(admitted, ["http", "lameduck-admin"]);
+    for name in &admitted {
+        assert_eq!(port_owner(name), "lameduck", "port {name}");
+    }
 
     let rollout = find(&docs, "Rollout", "checkout");
     assert_eq!(rollout["apiVersion"], "argoproj.io/v1alpha1");
@@ -443,6 +507,47 @@ fn kustomize_renders_and_manifests_validate() {
         "k8s-examples-regular",
         &documents(&regular.yaml),
     );
+}
+
+/// A user's overlay that sets `images:` once moves the webhook's image and the sidecar image
+/// it injects together.
+#[test]
+fn an_overlay_sets_the_image_once() {
+    let Some(kubectl) = tool("kubectl") else {
+        return;
+    };
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("lameduck-overlay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for entry in std::fs::read_dir(root().join("k8s/webhook")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+    }
+    let overlay = dir.join("overlay");
+    std::fs::create_dir_all(&overlay).unwrap();
+    let image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/lameduck:v9.9.9";
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "resources: [../base]\n\
+         images:\n\
+         - name: ghcr.io/lameduck/lameduck\n  \
+           newName: 123456789012.dkr.ecr.eu-west-1.amazonaws.com/lameduck\n  \
+           newTag: v9.9.9\n",
+    )
+    .unwrap();
+    let docs = documents(&run(&kubectl, &["kustomize", overlay.to_str().unwrap()]));
+    let _ = std::fs::remove_dir_all(&dir);
+    let c =
+        &find(&docs, "Deployment", "lameduck-webhook")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], image);
+    let env = c["env"].as_array().unwrap();
+    let sidecar = env
+        .iter()
+        .find(|e| e["name"] == "LAMEDUCK_SIDECAR_IMAGE")
+        .unwrap();
+    assert_eq!(sidecar["value"], image, "{env:?}");
 }
 
 /// Every golden output validates, so the goldens cannot drift into invalid pods.

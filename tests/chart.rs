@@ -1,0 +1,557 @@
+//! The Helm chart (charts/lameduck) and what it shares with k8s/.
+//!
+//! Always: the chart's copies of k8s/observability's files are the same bytes.
+//!
+//! With helm (built by `.ci/install-helm.sh`) and kubectl, kubernetes-validate (installed by
+//! `.ci/install-k8s-tools.sh`):
+//! - `helm lint --strict` passes with the default values and with each values set below;
+//! - one source of truth: `helm template` with the default values gives the objects
+//!   `kubectl kustomize k8s/webhook` gives, compared parsed, after removing Helm's own labels
+//!   (`helm.sh/chart`, `app.kubernetes.io/{managed-by,instance,version}`); the only object
+//!   the chart does not render is the Namespace, which `helm install --create-namespace`
+//!   makes. The same for `metrics.*.enabled` against `kubectl kustomize k8s/observability`;
+//! - every values set renders objects that refer to each other correctly (the Service the
+//!   webhook configuration calls, the Secret the certificate fills and the Deployment
+//!   mounts, the release namespace excluded from injection), arguments `lameduck webhook`
+//!   accepts, one image for the webhook and the sidecar, and validates against the
+//!   Kubernetes schemas (`kubernetes-validate --strict`; CRD kinds excepted);
+//! - invalid values (values.schema.json: a typo, a value out of its set; and a Secret without
+//!   its CA) are refused by `helm template` with a message that says why.
+//!
+//! A missing tool skips its test with a plain message, unless `LAMEDUCK_REQUIRE_TOOLS=1`,
+//! where it fails.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::Parser as _;
+use lameduck::cli::{Cli, Command as Sub};
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+const KUBERNETES_VERSION: &str = "1.33.0";
+const CHART: &str = "charts/lameduck";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn documents(yaml: &str) -> Vec<Json> {
+    yaml_serde::Deserializer::from_str(yaml)
+        .map(|d| Json::deserialize(d).unwrap())
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+/// The tool's path, or None after saying plainly that the test is skipped (a failure
+/// instead with LAMEDUCK_REQUIRE_TOOLS=1).
+fn tool(name: &str, installer: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        let msg = format!("{name} not found on PATH (install it with {installer})");
+        assert!(
+            std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
+        );
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
+    }
+    found
+}
+
+fn helm() -> Option<PathBuf> {
+    tool("helm", ".ci/install-helm.sh")
+}
+
+fn output(program: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+fn run(program: &Path, args: &[&str]) -> String {
+    let out = output(program, args);
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed ({}):\n{}{}",
+        program.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `helm template <release> charts/lameduck --namespace <ns> <args>`, parsed.
+fn template(helm: &Path, release: &str, namespace: &str, args: &[&str]) -> Vec<Json> {
+    let mut all = vec!["template", release, CHART, "--namespace", namespace];
+    all.extend_from_slice(args);
+    documents(&run(helm, &all))
+}
+
+/// Helm's own labels, which k8s/ does not set.
+const HELM_LABELS: &[&str] = &[
+    "helm.sh/chart",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+];
+
+fn by_kind_and_name(docs: Vec<Json>, strip_helm_labels: bool) -> BTreeMap<(String, String), Json> {
+    docs.into_iter()
+        .map(|mut d| {
+            if strip_helm_labels {
+                if let Some(labels) = d["metadata"]["labels"].as_object_mut() {
+                    for l in HELM_LABELS {
+                        labels.remove(*l);
+                    }
+                }
+            }
+            let key = (
+                d["kind"].as_str().unwrap().to_owned(),
+                d["metadata"]["name"].as_str().unwrap().to_owned(),
+            );
+            (key, d)
+        })
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Json], kind: &str) -> &'a Json {
+    let mut it = docs.iter().filter(|d| d["kind"] == kind);
+    let found = it.next().unwrap_or_else(|| panic!("no {kind}"));
+    assert!(it.next().is_none(), "more than one {kind}");
+    found
+}
+
+fn find_named<'a>(docs: &'a [Json], kind: &str, name: &str) -> &'a Json {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// Compares two renderings object by object, naming the first difference.
+fn assert_same_objects(
+    label: &str,
+    kustomized: &BTreeMap<(String, String), Json>,
+    helm: &BTreeMap<(String, String), Json>,
+) {
+    let only_k: Vec<_> = kustomized
+        .keys()
+        .filter(|k| !helm.contains_key(*k))
+        .collect();
+    let only_h: Vec<_> = helm
+        .keys()
+        .filter(|k| !kustomized.contains_key(*k))
+        .collect();
+    assert!(
+        only_k.is_empty() && only_h.is_empty(),
+        "{label}: only in kustomize: {only_k:?}; only in helm: {only_h:?}"
+    );
+    for (key, k) in kustomized {
+        let h = &helm[key];
+        assert!(
+            k == h,
+            "{label}: {key:?} differs.\nkustomize:\n{}\nhelm:\n{}",
+            serde_json::to_string_pretty(k).unwrap(),
+            serde_json::to_string_pretty(h).unwrap()
+        );
+    }
+}
+
+// === always ===
+
+#[test]
+fn chart_files_are_k8s_observability_copies() {
+    for f in ["dashboard.json", "podmonitor.yaml", "prometheusrule.yaml"] {
+        let original = std::fs::read(root().join("k8s/observability").join(f)).unwrap();
+        let copy = std::fs::read(root().join(CHART).join("files").join(f)).unwrap();
+        assert!(
+            original == copy,
+            "charts/lameduck/files/{f} differs from k8s/observability/{f}: \
+             cp k8s/observability/{f} charts/lameduck/files/{f}"
+        );
+    }
+}
+
+// === with helm ===
+
+#[test]
+fn default_values_render_k8s_webhook() {
+    let (Some(helm), Some(kubectl)) = (helm(), tool("kubectl", ".ci/install-k8s-tools.sh")) else {
+        return;
+    };
+    let mut kustomized = by_kind_and_name(
+        documents(&run(&kubectl, &["kustomize", "k8s/webhook"])),
+        false,
+    );
+    let namespace = kustomized
+        .remove(&("Namespace".into(), "lameduck-system".into()))
+        .expect("k8s/webhook has its Namespace");
+    assert_eq!(namespace["metadata"]["name"], "lameduck-system");
+    let rendered = by_kind_and_name(template(&helm, "lameduck", "lameduck-system", &[]), true);
+    assert!(kustomized.len() >= 9, "{:?}", kustomized.keys());
+    assert_same_objects("k8s/webhook", &kustomized, &rendered);
+}
+
+#[test]
+fn metrics_values_render_k8s_observability() {
+    let (Some(helm), Some(kubectl)) = (helm(), tool("kubectl", ".ci/install-k8s-tools.sh")) else {
+        return;
+    };
+    let kustomized = by_kind_and_name(
+        documents(&run(&kubectl, &["kustomize", "k8s/observability"])),
+        false,
+    );
+    let mut rendered = by_kind_and_name(
+        template(
+            &helm,
+            "lameduck",
+            "lameduck-system",
+            &[
+                "--set",
+                "metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true,\
+                 metrics.dashboard.enabled=true",
+            ],
+        ),
+        true,
+    );
+    rendered.retain(|k, _| kustomized.contains_key(k));
+    assert_eq!(kustomized.len(), 3, "{:?}", kustomized.keys());
+    assert_same_objects("k8s/observability", &kustomized, &rendered);
+    // The dashboard is the JSON file, byte for byte.
+    let cm = &rendered[&("ConfigMap".into(), "lameduck-dashboard".into())];
+    assert_eq!(
+        cm["data"]["lameduck.json"].as_str().unwrap(),
+        std::fs::read_to_string(root().join("k8s/observability/dashboard.json")).unwrap()
+    );
+}
+
+/// Values sets beyond the defaults, each with what it must change.
+fn values_sets() -> Vec<(&'static str, &'static str, &'static str, Vec<&'static str>)> {
+    vec![
+        ("defaults", "lameduck", "lameduck-system", vec![]),
+        (
+            "own-release-secret-tls",
+            "edge",
+            "platform",
+            vec![
+                "--set",
+                "tls.source=secret,tls.secret.name=my-webhook-tls,tls.secret.caBundle=LS0tLS1CRUdJTg==",
+                "--set",
+                "image.repository=123456789012.dkr.ecr.eu-west-1.amazonaws.com/lameduck,image.tag=v0.1.0-rc1",
+                "--set",
+                "webhook.failurePolicy=Ignore,replicas=3,priorityClassName=system-cluster-critical",
+                "--set",
+                "sidecar.native=false,webhook.drainTime=20s,webhook.terminationGracePeriodSeconds=40",
+                "--set-json",
+                r#"webhook.namespaceSelector={"matchLabels":{"lameduck.io/enabled":"true"}}"#,
+                "--set-json",
+                r#"webhook.objectSelector={"matchExpressions":[{"key":"lameduck.io/inject","operator":"In","values":["true"]}]}"#,
+                "--set",
+                "podDisruptionBudget.enabled=false",
+            ],
+        ),
+        (
+            "digest-sidecar-image-metrics",
+            "lameduck",
+            "lameduck",
+            vec![
+                "--set",
+                "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "--set",
+                "sidecar.image=registry.example.com/lameduck:pinned",
+                "--set",
+                "metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true,\
+                 metrics.dashboard.enabled=true,metrics.dashboard.namespace=monitoring",
+                "--set",
+                "podDisruptionBudget.maxUnavailable=1",
+            ],
+        ),
+    ]
+}
+
+#[test]
+fn helm_lint_passes_for_every_values_set() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    for (label, _, namespace, args) in values_sets() {
+        let mut all = vec!["lint", "--strict", CHART, "--namespace", namespace];
+        all.extend_from_slice(&args);
+        let out = run(&helm, &all);
+        assert!(out.contains("0 chart(s) failed"), "{label}: {out}");
+    }
+}
+
+#[test]
+fn every_values_set_renders_a_wired_webhook_that_validates() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    let validator = tool("kubernetes-validate", ".ci/install-k8s-tools.sh");
+    for (label, release, namespace, args) in values_sets() {
+        let docs = template(&helm, release, namespace, &args);
+        check_wiring(label, release, namespace, &docs);
+        if let Some(v) = &validator {
+            validate(v, label, &docs);
+        }
+    }
+}
+
+fn string_list(v: &Json) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect()
+}
+
+fn check_wiring(label: &str, release: &str, namespace: &str, docs: &[Json]) {
+    for d in docs {
+        if d["kind"] != "MutatingWebhookConfiguration" {
+            assert_eq!(
+                d["metadata"]["namespace"],
+                {
+                    match (d["kind"].as_str(), label) {
+                        (Some("ConfigMap"), "digest-sidecar-image-metrics") => "monitoring",
+                        _ => namespace,
+                    }
+                },
+                "{label}: {d}"
+            );
+        }
+        assert_eq!(
+            d["metadata"]["labels"]["app.kubernetes.io/instance"], release,
+            "{label}: {d}"
+        );
+    }
+    let mwc = find(docs, "MutatingWebhookConfiguration");
+    let hook = &mwc["webhooks"][0];
+    let svc_ref = &hook["clientConfig"]["service"];
+    let service = find_named(docs, "Service", svc_ref["name"].as_str().unwrap());
+    assert_eq!(
+        service["metadata"]["namespace"], svc_ref["namespace"],
+        "{label}"
+    );
+    assert_eq!(
+        service["spec"]["ports"][0]["port"], svc_ref["port"],
+        "{label}"
+    );
+    assert_eq!(svc_ref["path"], "/mutate");
+    // The release namespace is always excluded, whatever namespaceSelector says.
+    let exprs = hook["namespaceSelector"]["matchExpressions"]
+        .as_array()
+        .unwrap();
+    let not_in = exprs
+        .iter()
+        .find(|e| e["key"] == "kubernetes.io/metadata.name" && e["operator"] == "NotIn")
+        .unwrap_or_else(|| panic!("{label}: no NotIn in {exprs:?}"));
+    assert!(
+        string_list(&not_in["values"]).contains(&namespace),
+        "{label}: the webhook must not gate its own namespace: {not_in}"
+    );
+
+    let deploy = find(docs, "Deployment");
+    let pod = &deploy["spec"]["template"]["spec"];
+    let selector = deploy["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    for (k, v) in selector {
+        assert_eq!(
+            &deploy["spec"]["template"]["metadata"]["labels"][k], v,
+            "{label}"
+        );
+        assert_eq!(&service["spec"]["selector"][k], v, "{label}");
+    }
+    let secret = pod["volumes"][0]["secret"]["secretName"].as_str().unwrap();
+    let c = &pod["containers"][0];
+    let args = string_list(&c["args"]);
+    let cli = Cli::try_parse_from(std::iter::once("lameduck").chain(args.iter().copied()))
+        .unwrap_or_else(|e| panic!("{label}: webhook args {args:?}: {e}"));
+    let Sub::Webhook(w) = cli.command else {
+        panic!("{label}: not a webhook command: {args:?}")
+    };
+    assert_eq!(
+        i64::from(w.listen.port()),
+        c["ports"][0]["containerPort"].as_i64().unwrap()
+    );
+    let mount = c["volumeMounts"][0]["mountPath"].as_str().unwrap();
+    assert!(w.tls_cert.starts_with(mount) && w.tls_key.starts_with(mount));
+    let grace = pod["terminationGracePeriodSeconds"].as_f64().unwrap();
+    let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        grace
+            > pre_stop
+                + w.drain_time.as_secs_f64()
+                + lameduck::webhook::SHUTDOWN_GRACE.as_secs_f64(),
+        "{label}: terminationGracePeriodSeconds {grace} too short for the drain"
+    );
+    let sidecar_image = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "LAMEDUCK_SIDECAR_IMAGE")
+        .expect("the webhook sets LAMEDUCK_SIDECAR_IMAGE")["value"]
+        .as_str()
+        .unwrap();
+    assert!(!args.iter().any(|a| a.starts_with("--sidecar-image")));
+
+    let pdb = docs.iter().find(|d| d["kind"] == "PodDisruptionBudget");
+    if let Some(pdb) = pdb {
+        assert_eq!(
+            pdb["spec"]["selector"]["matchLabels"],
+            deploy["spec"]["selector"]["matchLabels"]
+        );
+    }
+
+    match label {
+        "defaults" => {
+            assert_eq!(c["image"], "ghcr.io/lameduck/lameduck:0.1.0");
+            assert_eq!(sidecar_image, c["image"].as_str().unwrap());
+            assert!(w.sidecar.native_sidecar);
+            assert_eq!(hook["failurePolicy"], "Fail");
+        }
+        "own-release-secret-tls" => {
+            let image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/lameduck:v0.1.0-rc1";
+            assert_eq!(c["image"], image);
+            assert_eq!(sidecar_image, image, "one image for both");
+            assert!(!w.sidecar.native_sidecar, "--native-sidecar=false");
+            assert_eq!(w.drain_time, std::time::Duration::from_secs(20));
+            assert_eq!(hook["failurePolicy"], "Ignore");
+            assert_eq!(deploy["spec"]["replicas"], 3);
+            assert_eq!(pod["priorityClassName"], "system-cluster-critical");
+            assert_eq!(svc_ref["name"], "edge-lameduck-webhook");
+            assert_eq!(mwc["metadata"]["name"], "edge-lameduck");
+            // A provided Secret: no cert-manager objects, the caBundle as given.
+            assert!(docs.iter().all(|d| d["apiVersion"] != "cert-manager.io/v1"));
+            assert!(mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].is_null());
+            assert_eq!(hook["clientConfig"]["caBundle"], "LS0tLS1CRUdJTg==");
+            assert_eq!(secret, "my-webhook-tls");
+            assert_eq!(
+                hook["namespaceSelector"]["matchLabels"]["lameduck.io/enabled"],
+                "true"
+            );
+            assert_eq!(
+                hook["objectSelector"]["matchExpressions"][0]["key"],
+                "lameduck.io/inject"
+            );
+            assert!(pdb.is_none());
+        }
+        "digest-sidecar-image-metrics" => {
+            assert!(c["image"]
+                .as_str()
+                .unwrap()
+                .starts_with("ghcr.io/lameduck/lameduck@sha256:"));
+            assert_eq!(sidecar_image, "registry.example.com/lameduck:pinned");
+            assert_eq!(pdb.unwrap()["spec"]["maxUnavailable"], 1);
+            assert!(pdb.unwrap()["spec"]["minAvailable"].is_null());
+            find(docs, "PodMonitor");
+            find(docs, "PrometheusRule");
+            find(docs, "ConfigMap");
+        }
+        other => panic!("no expectations for {other}"),
+    }
+
+    // cert-manager: the leaf covers the Service, fills the mounted Secret, and is signed by
+    // the CA whose Certificate fills the caBundle.
+    if let Some(leaf) = docs
+        .iter()
+        .find(|d| d["kind"] == "Certificate" && d["spec"]["isCA"] != true)
+    {
+        let dns = format!("{}.{}.svc", svc_ref["name"].as_str().unwrap(), namespace);
+        assert!(string_list(&leaf["spec"]["dnsNames"]).contains(&dns.as_str()));
+        assert_eq!(leaf["spec"]["secretName"], secret);
+        let ca_ref = mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+            .as_str()
+            .unwrap();
+        let (ca_ns, ca_name) = ca_ref.split_once('/').unwrap();
+        assert_eq!(ca_ns, namespace);
+        let ca = find_named(docs, "Certificate", ca_name);
+        assert_eq!(ca["spec"]["isCA"], true);
+        let leaf_issuer = find_named(
+            docs,
+            "Issuer",
+            leaf["spec"]["issuerRef"]["name"].as_str().unwrap(),
+        );
+        assert_eq!(
+            leaf_issuer["spec"]["ca"]["secretName"],
+            ca["spec"]["secretName"]
+        );
+        let root_issuer = find_named(
+            docs,
+            "Issuer",
+            ca["spec"]["issuerRef"]["name"].as_str().unwrap(),
+        );
+        assert!(root_issuer["spec"]["selfSigned"].is_object());
+    }
+}
+
+#[test]
+fn invalid_values_are_refused() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    for (args, says) in [
+        (vec!["--set", "tls.source=secret"], "tls.secret.caBundle"),
+        // values.schema.json: a value out of its set, and a typo.
+        (vec!["--set", "tls.source=vault"], "/tls/source"),
+        (
+            vec!["--set", "replica=3"],
+            "additional properties 'replica' not allowed",
+        ),
+        (
+            vec!["--set", "webhook.failurePolicy=fail"],
+            "/webhook/failurePolicy",
+        ),
+    ] {
+        let mut all = vec!["template", "lameduck", CHART];
+        all.extend_from_slice(&args);
+        let out = output(&helm, &all);
+        assert!(!out.status.success(), "{args:?} rendered");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+/// Validates the documents against the Kubernetes schemas; custom kinds have none.
+fn validate(validator: &Path, label: &str, docs: &[Json]) {
+    let checked: Vec<&Json> = docs
+        .iter()
+        .filter(|d| {
+            let api = d["apiVersion"].as_str().unwrap_or_default();
+            !api.starts_with("cert-manager.io/") && !api.starts_with("monitoring.coreos.com/")
+        })
+        .collect();
+    assert!(checked.len() >= 4, "{label}");
+    let file = std::env::temp_dir().join(format!(
+        "lameduck-chart-{}-{label}.yaml",
+        std::process::id()
+    ));
+    let yaml = checked
+        .iter()
+        .map(|d| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    std::fs::write(&file, yaml).unwrap();
+    let out = Command::new(validator)
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{label} does not validate against Kubernetes {KUBERNETES_VERSION}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
