@@ -227,8 +227,11 @@ class Target:
             ]
         elif self.name.startswith("lameduck"):
             self.admin = free_port()
+            # lameduck-base: another build (BENCH_BASE_BIN), to compare before/after a change
+            # in the same run.
+            binary = os.environ["BENCH_BASE_BIN"] if self.name == "lameduck-base" else t["lameduck"]
             argv = [
-                t["lameduck"], "proxy", "--listen", listen, "--upstream", up,
+                binary, "proxy", "--listen", listen, "--upstream", up,
                 "--admin", f"127.0.0.1:{self.admin}", "--log-level", "warn",
             ]
             if self.name == "lameduck-t2":
@@ -721,6 +724,7 @@ LABELS = {
     "lameduck": "lameduck",
     "lameduck-draining": "lameduck, draining",
     "lameduck-t2": "lameduck --threads 2",
+    "lameduck-base": "lameduck, base build (BENCH_BASE_BIN)",
 }
 
 
