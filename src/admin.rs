@@ -194,6 +194,11 @@ impl Admin {
         let snap = self.lifecycle.snapshot();
         v["requests_after_drained"] = snap.requests_after_drained.into();
         v["tunnels_open"] = snap.tunnels.into();
+        // What was still open when the drain ended (TCP mode: connections, and for how long).
+        if let Some(end) = self.lifecycle.open_at_end() {
+            v["open_at_end"] = end.open.into();
+            v["oldest_open_seconds"] = end.oldest.map(|d| d.as_secs_f64()).into();
+        }
         json_response(StatusCode::OK, v)
     }
 }

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cadence::Quiet;
 use crate::drain::DrainSettings;
+use crate::proxy_protocol::ProxyProtocol;
 use crate::upstream::Protocol;
 
 #[derive(Parser, Debug)]
@@ -100,8 +101,10 @@ pub struct ProxyArgs {
     pub quiet: QuietArg,
 
     /// With --quiet auto: the window used until an interval has been learned (a pod that
-    /// has just started). 30s covers the ALB's default 15s interval and one missed check.
+    /// has just started). 30s covers the ALB's default 15s interval and one missed check;
+    /// with --mode tcp the default is 65s, for the NLB target group's default 30s interval.
     #[arg(long, env = "LAMEDUCK_QUIET_FALLBACK", value_name = "DUR", default_value = "30s",
+          default_value_if("mode", "tcp", "65s"),
           value_parser = parse_duration, help_heading = "Drain")]
     pub quiet_fallback: Duration,
 
@@ -120,8 +123,11 @@ pub struct ProxyArgs {
 
     /// Hard cap on draining. Covers the AWS Load Balancer Controller's deregistration lag
     /// (70s seen in production). drain-max plus the app's own shutdown time must fit inside
-    /// the pod's terminationGracePeriodSeconds.
+    /// the pod's terminationGracePeriodSeconds. With --mode tcp the default is 300s: an NLB
+    /// keeps opening connections for about 2 min after deregistration (up to 180s seen),
+    /// after the controller's own lag.
     #[arg(long, env = "LAMEDUCK_DRAIN_MAX", value_name = "DUR", default_value = "120s",
+          default_value_if("mode", "tcp", "300s"),
           value_parser = parse_duration, help_heading = "Drain")]
     pub drain_max: Duration,
 
@@ -183,8 +189,11 @@ pub struct ProxyArgs {
 
     /// Close a downstream keep-alive connection idle this long. Above the ALB's default 60s
     /// idle timeout, so the load balancer always closes first (a close racing its reuse of
-    /// the connection is a 502). Raise it above a raised ALB idle timeout.
+    /// the connection is a 502). Raise it above a raised ALB idle timeout. With --mode tcp:
+    /// a connection with no byte either way for this long is closed; the default is then
+    /// 360s, above the NLB's fixed 350s TCP idle timeout.
     #[arg(long, env = "LAMEDUCK_IDLE_TIMEOUT", value_name = "DUR", default_value = "75s",
+          default_value_if("mode", "tcp", "360s"),
           value_parser = parse_duration, help_heading = "Timeouts")]
     pub idle_timeout: Duration,
 
@@ -298,6 +307,57 @@ pub struct ProxyArgs {
         help_heading = "Runtime"
     )]
     pub log_level: LogLevel,
+
+    /// What the traffic port speaks. http: the draining reverse proxy (ALB, HTTP/gRPC).
+    /// tcp: a layer-4 forwarder for Network Load Balancers; quiet means no new connection,
+    /// in flight means an open connection (see the README's TCP mode section).
+    #[arg(
+        long,
+        env = "LAMEDUCK_MODE",
+        value_enum,
+        default_value = "http",
+        help_heading = "TCP mode"
+    )]
+    pub mode: Mode,
+
+    /// With --mode tcp: a PROXY protocol v2 header (the NLB target group's
+    /// proxy_protocol_v2.enabled) starts every connection. strip: parse it and forward the
+    /// payload only; pass: parse it and forward it to the app unchanged; off: none expected.
+    /// A malformed header closes the connection. Its source address is what health-check
+    /// tracking uses.
+    #[arg(
+        long,
+        env = "LAMEDUCK_PROXY_PROTOCOL",
+        value_enum,
+        default_value = "off",
+        help_heading = "TCP mode"
+    )]
+    pub proxy_protocol: ProxyProtocol,
+
+    /// With --mode tcp: a connection that sends no byte (after any PROXY header) and closes
+    /// within this long of being accepted is a load-balancer TCP health check: learned from
+    /// per source for --quiet auto, counted apart from traffic. NLB checks close at once.
+    #[arg(long, env = "LAMEDUCK_TCP_HEALTH_CHECK_WITHIN", value_name = "DUR", default_value = "1s",
+          value_parser = parse_duration, help_heading = "TCP mode")]
+    pub tcp_health_check_within: Duration,
+}
+
+/// What the traffic port speaks (`--mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// The draining HTTP/1.1 and h2c reverse proxy.
+    Http,
+    /// The layer-4 TCP forwarder.
+    Tcp,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Tcp => "tcp",
+        }
+    }
 }
 
 const GRACE_HELP: &str = "\
@@ -363,6 +423,19 @@ impl ProxyArgs {
                  LAMEDUCK_POD_NAMESPACE, from the downward API)"
                     .into(),
             );
+        }
+        if self.mode == Mode::Http && self.proxy_protocol != ProxyProtocol::Off {
+            return Err("--proxy-protocol needs --mode tcp".into());
+        }
+        if self.mode == Mode::Tcp && !self.health_path.is_empty() {
+            return Err(
+                "--health-path is for --mode http: in tcp mode the load balancer's \
+                        health checks must keep passing while draining"
+                    .into(),
+            );
+        }
+        if self.tcp_health_check_within.is_zero() {
+            return Err("--tcp-health-check-within must be greater than 0".into());
         }
         if self.listen == self.admin && self.listen.port() != 0 {
             return Err(format!(
@@ -686,6 +759,47 @@ mod tests {
         let e = ProxyArgs::parse_and_validate(["--upstream-protocol=spdy"]).unwrap_err();
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(e.contains("--upstream-protocol"), "{e}");
+    }
+
+    #[test]
+    fn tcp_mode_has_nlb_sized_defaults() {
+        let p = proxy(&["--mode", "tcp"]).unwrap();
+        assert_eq!(p.mode, Mode::Tcp);
+        assert_eq!(p.drain_max, Duration::from_secs(300));
+        assert_eq!(p.quiet_fallback, Duration::from_secs(65));
+        assert!(
+            p.idle_timeout > Duration::from_secs(350),
+            "must outlast the NLB's idle timeout"
+        );
+        assert_eq!(p.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!(p.tcp_health_check_within, Duration::from_secs(1));
+        // Explicit values still win.
+        let p = proxy(&["--mode=tcp", "--drain-max=200s", "--idle-timeout=400s"]).unwrap();
+        assert_eq!(p.drain_max, Duration::from_secs(200));
+        assert_eq!(p.idle_timeout, Duration::from_secs(400));
+        // The injector's check sees the same defaults.
+        let p = ProxyArgs::parse_and_validate(["--mode=tcp"]).unwrap();
+        assert_eq!(p.drain_max, Duration::from_secs(300));
+        // HTTP defaults unchanged.
+        let p = proxy(&[]).unwrap();
+        assert_eq!(
+            (p.mode, p.drain_max),
+            (Mode::Http, Duration::from_secs(120))
+        );
+    }
+
+    #[test]
+    fn tcp_mode_flags_are_checked() {
+        let e = proxy(&["--proxy-protocol", "strip"]).unwrap_err();
+        assert!(e.contains("--proxy-protocol needs --mode tcp"), "{e}");
+        let e = proxy(&["--mode", "tcp", "--health-path", "/healthz"]).unwrap_err();
+        assert!(e.contains("--health-path is for --mode http"), "{e}");
+        assert!(proxy(&["--mode", "udp"]).is_err());
+        assert!(proxy(&["--mode", "tcp", "--proxy-protocol", "v1"]).is_err());
+        let e = proxy(&["--mode", "tcp", "--tcp-health-check-within", "0"]).unwrap_err();
+        assert!(e.contains("greater than 0"), "{e}");
+        let p = proxy(&["--mode", "tcp", "--proxy-protocol", "pass"]).unwrap();
+        assert_eq!(p.proxy_protocol, ProxyProtocol::Pass);
     }
 
     #[test]

@@ -125,6 +125,16 @@ pub enum State {
     },
 }
 
+/// What was still open when the drain ended ([`Lifecycle::open_at_end`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenAtEnd {
+    /// Requests (TCP mode: connections) still in flight.
+    pub open: usize,
+    /// How long the oldest of them had been open, for those whose start is tracked
+    /// ([`Lifecycle::stream`]: TCP connections).
+    pub oldest: Option<Duration>,
+}
+
 /// Why the proxy cannot serve any more, whatever the lifecycle says (readiness fails).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure(pub String);
@@ -259,6 +269,10 @@ struct Inner {
     requests_during_drain: AtomicU64,
     health_checks_during_drain: AtomicU64,
     requests_after_drained: AtomicU64,
+    /// Set once, when the drain ends.
+    open_at_end: OnceLock<OpenAtEnd>,
+    /// Start times (`now_nanos()`) of the [`Lifecycle::stream`] guards alive, with counts.
+    streams: std::sync::Mutex<std::collections::BTreeMap<u64, u32>>,
     /// Woken each time `in_flight` drops to zero.
     idle: Notify,
     /// Woken each time `connections` drops to zero.
@@ -294,6 +308,8 @@ impl Lifecycle {
             requests_during_drain: AtomicU64::new(0),
             health_checks_during_drain: AtomicU64::new(0),
             requests_after_drained: AtomicU64::new(0),
+            open_at_end: OnceLock::new(),
+            streams: Default::default(),
             idle: Notify::new(),
             no_connections: Notify::new(),
             released: watch::channel(false).0,
@@ -553,6 +569,7 @@ impl Lifecycle {
             phase,
             kind,
             started: now,
+            stream: false,
         }
     }
 
@@ -579,6 +596,50 @@ impl Lifecycle {
             }
             notified.await;
         }
+    }
+
+    /// A request that is a whole connection (TCP mode): counted like [`Lifecycle::request`]
+    /// (`Traffic`), and its start is remembered while it lasts, so a drain that ends with
+    /// it still open reports how long the oldest has been open.
+    pub fn stream(&self, source: std::net::IpAddr) -> RequestGuard {
+        let mut guard = self.request(RequestKind::Traffic, source);
+        *self
+            .0
+            .streams
+            .lock()
+            .expect("not poisoned")
+            .entry(guard.started)
+            .or_default() += 1;
+        guard.stream = true;
+        guard
+    }
+
+    fn end_stream(&self, started: u64) {
+        let mut streams = self.0.streams.lock().expect("not poisoned");
+        if let std::collections::btree_map::Entry::Occupied(mut e) = streams.entry(started) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// What was still open when the drain ended; `None` until it has.
+    pub fn open_at_end(&self) -> Option<OpenAtEnd> {
+        self.0.open_at_end.get().copied()
+    }
+
+    /// How long the oldest open [`Lifecycle::stream`] has been open.
+    pub fn oldest_stream(&self) -> Option<Duration> {
+        let first = *self.0.streams.lock().expect("not poisoned").keys().next()?;
+        Some(Duration::from_nanos(now_nanos().saturating_sub(first)))
+    }
+
+    /// A connection not yet told apart (TCP mode: traffic or a health check?): holds off
+    /// the end of the drain like a request in flight, without counting as one.
+    pub fn pending(&self) -> PendingGuard {
+        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        PendingGuard(self.clone())
     }
 
     /// Counts an open downstream connection.
@@ -682,6 +743,11 @@ impl Lifecycle {
     fn finish(&self, reason: DrainReason) {
         let requests_during_drain = self.0.requests_during_drain.load(Ordering::Acquire);
         let health_checks_during_drain = self.0.health_checks_during_drain.load(Ordering::Acquire);
+        let at_end = OpenAtEnd {
+            open: self.in_flight(),
+            oldest: self.oldest_stream(),
+        };
+        let oldest_open = at_end.oldest;
         let mut done = None;
         self.0.state.send_if_modified(|s| {
             let State::Draining {
@@ -705,6 +771,8 @@ impl Lifecycle {
                 requests_during_drain,
                 health_checks_during_drain,
             };
+            // Before the state is published: whoever sees `Drained` sees this too.
+            let _ = self.0.open_at_end.set(at_end);
             self.0.phase.store(Phase::Drained as u8, Ordering::Release);
             true
         });
@@ -729,6 +797,7 @@ impl Lifecycle {
                 health_checks_during_drain,
                 in_flight,
                 connections,
+                oldest_open_seconds = oldest_open.map(|d| d.as_secs_f64()),
                 last_request_ago = ?idle,
                 quiet_window = %why,
                 "drain cut short before traffic stopped: {in_flight} request(s) still in flight, \
@@ -744,6 +813,8 @@ pub struct RequestGuard {
     phase: Phase,
     kind: RequestKind,
     started: u64,
+    /// Made by [`Lifecycle::stream`]: its start is in `streams`.
+    stream: bool,
 }
 
 impl RequestGuard {
@@ -764,6 +835,9 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
+        if self.stream {
+            self.lifecycle.end_stream(self.started);
+        }
         self.lifecycle.release();
     }
 }
@@ -776,6 +850,15 @@ impl Drop for TunnelGuard {
         if self.0 .0.tunnels.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0 .0.no_tunnels.notify_waiters();
         }
+    }
+}
+
+/// A connection not yet told apart ([`Lifecycle::pending`]).
+pub struct PendingGuard(Lifecycle);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 
@@ -955,6 +1038,32 @@ mod tests {
         lc.released().await;
         assert!(t.elapsed() >= S(10), "{:?}", t.elapsed());
         assert_eq!(lc.in_flight(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ended_at_max_reports_the_streams_still_open() {
+        let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(10)));
+        let old = lc.stream(LOCAL);
+        tokio::time::sleep(S(3)).await;
+        let young = lc.stream(LOCAL);
+        drop(lc.stream(LOCAL));
+        lc.start_drain(Trigger::Signal);
+        let State::Drained { reason, .. } = lc.drained().await else {
+            unreachable!()
+        };
+        assert_eq!(reason, DrainReason::Max);
+        assert_eq!(
+            lc.open_at_end(),
+            Some(OpenAtEnd {
+                open: 2,
+                oldest: Some(S(13))
+            })
+        );
+        drop(old);
+        assert_eq!(lc.oldest_stream(), Some(S(10)));
+        drop(young);
+        assert_eq!(lc.oldest_stream(), None);
+        lc.idle().await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,6 +11,8 @@
 //! | [`signal`] | SIGTERM/SIGINT as a stream of triggers |
 //! | [`listener`] | the traffic port: accept loop, per-connection idle/header watchdog, close at Drained |
 //! | [`proxy`] | the tower stack: tracking, drain awareness, forwarding, hop-by-hop headers |
+//! | [`tcp`] | `--mode tcp`: the layer-4 forwarder, health checks recognised at layer 4 |
+//! | [`proxy_protocol`] | the pure PROXY protocol v2 header parser |
 //! | [`upstream`] | the pooled connection to the app, timeouts, safe retry, error classes |
 //! | [`admin`] | `/livez` `/readyz` `/drain` `/status` `/metrics`, and the `lameduck drain` client |
 //! | [`metrics`] | the Prometheus registry |
@@ -29,8 +31,10 @@ pub mod inject;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod sidecar;
 pub mod signal;
+pub mod tcp;
 pub mod upstream;
 pub mod webhook;
 pub mod yaml;

@@ -167,7 +167,7 @@ pub async fn serve(
 
 /// What an `accept(2)` error means for the loop.
 #[derive(Debug, PartialEq, Eq)]
-enum AcceptClass {
+pub(crate) enum AcceptClass {
     /// The failed connection's own problem (accept(2): treat like EAGAIN and retry).
     PerConnection,
     /// The process or system is short of something: retry after a pause.
@@ -177,7 +177,7 @@ enum AcceptClass {
 }
 
 impl AcceptClass {
-    fn of(e: &io::Error) -> AcceptClass {
+    pub(crate) fn of(e: &io::Error) -> AcceptClass {
         match e.raw_os_error() {
             Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                 AcceptClass::Resources

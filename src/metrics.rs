@@ -26,6 +26,18 @@
 //! | `lameduck_health_check_interval_seconds` | gauge | `source` |
 //! | `lameduck_quiet_window_seconds` | gauge | |
 //! | `lameduck_build_info` | gauge, always 1 | `version` |
+//! | `lameduck_mode_info` | gauge, always 1 | `mode` (`http`, `tcp`) |
+//! | `lameduck_tcp_connections_total` | counter | `kind` (`traffic`, `health_check`), `phase` |
+//! | `lameduck_tcp_connection_duration_seconds` | histogram | `phase` |
+//! | `lameduck_tcp_bytes_total` | counter | `direction` (`to_app`, `to_client`) |
+//! | `lameduck_tcp_connection_ends_total` | counter | `reason` |
+//! | `lameduck_proxy_protocol_errors_total` | counter | `kind` |
+//!
+//! In `--mode tcp` the shared families mean: `lameduck_connections_total` every accepted
+//! connection, `lameduck_health_checks_total` the TCP health checks recognised,
+//! `lameduck_in_flight_requests` the open traffic connections, `lameduck_upstream_errors_total`
+//! the failed connects to the app (`connect`, `timeout`). The `lameduck_tcp_*` families
+//! appear only in tcp mode.
 //!
 //! Health checks are counted apart from requests: `lameduck_requests_total{phase="draining"}`
 //! is the number of application requests the drain saved.
@@ -60,6 +72,168 @@ pub struct Metrics {
     pub upstream_retries: IntCounter,
     pub connections_total: IntCounter,
     pub connections_refused: IntCounter,
+    mode: IntGaugeVec,
+    /// The `--mode tcp` families.
+    pub tcp: TcpMetrics,
+}
+
+/// Connection durations, in seconds: from a health check's milliseconds to hour-long
+/// streams (the NLB keeps an active flow forever; its idle timeout is 350 s).
+const TCP_DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Why a TCP connection ended: the `reason` label of `lameduck_tcp_connection_ends_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpEnd {
+    /// Both sides closed (half-closes passed on).
+    Closed,
+    /// Recognised as a health check: closed without a byte.
+    HealthCheck,
+    /// A read or write failed (a reset).
+    Error,
+    /// No byte either way for `--idle-timeout`.
+    Idle,
+    /// Still open at drain-max: ended by the exit.
+    Cut,
+    /// The app could not be reached (see `lameduck_upstream_errors_total`).
+    Upstream,
+    /// A missing or malformed PROXY protocol header.
+    ProxyProtocol,
+}
+
+impl TcpEnd {
+    pub const ALL: [TcpEnd; 7] = [
+        TcpEnd::Closed,
+        TcpEnd::HealthCheck,
+        TcpEnd::Error,
+        TcpEnd::Idle,
+        TcpEnd::Cut,
+        TcpEnd::Upstream,
+        TcpEnd::ProxyProtocol,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpEnd::Closed => "closed",
+            TcpEnd::HealthCheck => "health_check",
+            TcpEnd::Error => "error",
+            TcpEnd::Idle => "idle",
+            TcpEnd::Cut => "cut",
+            TcpEnd::Upstream => "upstream",
+            TcpEnd::ProxyProtocol => "proxy_protocol",
+        }
+    }
+}
+
+/// Handles for `--mode tcp`.
+pub struct TcpMetrics {
+    connections: IntCounterVec,
+    durations: HistogramVec,
+    bytes: IntCounterVec,
+    ends: IntCounterVec,
+    proxy_protocol_errors: IntCounterVec,
+}
+
+impl TcpMetrics {
+    fn new() -> TcpMetrics {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        TcpMetrics {
+            connections: counter(
+                "lameduck_tcp_connections_total",
+                "TCP connections by what they were (traffic, or a health check: no byte, closed at once) and the lifecycle phase they started in.",
+                &["kind", "phase"],
+            ),
+            durations: HistogramVec::new(
+                HistogramOpts::new(
+                    "lameduck_tcp_connection_duration_seconds",
+                    "How long each TCP traffic connection stayed open, by the phase it started in.",
+                )
+                .buckets(TCP_DURATION_BUCKETS.to_vec()),
+                &["phase"],
+            )
+            .expect("valid metric"),
+            bytes: counter(
+                "lameduck_tcp_bytes_total",
+                "Bytes forwarded in TCP mode, by direction (to_app, to_client).",
+                &["direction"],
+            ),
+            ends: counter(
+                "lameduck_tcp_connection_ends_total",
+                "TCP connections ended, by reason (closed, health_check, error, idle, cut, upstream, proxy_protocol).",
+                &["reason"],
+            ),
+            proxy_protocol_errors: counter(
+                "lameduck_proxy_protocol_errors_total",
+                "Connections closed because their PROXY protocol v2 header was missing or malformed, by kind.",
+                &["kind"],
+            ),
+        }
+    }
+
+    fn collectors(&self) -> [Box<dyn Collector>; 5] {
+        [
+            Box::new(self.connections.clone()),
+            Box::new(self.durations.clone()),
+            Box::new(self.bytes.clone()),
+            Box::new(self.ends.clone()),
+            Box::new(self.proxy_protocol_errors.clone()),
+        ]
+    }
+
+    /// Creates every label value, so the families appear (at 0) before the first sample.
+    fn init(&self) {
+        for p in Phase::ALL {
+            for k in ["traffic", "health_check"] {
+                self.connections.with_label_values(&[k, p.as_str()]);
+            }
+            self.durations.with_label_values(&[p.as_str()]);
+        }
+        for d in ["to_app", "to_client"] {
+            self.bytes.with_label_values(&[d]);
+        }
+        for e in TcpEnd::ALL {
+            self.ends.with_label_values(&[e.as_str()]);
+        }
+        for k in crate::proxy_protocol::Error::KINDS
+            .iter()
+            .chain(&["timeout", "truncated"])
+        {
+            self.proxy_protocol_errors.with_label_values(&[k]);
+        }
+    }
+
+    /// A connection classified (`kind`: `traffic` or `health_check`) in `phase`.
+    pub fn connection(&self, kind: RequestKind, phase: Phase) {
+        let k = match kind {
+            RequestKind::Traffic => "traffic",
+            RequestKind::HealthCheck => "health_check",
+        };
+        self.connections
+            .with_label_values(&[k, phase.as_str()])
+            .inc();
+    }
+
+    pub fn duration(&self, phase: Phase, took: Duration) {
+        self.durations
+            .with_label_values(&[phase.as_str()])
+            .observe(took.as_secs_f64());
+    }
+
+    /// A counter handle for one direction (`to_app`, `to_client`), to add to per chunk.
+    pub fn bytes(&self, direction: &str) -> IntCounter {
+        self.bytes.with_label_values(&[direction])
+    }
+
+    pub fn end(&self, end: TcpEnd) {
+        self.ends.with_label_values(&[end.as_str()]).inc();
+    }
+
+    pub fn proxy_protocol_error(&self, kind: &str) {
+        self.proxy_protocol_errors.with_label_values(&[kind]).inc();
+    }
 }
 
 impl Metrics {
@@ -132,6 +306,16 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let mode = IntGaugeVec::new(
+            Opts::new(
+                "lameduck_mode_info",
+                "Always 1; the mode label says what the traffic port speaks (--mode).",
+            ),
+            &["mode"],
+        )
+        .expect("valid metric");
+        mode.with_label_values(&["http"]).set(1);
+        let tcp = TcpMetrics::new();
 
         for c in [
             Box::new(requests.clone()) as Box<dyn Collector>,
@@ -143,8 +327,12 @@ impl Metrics {
             Box::new(upstream_retries.clone()),
             Box::new(connections_total.clone()),
             Box::new(build_info),
+            Box::new(mode.clone()),
             Box::new(LifecycleCollector::new(lifecycle)),
-        ] {
+        ]
+        .into_iter()
+        .chain(tcp.collectors())
+        {
             registry.register(c).expect("metric names are unique");
         }
         let durations = Phase::ALL.map(|p| duration.with_label_values(&[p.as_str()]));
@@ -159,7 +347,25 @@ impl Metrics {
             upstream_retries,
             connections_total,
             connections_refused,
+            mode,
+            tcp,
         }
+    }
+
+    /// Says which `--mode` runs (`http` or `tcp`); in tcp mode the `lameduck_tcp_*`
+    /// families appear at once, at 0.
+    pub fn set_mode(&self, mode: &str) {
+        self.mode.reset();
+        self.mode.with_label_values(&[mode]).set(1);
+        if mode == "tcp" {
+            self.tcp.init();
+        }
+    }
+
+    /// A load-balancer health check recognised at layer 4 (`--mode tcp`).
+    pub fn record_health_check(&self, phase: Phase) {
+        self.health_checks[phase as usize].inc();
+        self.tcp.connection(RequestKind::HealthCheck, phase);
     }
 
     /// Records a finished (or abandoned) request.
@@ -453,8 +659,43 @@ mod tests {
             "lameduck_health_check_sources 0",
             "lameduck_quiet_window_seconds 0",
             "lameduck_build_info{version=",
+            "lameduck_mode_info{mode=\"http\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+        assert!(
+            !text.contains("lameduck_tcp_"),
+            "tcp families only in tcp mode"
+        );
+    }
+
+    #[test]
+    fn tcp_mode_families_appear_at_zero() {
+        let lc = Lifecycle::new(DrainSettings::fixed(
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::from_secs(1),
+        ));
+        let m = Metrics::new(lc);
+        m.set_mode("tcp");
+        m.record_health_check(Phase::Draining);
+        m.tcp.bytes("to_app").inc_by(5);
+        m.tcp.end(TcpEnd::Cut);
+        m.tcp.proxy_protocol_error("signature");
+        let text = String::from_utf8(m.render()).unwrap();
+        for needle in [
+            "lameduck_mode_info{mode=\"tcp\"} 1",
+            "lameduck_health_checks_total{phase=\"draining\"} 1",
+            "lameduck_tcp_connections_total{kind=\"health_check\",phase=\"draining\"} 1",
+            "lameduck_tcp_connections_total{kind=\"traffic\",phase=\"serving\"} 0",
+            "lameduck_tcp_connection_duration_seconds_count{phase=\"serving\"} 0",
+            "lameduck_tcp_bytes_total{direction=\"to_app\"} 5",
+            "lameduck_tcp_connection_ends_total{reason=\"cut\"} 1",
+            "lameduck_proxy_protocol_errors_total{kind=\"signature\"} 1",
+            "lameduck_proxy_protocol_errors_total{kind=\"timeout\"} 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        assert!(!text.contains("mode=\"http\""));
     }
 }

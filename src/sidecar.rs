@@ -20,12 +20,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, Admin};
-use crate::cli::ProxyArgs;
+use crate::cli::{Mode, ProxyArgs};
 use crate::drain::{Lifecycle, State, Trigger};
 use crate::listener::{self, Timeouts};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::signal::Terminations;
+use crate::tcp;
 use crate::upstream::{self, Upstream};
 
 /// How long the admin port may take to answer its last requests at exit.
@@ -90,6 +91,7 @@ impl Bound {
         );
         let lifecycle = Lifecycle::new(args.settings());
         let metrics = Arc::new(Metrics::new(lifecycle.clone()));
+        metrics.set_mode(args.mode.as_str());
         let upstream = Arc::new(Upstream::new(upstream::Config {
             addr: args.upstream,
             protocol: args.upstream_protocol,
@@ -101,16 +103,6 @@ impl Bound {
             cut: lifecycle.cut_token(),
         }));
         upstream.spawn_reaper();
-        let proxy = Proxy::new(
-            lifecycle.clone(),
-            metrics.clone(),
-            upstream.clone(),
-            crate::proxy::Options {
-                health_paths: args.health_path.clone(),
-                health_check_agents: args.health_check_agents.clone(),
-                keep_alive_while_draining: args.keep_alive_while_draining,
-            },
-        );
         let max_connections = match args.max_connections {
             0 => {
                 let limit = match listener::raise_fd_limit() {
@@ -133,17 +125,46 @@ impl Bound {
             }
             n => n,
         };
-        let mut serving = tokio::spawn(listener::serve(
-            traffic,
-            lifecycle.clone(),
-            proxy,
-            Timeouts {
-                idle: args.idle_timeout,
-                header_read: args.header_read_timeout,
-            },
-            max_connections,
-            !args.keep_alive_while_draining,
-        ));
+        let mut serving = match args.mode {
+            Mode::Http => {
+                let proxy = Proxy::new(
+                    lifecycle.clone(),
+                    metrics.clone(),
+                    upstream.clone(),
+                    crate::proxy::Options {
+                        health_paths: args.health_path.clone(),
+                        health_check_agents: args.health_check_agents.clone(),
+                        keep_alive_while_draining: args.keep_alive_while_draining,
+                    },
+                );
+                tokio::spawn(listener::serve(
+                    traffic,
+                    lifecycle.clone(),
+                    proxy,
+                    Timeouts {
+                        idle: args.idle_timeout,
+                        header_read: args.header_read_timeout,
+                    },
+                    max_connections,
+                    !args.keep_alive_while_draining,
+                ))
+            }
+            // The same lifecycle, admin port and ordered shutdown; only the traffic port
+            // differs (see `crate::tcp`).
+            Mode::Tcp => tokio::spawn(tcp::serve(
+                traffic,
+                lifecycle.clone(),
+                metrics.clone(),
+                tcp::Config {
+                    upstream: args.upstream,
+                    connect_timeout: args.upstream_connect_timeout,
+                    idle_timeout: args.idle_timeout,
+                    proxy_protocol: args.proxy_protocol,
+                    header_timeout: args.header_read_timeout,
+                    health_check_within: args.tcp_health_check_within,
+                },
+            )),
+        };
         let admin_state = Arc::new(Admin::new(
             lifecycle.clone(),
             metrics,
@@ -171,6 +192,7 @@ impl Bound {
             let _ = admin_stopped.await;
         }));
         tracing::info!(
+            mode = args.mode.as_str(),
             listen = %listen,
             admin = %admin_addr,
             upstream = %args.upstream,
