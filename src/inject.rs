@@ -13,7 +13,8 @@
 //! | proxy | container `lameduck`: a native sidecar (`initContainers`, `restartPolicy: Always`) unless `--native-sidecar=false` or annotation `lameduck.io/native-sidecar: "false"` |
 //! | traffic | the app port's *name* moves to the proxy's traffic port and the app port is renamed, so a Service whose `targetPort` is that name now reaches the proxy |
 //! | drain | the app container gets `preStop: httpGet /drain` on the proxy's admin port, with the header `X-Lameduck-Token`; the sidecar gets the same token in `LAMEDUCK_DRAIN_TOKEN` |
-//! | grace | `terminationGracePeriodSeconds` raised to drain-max + 30 s, never lowered |
+//! | grace | `terminationGracePeriodSeconds` raised to drain-max + 30 s, never lowered (drain-max is 300 s by default with `lameduck.io/mode: tcp`) |
+//! | mode | annotation `lameduck.io/mode: tcp` runs the proxy as the layer-4 forwarder (NLB); its probes stay on the admin port |
 //! | marker | annotation `lameduck.io/status: injected`; a pod carrying it is left alone |
 //!
 //! **Never half-wired.** When the drain cannot be wired (an ambiguous app container, an
@@ -46,7 +47,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 use yaml_serde::Value as Yaml;
 
-use crate::cli::{parse_duration, parse_path, parse_quiet, ProxyArgs, SidecarArgs};
+use crate::cli::{parse_duration, parse_path, parse_quiet, Mode, ProxyArgs, SidecarArgs};
 use crate::upstream::Protocol;
 
 // === names ===
@@ -80,6 +81,7 @@ pub const ANN_CPU_LIMIT: &str = "lameduck.io/cpu-limit";
 pub const ANN_MEMORY_REQUEST: &str = "lameduck.io/memory-request";
 pub const ANN_MEMORY_LIMIT: &str = "lameduck.io/memory-limit";
 pub const ANN_DRAIN_TOKEN: &str = "lameduck.io/drain-token";
+pub const ANN_MODE: &str = "lameduck.io/mode";
 pub const ANN_ALLOW_DEGRADED: &str = "lameduck.io/allow-degraded";
 /// Set by lameduck on a pod injected with `lameduck.io/allow-degraded`: what is not wired.
 pub const ANN_DEGRADED: &str = "lameduck.io/degraded";
@@ -108,6 +110,7 @@ pub const KNOWN_ANNOTATIONS: &[&str] = &[
     ANN_MEMORY_REQUEST,
     ANN_MEMORY_LIMIT,
     ANN_DRAIN_TOKEN,
+    ANN_MODE,
     ANN_ALLOW_DEGRADED,
     ANN_DEGRADED,
     STATUS_ANNOTATION,
@@ -165,6 +168,7 @@ const QUIET_FORM: &str = "auto, or a duration such as 500ms, 10s or 2m, at most 
 const BOOL_FORM: &str = "\"true\" or \"false\"";
 const PATH_FORM: &str = "an absolute path such as /healthz";
 const PROTOCOL_FORM: &str = "http1 or h2c";
+const MODE_FORM: &str = "http (ALB) or tcp (NLB)";
 const ADDRESS_FORM: &str = "an IP address such as :: (dual-stack) or 0.0.0.0 (IPv4 only)";
 const TOKEN_FORM: &str = "16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -";
 const PORT_NUMBER_FORM: &str =
@@ -428,7 +432,8 @@ pub fn inject(
     let protocol = opts
         .upstream_protocol
         .unwrap_or_else(|| match original_name.as_deref() {
-            Some(n) if is_h2c_port_name(n) => Protocol::H2c,
+            // A byte stream in tcp mode: what it carries is the app's business.
+            Some(n) if is_h2c_port_name(n) && opts.mode == Mode::Http => Protocol::H2c,
             _ => Protocol::Http1,
         });
 
@@ -636,6 +641,7 @@ struct Options {
     /// in flag order; no annotation: lameduck's own default ([`DEFAULT_QUIET`]).
     flags: Vec<(&'static str, Option<&'static str>, String)>,
     upstream_protocol: Option<Protocol>,
+    mode: Mode,
     bind_address: Option<IpAddr>,
     proxy_port: Option<String>,
     admin_port: Option<String>,
@@ -721,6 +727,15 @@ impl Options {
                     |_| InjectError::annotation(ANN_UPSTREAM_PROTOCOL, v, PROTOCOL_FORM),
                 )?),
             };
+        let mode = match get(ANN_MODE) {
+            None => Mode::Http,
+            Some(v) => <Mode as clap::ValueEnum>::from_str(v, false)
+                .map_err(|_| InjectError::annotation(ANN_MODE, v, MODE_FORM))?,
+        };
+        if mode == Mode::Tcp {
+            // Last: it is the last of the proxy's flags.
+            flags.push(("--mode", Some(ANN_MODE), "tcp".to_owned()));
+        }
         let bind_address = match get(ANN_BIND_ADDRESS) {
             None => None,
             Some(v) => Some(
@@ -752,6 +767,7 @@ impl Options {
             allow_degraded: boolean(ANN_ALLOW_DEGRADED, false)?,
             flags,
             upstream_protocol,
+            mode,
             bind_address,
             proxy_port: get(ANN_PROXY_PORT).map(str::to_owned),
             admin_port: get(ANN_ADMIN_PORT).map(str::to_owned),

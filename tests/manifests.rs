@@ -236,7 +236,7 @@ fn examples_target_named_ports_and_keep_the_canary() {
         .join("---\n");
     let out = inject::inject_manifests(&yaml, &Settings::default(), false).unwrap();
     assert_eq!(out.warnings, Vec::<String>::new());
-    assert_eq!(out.injected, 2, "the Deployment and the Rollout");
+    assert_eq!(out.injected, 3, "the Deployments and the Rollout");
     for svc in docs.iter().filter(|d| d["kind"] == "Service") {
         for port in svc["spec"]["ports"].as_array().unwrap() {
             assert!(port["targetPort"].is_string(), "{svc}");
@@ -317,6 +317,38 @@ fn examples_target_named_ports_and_keep_the_canary() {
     for name in &admitted {
         assert_eq!(port_owner(name), "lameduck", "port {name}");
     }
+
+    // The NLB example: ip targets, TCP health checks, lameduck in tcp mode, and a
+    // deregistration delay that does not end flows before drain-max.
+    let nlb = &find(&docs, "Service", "ledger")["metadata"]["annotations"];
+    assert_eq!(
+        nlb["service.beta.kubernetes.io/aws-load-balancer-type"],
+        "external"
+    );
+    assert_eq!(
+        nlb["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"],
+        "ip"
+    );
+    assert_eq!(
+        nlb["service.beta.kubernetes.io/aws-load-balancer-healthcheck-protocol"],
+        "tcp"
+    );
+    let ledger = &find(&docs, "Deployment", "ledger")["spec"]["template"]["metadata"];
+    assert_eq!(ledger["annotations"][inject::ANN_MODE], "tcp");
+    let drain_max = lameduck::cli::parse_duration(
+        ledger["annotations"][inject::ANN_DRAIN_MAX]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let delay: u64 = nlb["service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("deregistration_delay.timeout_seconds=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(delay >= drain_max.as_secs());
 
     let rollout = find(&docs, "Rollout", "checkout");
     assert_eq!(rollout["apiVersion"], "argoproj.io/v1alpha1");
@@ -488,7 +520,7 @@ fn kustomize_renders_and_manifests_validate() {
                     == "injected"
             )
             .count(),
-        2
+        3
     );
     validate(&validator, "k8s-examples-injected", &injected);
 
