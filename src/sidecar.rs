@@ -162,6 +162,7 @@ impl Bound {
                     proxy_protocol: args.proxy_protocol,
                     header_timeout: args.header_read_timeout,
                     health_check_within: args.tcp_health_check_within,
+                    health_check_agents: args.health_check_agents.clone(),
                 },
             )),
         };

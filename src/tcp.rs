@@ -22,6 +22,9 @@
 //! - it closes, or resets, without a byte within that time: a **health check**, recorded with
 //!   [`RequestKind::HealthCheck`] against its source address (the PROXY header's, when there
 //!   is one), which is what `--quiet auto` learns the cadence from; the connection is ended.
+//! - its first bytes are an HTTP `GET`/`HEAD` whose `User-Agent` starts with one of
+//!   `--health-check-agents` (an NLB target group with HTTP health checks): a **health
+//!   check** too, recorded the same way, and forwarded so that the app answers it.
 //!
 //! While pending, the connection holds the drain off ([`Lifecycle::pending`]) without counting as
 //! a request. The classification needs no address: with client IP preservation on, clients
@@ -70,6 +73,8 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Closed without a byte within this long of the accept: a health check.
     pub health_check_within: Duration,
+    /// User-Agent prefixes of HTTP health checks (`--health-check-agents`).
+    pub health_check_agents: Vec<String>,
 }
 
 /// Serves the traffic port in tcp mode until [`Lifecycle::close`]; then drops the listening
@@ -143,6 +148,8 @@ enum Class {
     Pending(#[allow(dead_code)] PendingGuard, Phase),
     Traffic(RequestGuard),
     HealthCheck,
+    /// An HTTP health check, forwarded to the app: holds the drain off while it is answered.
+    HttpCheck(#[allow(dead_code)] PendingGuard),
 }
 
 /// One connection's classification, owned by its task.
@@ -166,6 +173,17 @@ impl Classifier {
     fn traffic(&mut self) {
         if self.is_pending() {
             self.class = Class::Traffic(self.lifecycle.stream(self.source));
+        }
+    }
+
+    /// The first bytes are an HTTP health check.
+    fn http_check(&mut self, metrics: &Metrics) {
+        if let Class::Pending(hold, _) = std::mem::replace(&mut self.class, Class::HealthCheck) {
+            let check = self
+                .lifecycle
+                .request(RequestKind::HealthCheck, self.source);
+            metrics.record_health_check(check.phase());
+            self.class = Class::HttpCheck(hold);
         }
     }
 
@@ -243,7 +261,7 @@ async fn connection(
             tcp.connection(RequestKind::Traffic, *phase);
             tcp.duration(*phase, opened.elapsed());
         }
-        Class::HealthCheck => {}
+        Class::HealthCheck | Class::HttpCheck(_) => {}
     }
     if end == TcpEnd::Cut {
         tracing::debug!(%peer, open_seconds = opened.elapsed().as_secs_f64(), "connection cut at drain-max");
@@ -329,6 +347,7 @@ async fn forward(
         activity,
         metrics,
         &to_app,
+        &cfg.health_check_agents,
     );
     let down = copy(&app_rd, &mut client_wr, activity, &to_client);
     tokio::pin!(up, down);
@@ -371,6 +390,7 @@ async fn client_to_app(
     activity: &Activity,
     metrics: &Metrics,
     bytes: &IntCounter,
+    agents: &[String],
 ) -> io::Result<Flow> {
     loop {
         let read = if classifier.is_pending() {
@@ -394,6 +414,9 @@ async fn client_to_app(
                 return Ok(Flow::Eof);
             }
             Ok(chunk) => {
+                if classifier.is_pending() && is_http_check(&chunk, agents) {
+                    classifier.http_check(metrics);
+                }
                 classifier.traffic();
                 activity.touch();
                 to.write_all(&chunk).await?;
@@ -477,5 +500,74 @@ async fn read_header(client: &mut TcpStream) -> Result<HeaderRead, &'static str>
             Ok(Parsed::Incomplete { need: more }) => need = more.min(proxy_protocol::MAX_LEN),
             Err(e) => return Err(e.kind()),
         }
+    }
+}
+
+/// An HTTP health check on a TCP target group: `chunk` (the first bytes of a connection)
+/// starts a `GET` or `HEAD` whose `User-Agent` starts with one of `agents`.
+fn is_http_check(chunk: &[u8], agents: &[String]) -> bool {
+    if !(chunk.starts_with(b"GET ") || chunk.starts_with(b"HEAD ")) {
+        return false;
+    }
+    let head = &chunk[..chunk.len().min(4096)];
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        if line[..colon].eq_ignore_ascii_case(b"user-agent") {
+            let value = line[colon + 1..].trim_ascii_start();
+            return agents
+                .iter()
+                .any(|a| !a.is_empty() && value.starts_with(a.as_bytes()));
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_health_checks_are_recognised_from_their_first_bytes() {
+        let agents = ["ELB-HealthChecker".to_owned()];
+        let cases: [(&[u8], bool); 7] = [
+            (
+                b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.1\r\nUser-Agent: ELB-HealthChecker/2.0\r\n\r\n",
+                true,
+            ),
+            (
+                b"HEAD / HTTP/1.1\r\nuser-agent:ELB-HealthChecker/2.0\r\n\r\n",
+                true,
+            ),
+            (b"GET / HTTP/1.1\r\nUser-Agent: curl/8\r\n\r\n", false),
+            (
+                b"POST / HTTP/1.1\r\nUser-Agent: ELB-HealthChecker/2.0\r\n\r\n",
+                false,
+            ),
+            // After the end of the head it is a body, not a header.
+            (
+                b"GET / HTTP/1.1\r\n\r\nUser-Agent: ELB-HealthChecker/2.0\r\n",
+                false,
+            ),
+            (b"\x16\x03\x01\x02\x00", false),
+            (b"GET", false),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                is_http_check(bytes, &agents),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        assert!(!is_http_check(
+            b"GET / HTTP/1.1\r\nUser-Agent: anything\r\n\r\n",
+            &[String::new()]
+        ));
     }
 }

@@ -362,6 +362,44 @@ async fn tcp_health_checks_are_told_from_traffic_and_learned_per_source() {
     );
 }
 
+#[tokio::test]
+async fn an_http_health_check_on_a_tcp_target_group_is_forwarded_and_learned() {
+    let app = App::start(Behaviour::CountThenReply).await;
+    let p = tcp_proxy(&app, &[]);
+    let check: &[u8] =
+        b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.1:8080\r\nUser-Agent: ELB-HealthChecker/2.0\r\n\r\n";
+    for _ in 0..2 {
+        let mut s = connect_from([127, 0, 0, 2].into(), p.traffic)
+            .await
+            .unwrap();
+        s.write_all(check).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(PATIENCE, s.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        // The app answered it.
+        assert_eq!(out, format!("got {}", check.len()));
+    }
+    assert!(
+        eventually(PATIENCE, || async {
+            p.metric("lameduck_health_checks_total{phase=\"serving\"}")
+                .await
+                == 2.0
+        })
+        .await
+    );
+    let s = get(p.admin, "/status").await.json();
+    assert_eq!(s["health_checks"][0]["address"], "127.0.0.2", "{s}");
+    assert_eq!(s["health_checks"][0]["checks"], 2, "{s}");
+    assert_eq!(
+        p.metric("lameduck_tcp_connections_total{kind=\"traffic\",phase=\"serving\"}")
+            .await,
+        0.0
+    );
+}
+
 // === the drain ===
 
 /// The simulated NLB: three nodes (127.0.0.2–.4) health-check every 150–250 ms and relay
