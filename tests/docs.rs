@@ -85,6 +85,8 @@ fn every_metric_is_documented() {
         Duration::from_secs(1),
     ));
     let m = lameduck::metrics::Metrics::new(lc.clone());
+    // tcp mode's families appear (at 0) in tcp mode.
+    m.set_mode("tcp");
     // Labelled families appear once they have a sample.
     m.upstream_error("connect");
     let serving = lameduck::drain::Phase::Serving;
