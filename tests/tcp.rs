@@ -260,6 +260,36 @@ async fn a_large_transfer_both_ways_keeps_memory_bounded() {
 }
 
 #[tokio::test]
+async fn a_connection_idle_both_ways_is_closed_after_the_idle_timeout() {
+    let app = App::start(Behaviour::Echo).await;
+    let p = tcp_proxy(&app, &["--idle-timeout", "400ms"]);
+    let mut busy = TcpStream::connect(p.traffic).await.unwrap();
+    let mut idle = TcpStream::connect(p.traffic).await.unwrap();
+    idle.write_all(b"x").await.unwrap();
+    let started = Instant::now();
+    // The busy one sends every 100 ms for a second: never idle, never closed.
+    let mut one = [0u8; 1];
+    for _ in 0..10 {
+        busy.write_all(b"y").await.unwrap();
+        busy.read_exact(&mut one).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, idle.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "idle connection not closed");
+    assert_eq!(out, b"x");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(
+        p.metric("lameduck_tcp_connection_ends_total{reason=\"idle\"}")
+            .await,
+        1.0
+    );
+    busy.write_all(b"z").await.unwrap();
+    busy.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"z");
+}
+
+#[tokio::test]
 async fn an_unreachable_app_closes_the_client_and_is_counted() {
     // A port nobody listens on.
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
