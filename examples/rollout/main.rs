@@ -8,11 +8,14 @@
 //!
 //! `-- canary` tells the seed's story instead (`canary.rs`): an Argo Rollouts canary of a
 //! fleet behind two weighted target groups, four runs at once; `-- both` tells both.
+//! `-- nlb` tells the Network Load Balancer story (`nlb.rs`): a TCP app alone, then behind
+//! lameduck `--mode tcp`.
 //!
 //! This file owns the command line, the single-pod story's terminal output and table; the
 //! simulation is in `sim/` (shared with `tests/rollout.rs`), the pictures in `plot.rs`.
 
 mod canary;
+mod nlb;
 mod plot;
 // Shared with tests/rollout.rs, which reads parts of the report the demo does not.
 #[allow(dead_code)]
@@ -37,7 +40,8 @@ use sim::{Mode, Recorder, Report, Scenario};
 struct Args {
     /// Which story: one pod deleted behind one target group (`pod`), the seed's Argo
     /// Rollouts canary of a fleet behind two weighted target groups, four runs at once
-    /// (`canary`), or both, one after the other.
+    /// (`canary`), or both, one after the other; `nlb`: one TCP pod behind a Network Load
+    /// Balancer, the app alone and with lameduck --mode tcp.
     #[arg(value_enum, default_value = "pod")]
     story: Story,
 
@@ -178,6 +182,8 @@ enum Story {
     Canary,
     /// The pod story, then the canary.
     Both,
+    /// One TCP pod behind a Network Load Balancer: the app alone, then lameduck --mode tcp.
+    Nlb,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -209,6 +215,7 @@ fn main() -> ExitCode {
         Story::Pod => &[Story::Pod],
         Story::Canary => &[Story::Canary],
         Story::Both => &[Story::Pod, Story::Canary],
+        Story::Nlb => &[Story::Nlb],
     };
     let mut ok = true;
     for (i, story) in stories.iter().enumerate() {
@@ -217,6 +224,7 @@ fn main() -> ExitCode {
         }
         let result = match story {
             Story::Canary => canary::story(&args, &runtime),
+            Story::Nlb => nlb::story(&runtime),
             _ => pod_story(&args, &runtime),
         };
         match result {
