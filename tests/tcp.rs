@@ -24,6 +24,8 @@ enum Behaviour {
     /// Read to EOF, then answer `got N` and close: only works if the FIN is passed on and
     /// the other direction still flows.
     CountThenReply,
+    /// Speak first (`220 ready`, like SMTP or a database), then echo.
+    GreetThenEcho,
 }
 
 /// A TCP app on 127.0.0.1:0 that "dies on SIGTERM": [`App::kill`] closes its listener and
@@ -64,6 +66,9 @@ impl App {
                 tokio::spawn(async move {
                     let mut got = Vec::new();
                     let serve = async {
+                        if let Behaviour::GreetThenEcho = behaviour {
+                            stream.write_all(b"220 ready\r\n").await?;
+                        }
                         let mut buf = vec![0u8; 64 * 1024];
                         loop {
                             let n = stream.read(&mut buf).await?;
@@ -71,7 +76,9 @@ impl App {
                                 break;
                             }
                             match behaviour {
-                                Behaviour::Echo => stream.write_all(&buf[..n]).await?,
+                                Behaviour::Echo | Behaviour::GreetThenEcho => {
+                                    stream.write_all(&buf[..n]).await?
+                                }
                                 Behaviour::CountThenReply => {}
                             }
                             if got.len() < 1 << 20 {
@@ -212,6 +219,23 @@ async fn half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
         1.0
     );
     assert_eq!(p.metric("lameduck_mode_info{mode=\"tcp\"}").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_server_that_speaks_first_is_reached_before_the_client_says_anything() {
+    let app = App::start(Behaviour::GreetThenEcho).await;
+    let p = tcp_proxy(&app, &[]);
+    let mut s = TcpStream::connect(p.traffic).await.unwrap();
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut greeting))
+        .await
+        .expect("no greeting: the app was not connected at accept")
+        .unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
+    s.write_all(b"EHLO\r\n").await.unwrap();
+    let mut back = [0u8; 6];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"EHLO\r\n");
 }
 
 #[tokio::test]
