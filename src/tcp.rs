@@ -300,6 +300,8 @@ async fn forward(
                     _ => Vec::new(),
                 };
             }
+            // Not from the load balancer (an NLB's headers are well formed): neither traffic
+            // nor a check for the drain; counted and closed.
             Ok(Err(kind)) => {
                 metrics.tcp.proxy_protocol_error(kind);
                 tracing::debug!(?peer, kind, "bad PROXY protocol header; closing");
@@ -312,9 +314,10 @@ async fn forward(
             }
         }
     }
-    let app =
+    let mut app =
         match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.upstream)).await {
             Ok(Ok(app)) => app,
+            // A client the app could not take is still traffic arriving.
             Ok(Err(e)) => {
                 metrics.upstream_error("connect");
                 tracing::debug!(?peer, error = %e, "app unreachable; closing the client");
@@ -329,7 +332,6 @@ async fn forward(
             }
         };
     let _ = app.set_nodelay(true);
-    let mut app = app;
     let (to_app, to_client) = (metrics.tcp.bytes("to_app"), metrics.tcp.bytes("to_client"));
     let (client_rd, mut client_wr) = client.split();
     let (app_rd, mut app_wr) = app.split();
