@@ -9,6 +9,11 @@
 //! the process exits 0. A second signal cuts the drain short and exits 1 at once (waiters
 //! are still answered).
 //!
+//! `--mode tcp` changes only the traffic port: [`crate::tcp::serve`] instead of
+//! [`listener::serve`]. The same lifecycle, admin port and shutdown apply; a TCP connection
+//! has no graceful close, so the close step leaves open ones alone and drain-max's cut ends
+//! them.
+//!
 //! Exit codes other than 0: 1 after a second signal or when the traffic port's accept loop
 //! died (readiness fails first); 3 ([`EXIT_NEVER_TERMINATED`]) when a drain requested on the
 //! admin port was released and no termination followed within drain-max.
