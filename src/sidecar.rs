@@ -168,6 +168,7 @@ impl Bound {
                     header_timeout: args.header_read_timeout,
                     health_check_within: args.tcp_health_check_within,
                     health_check_agents: args.health_check_agents.clone(),
+                    max_connections,
                 },
             )),
         };

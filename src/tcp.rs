@@ -51,8 +51,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use crate::drain::{
-    now_nanos, DrainReason, Lifecycle, OpenAtEnd, PendingGuard, Phase, RequestGuard, RequestKind,
-    State,
+    now_nanos, ConnectionGuard, DrainReason, Lifecycle, OpenAtEnd, PendingGuard, Phase,
+    RequestGuard, RequestKind, State,
 };
 use crate::listener::{AcceptClass, AcceptError};
 use crate::metrics::{Metrics, TcpEnd};
@@ -75,6 +75,9 @@ pub struct Config {
     pub health_check_within: Duration,
     /// User-Agent prefixes of HTTP health checks (`--health-check-agents`).
     pub health_check_agents: Vec<String>,
+    /// Connections served at once (`--max-connections`); beyond it new ones are closed on
+    /// arrival, as in HTTP mode. Each uses two file descriptors: the client's and the app's.
+    pub max_connections: usize,
 }
 
 /// Serves the traffic port in tcp mode until [`Lifecycle::close`]; then drops the listening
@@ -107,10 +110,19 @@ pub async fn serve(
                 AcceptClass::Fatal => return Err(AcceptError(e)),
             },
         };
+        if lifecycle.connections() >= cfg.max_connections {
+            metrics.connections_refused.inc();
+            tracing::debug!(%peer, max_connections = cfg.max_connections, "connection limit reached; refusing");
+            drop(stream);
+            continue;
+        }
         metrics.connections_total.inc();
+        // Counted from the accept, so the limit above sees every connection at once.
+        let open = lifecycle.connection();
         tokio::spawn(connection(
             stream,
             peer,
+            open,
             lifecycle.clone(),
             metrics.clone(),
             cfg.clone(),
@@ -229,11 +241,11 @@ impl Activity {
 async fn connection(
     client: TcpStream,
     peer: SocketAddr,
+    _open: ConnectionGuard,
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
     cfg: Arc<Config>,
 ) {
-    let _open = lifecycle.connection();
     let opened = Instant::now();
     let mut classifier = Classifier {
         class: Class::Pending(lifecycle.pending(), lifecycle.phase()),

@@ -314,6 +314,34 @@ async fn a_connection_idle_both_ways_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn beyond_max_connections_new_ones_are_closed_on_arrival() {
+    let app = App::start(Behaviour::Echo).await;
+    let p = tcp_proxy(&app, &["--max-connections", "2"]);
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(p.traffic).await.unwrap();
+        s.write_all(b"a").await.unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.unwrap();
+        open.push(s);
+    }
+    let mut third = TcpStream::connect(p.traffic).await.unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(PATIENCE, third.read_to_end(&mut out))
+        .await
+        .expect("the third connection was not closed");
+    assert!(out.is_empty(), "{r:?}");
+    assert_eq!(p.metric("lameduck_connections_refused_total").await, 1.0);
+    // The two served ones still work.
+    for s in &mut open {
+        s.write_all(b"b").await.unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"b");
+    }
+}
+
+#[tokio::test]
 async fn an_unreachable_app_closes_the_client_and_is_counted() {
     // A port nobody listens on.
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
