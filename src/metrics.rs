@@ -26,10 +26,10 @@
 //! | `lameduck_health_check_interval_seconds` | gauge | `source` |
 //! | `lameduck_quiet_window_seconds` | gauge | |
 //! | `lameduck_build_info` | gauge, always 1 | `version` |
-//! | `lameduck_mode_info` | gauge, always 1 | `mode` (`http`, `tcp`) |
-//! | `lameduck_tcp_connections_total` | counter | `kind` (`traffic`, `health_check`), `phase` |
+//! | `lameduck_mode_info` | gauge, always 1 | `mode` |
+//! | `lameduck_tcp_connections_total` | counter | `kind`, `phase` |
 //! | `lameduck_tcp_connection_duration_seconds` | histogram | `phase` |
-//! | `lameduck_tcp_bytes_total` | counter | `direction` (`to_app`, `to_client`) |
+//! | `lameduck_tcp_bytes_total` | counter | `direction` |
 //! | `lameduck_tcp_connection_ends_total` | counter | `reason` |
 //! | `lameduck_proxy_protocol_errors_total` | counter | `kind` |
 //!
