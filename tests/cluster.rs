@@ -815,23 +815,7 @@ fn drain_event_is_posted_on_the_pod_with_the_documented_role_only() {
     let _serial = serial();
     let ns = cluster.namespace("events");
     // The Role the events module documents, bound to one ServiceAccount of two.
-    let rbac = json!([
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "app"}},
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "other"}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": "lameduck-events"},
-         "rules": [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": "lameduck-events"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                     "name": "lameduck-events"},
-         "subjects": [{"kind": "ServiceAccount", "name": "app", "namespace": ns.name}]},
-    ]);
-    cluster.apply(Some(&ns.name), &list(rbac.as_array().unwrap().clone()));
-    cluster.kubectl(
-        &["create", "-n", &ns.name, "-f", "-"],
-        Some(pod("web", "web", false).to_string().as_bytes()),
-    );
+    events_role_and_pod(&cluster, &ns.name, &["app", "other"]);
     let stored = cluster.get_json(&["pod", "web", "-n", &ns.name]);
     let pod_ref = PodRef {
         namespace: ns.name.clone(),
@@ -904,6 +888,32 @@ fn drain_event_is_posted_on_the_pod_with_the_documented_role_only() {
     assert!(message.contains("quiet window"), "{message}");
 }
 
+/// In `ns`: ServiceAccounts `accounts`, the Role the events module documents bound to the
+/// first of them only, and a pod `web`.
+fn events_role_and_pod(cluster: &Cluster, ns: &str, accounts: &[&str]) {
+    let mut objects: Vec<Json> = accounts
+        .iter()
+        .map(|a| json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": a}}))
+        .collect();
+    objects.push(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "lameduck-events"},
+        "rules": [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]}),
+    );
+    objects.push(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "lameduck-events"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": "lameduck-events"},
+        "subjects": [{"kind": "ServiceAccount", "name": accounts[0], "namespace": ns}]}),
+    );
+    cluster.apply(Some(ns), &list(objects));
+    cluster.kubectl(
+        &["create", "-n", ns, "-f", "-"],
+        Some(pod("web", "web", false).to_string().as_bytes()),
+    );
+}
+
 /// The real binary with `--events`, the pod's credentials as the kubelet mounts them
 /// (a token and the CA in a directory, the API server in `KUBERNETES_SERVICE_*`): a drain
 /// requested on the admin port puts one `Drained` Event on its pod.
@@ -912,22 +922,7 @@ fn proxy_with_events_posts_the_drain_on_its_pod() {
     let Some(cluster) = cluster() else { return };
     let _serial = serial();
     let ns = cluster.namespace("proxy-events");
-    let rbac = json!([
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "app"}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": "lameduck-events"},
-         "rules": [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": "lameduck-events"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                     "name": "lameduck-events"},
-         "subjects": [{"kind": "ServiceAccount", "name": "app", "namespace": ns.name}]},
-    ]);
-    cluster.apply(Some(&ns.name), &list(rbac.as_array().unwrap().clone()));
-    cluster.kubectl(
-        &["create", "-n", &ns.name, "-f", "-"],
-        Some(pod("web", "web", false).to_string().as_bytes()),
-    );
+    events_role_and_pod(&cluster, &ns.name, &["app"]);
     let token = cluster.kubectl(
         &["create", "token", "app", "-n", &ns.name, "--duration=10m"],
         None,
