@@ -815,7 +815,7 @@ fn drain_event_is_posted_on_the_pod_with_the_documented_role_only() {
     let _serial = serial();
     let ns = cluster.namespace("events");
     // The Role the events module documents, bound to one ServiceAccount of two.
-    events_role_and_pod(&cluster, &ns.name, &["app", "other"]);
+    events_role_and_pod(cluster, &ns.name, &["app", "other"]);
     let stored = cluster.get_json(&["pod", "web", "-n", &ns.name]);
     let pod_ref = PodRef {
         namespace: ns.name.clone(),
@@ -922,7 +922,7 @@ fn proxy_with_events_posts_the_drain_on_its_pod() {
     let Some(cluster) = cluster() else { return };
     let _serial = serial();
     let ns = cluster.namespace("proxy-events");
-    events_role_and_pod(&cluster, &ns.name, &["app"]);
+    events_role_and_pod(cluster, &ns.name, &["app"]);
     let token = cluster.kubectl(
         &["create", "token", "app", "-n", &ns.name, "--duration=10m"],
         None,
