@@ -240,6 +240,8 @@ async fn serve_connection(
     }
     let watchdog = tokio::time::sleep(timeouts.header_read.min(timeouts.idle));
     tokio::pin!(watchdog);
+    // The watchdog has been brought forward for the head now arriving.
+    let mut head_armed = false;
     loop {
         tokio::select! {
             biased;
@@ -278,7 +280,21 @@ async fn serve_connection(
                 closed = true;
                 conn.as_mut().graceful_shutdown();
             }
+            // A head still incomplete after `conn` was polled (a normal one is parsed in the
+            // same poll, so this never fires for it): bring the watchdog forward from the idle
+            // deadline to the header deadline. Checked without a waker, like `go_away`.
+            _ = std::future::poll_fn(|_| match !head_armed && track.head_pending() {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }) => {
+                head_armed = true;
+                let by = tokio::time::Instant::now() + timeouts.header_read;
+                if watchdog.deadline() > by {
+                    watchdog.as_mut().reset(by);
+                }
+            }
             _ = &mut watchdog => {
+                head_armed = false;
                 match track.verdict(now_nanos(), timeouts) {
                     ConnVerdict::Keep(d) => {
                         watchdog.as_mut().reset(tokio::time::Instant::now() + d);

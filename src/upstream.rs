@@ -344,20 +344,31 @@ impl Upstream {
         req: Request<RequestBody>,
         on_retry: impl FnOnce(),
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let sent = match req.body() {
+            http_body_util::Either::Left(b) => b.sent.clone(),
+            http_body_util::Either::Right(_) => None,
+        };
         let send = async {
             match self.cfg.protocol {
                 Protocol::Http1 => self.send_h1(req, on_retry).await,
                 Protocol::H2c => self.send_h2(req, on_retry).await,
             }
         };
-        // Dropping the request on timeout closes its app connection: it never returns to
-        // the pool with a response still coming.
+        // The clock starts once the request body has been sent whole: a slow upload is the
+        // request body's timeout's business, not the app's. Dropping the request on timeout
+        // closes its app connection: it never returns to the pool with a response coming.
         let timeout = self.cfg.response_timeout;
-        match tokio::time::timeout(timeout, send).await {
-            Ok(res) => res.map(|r| r.map(|b| b.with_timeout(self.cfg.body_timeout))),
-            Err(_) => Err(UpstreamError::new(
+        let expired = async {
+            if let Some(sent) = &sent {
+                sent.wait().await;
+            }
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::select! {
+            res = send => res.map(|r| r.map(|b| b.with_timeout(self.cfg.body_timeout))),
+            _ = expired => Err(UpstreamError::new(
                 ErrorKind::ResponseTimeout,
-                format!("nothing within {timeout:?} (--upstream-response-timeout)"),
+                format!("nothing within {timeout:?} of the request (--upstream-response-timeout)"),
             )),
         }
     }
@@ -821,15 +832,58 @@ pub struct ClientBody {
     stall: Stall,
     /// Bytes since the window began.
     bytes: usize,
+    /// Told when the body has ended (`None` for a body that is empty from the start).
+    sent: Option<Arc<Sent>>,
+}
+
+/// "The request body has been sent whole": the app's response time counts from then.
+#[derive(Default)]
+pub struct Sent {
+    done: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Sent {
+    fn set(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.done.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl ClientBody {
     pub fn new(inner: Incoming, timeout: Duration) -> ClientBody {
+        // Most requests (GET) have no body: no signal, the response clock starts at once.
+        let sent = (!inner.is_end_stream()).then(Arc::default);
         ClientBody {
             inner,
             stall: Stall::new(Some(timeout)),
             bytes: 0,
+            sent,
         }
+    }
+
+    fn ended(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            sent.set();
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        self.ended();
     }
 }
 
@@ -849,9 +903,15 @@ impl Body for ClientBody {
                     this.bytes = 0;
                     this.stall.progress();
                 }
+                if this.inner.is_end_stream() {
+                    this.ended();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(Into::into))),
+            Poll::Ready(other) => {
+                this.ended();
+                Poll::Ready(other.map(|r| r.map_err(Into::into)))
+            }
             Poll::Pending => match this.stall.poll_expired(cx) {
                 Some(t) => Poll::Ready(Some(Err(RequestBodyTooSlow(t).into()))),
                 None => Poll::Pending,

@@ -428,3 +428,63 @@ async fn readiness_speaks_the_grpc_health_service() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--upstream-protocol h2c"));
 }
+
+/// A slowloris that first sits idle (as a keep-alive connection may) and only then trickles
+/// a head: closed at the header timeout from its first byte. Before (found by
+/// benches/battery.sh): the watchdog slept until the idle deadline, so only
+/// `--idle-timeout` bounded it.
+#[tokio::test]
+async fn a_slowloris_after_an_idle_spell_is_closed_at_the_header_timeout() {
+    let (_up, p) = start(&["--header-read-timeout", "500ms", "--idle-timeout", "60s"]).await;
+    let mut c = TcpStream::connect(p.traffic).await.unwrap();
+    // Idle first, well past the header timeout.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    let mut closed = false;
+    for b in b"Host: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if c.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await {
+            closed = matches!(r, Ok(0) | Err(_));
+            if closed {
+                break;
+            }
+        }
+    }
+    let took = t.elapsed();
+    assert!(closed, "still open {took:?} after its first byte");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+/// A steady slow upload (above the request body's minimum rate) that takes longer than
+/// `--upstream-response-timeout`: answered by the app, not 504. The response clock starts
+/// when the body has been sent whole. Before (found by benches/battery.sh): 504 mid-upload.
+#[tokio::test]
+async fn a_slow_upload_is_not_a_slow_app() {
+    let (_up, p) = start(&[
+        "--upstream-response-timeout",
+        "500ms",
+        "--request-body-timeout",
+        "2s",
+    ])
+    .await;
+    let mut c = TcpStream::connect(p.traffic).await.unwrap();
+    c.write_all(
+        b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 8192\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for _ in 0..8 {
+        c.write_all(&[b'x'; 1024]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, c.read_to_end(&mut out)).await;
+    let r = String::from_utf8_lossy(&out);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.ends_with("8192"), "{r}");
+}
