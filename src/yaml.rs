@@ -20,12 +20,21 @@ pub fn emit_document(v: &Yaml) -> Result<String, String> {
         Yaml::Mapping(m) if !m.is_empty() => mapping(&mut out, m, 0, false)?,
         Yaml::Sequence(s) if !s.is_empty() => sequence(&mut out, s, 0, false)?,
         Yaml::Tagged(t) => {
-            out.push_str(&t.tag.to_string());
+            out.push_str(&tag(&t.tag));
             after_indicator(&mut out, &t.value, 0, 0)?;
         }
         other => scalar(&mut out, other, 0)?,
     }
     Ok(out)
+}
+
+/// A tag as written. yaml_serde's `Display` prefixes a `!`, which turns the non-specific
+/// tag `!` (`note: ! plain`) into `!!`, a shorthand with no suffix that no reader accepts.
+fn tag(t: &yaml_serde::value::Tag) -> String {
+    match t.to_string() {
+        s if s == "!!" => "!".to_owned(),
+        s => s,
+    }
 }
 
 fn indent(out: &mut String, n: usize) {
@@ -63,7 +72,7 @@ fn after_indicator(out: &mut String, v: &Yaml, seq_at: usize, map_at: usize) -> 
         }
         Yaml::Tagged(t) => {
             out.push(' ');
-            out.push_str(&t.tag.to_string());
+            out.push_str(&tag(&t.tag));
             after_indicator(out, &t.value, map_at, map_at)
         }
         other => {
@@ -364,6 +373,18 @@ mod tests {
         for f in [0.5, 1.0, 1e100, 1.5e-7, -2.25] {
             let back: f64 = yaml_serde::from_str(&float(f)).unwrap();
             assert_eq!(back, f);
+        }
+    }
+
+    /// The non-specific tag `!` (a string, whatever it looks like). Before: written as
+    /// `!!`, which no YAML reader accepts (found by fuzz/fuzz_targets/yaml.rs).
+    #[test]
+    fn non_specific_tags_round_trip() {
+        for text in ["!\n", "note: ! plain\n", "- ! 12\n", "a: !custom x\n"] {
+            let doc: Yaml = yaml_serde::from_str(text).unwrap();
+            let out = emit_document(&doc).unwrap();
+            let back: Yaml = yaml_serde::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+            assert_eq!(back, doc, "{text:?} -> {out:?}");
         }
     }
 
