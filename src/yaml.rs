@@ -30,11 +30,22 @@ pub fn emit_document(v: &Yaml) -> Result<String, String> {
 
 /// A tag as written. yaml_serde's `Display` prefixes a `!`, which turns the non-specific
 /// tag `!` (`note: ! plain`) into `!!`, a shorthand with no suffix that no reader accepts.
+/// The suffix is percent-encoded where YAML's tag characters (ns-tag-char, YAML 1.2
+/// §5.6) do not allow a character: yaml_serde decodes `%22` to `"` when reading.
 fn tag(t: &yaml_serde::value::Tag) -> String {
-    match t.to_string() {
-        s if s == "!!" => "!".to_owned(),
-        s => s,
+    let shown = t.to_string();
+    if shown == "!!" {
+        return "!".to_owned();
     }
+    let mut out = String::from("!");
+    for b in shown[1..].bytes() {
+        if b.is_ascii_alphanumeric() || b"-#;/?:@&=+$_.~*'()".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 fn indent(out: &mut String, n: usize) {
@@ -376,11 +387,19 @@ mod tests {
         }
     }
 
-    /// The non-specific tag `!` (a string, whatever it looks like). Before: written as
-    /// `!!`, which no YAML reader accepts (found by fuzz/fuzz_targets/yaml.rs).
+    /// The non-specific tag `!` (a string, whatever it looks like), and tags whose
+    /// characters need escapes. Before: written as `!!`, and with `"` unescaped, which no
+    /// YAML reader accepts (found by fuzz/fuzz_targets/yaml.rs).
     #[test]
     fn non_specific_tags_round_trip() {
-        for text in ["!\n", "note: ! plain\n", "- ! 12\n", "a: !custom x\n"] {
+        for text in [
+            "!\n",
+            "note: ! plain\n",
+            "- ! 12\n",
+            "a: !custom x\n",
+            "!a:%24%224 l\n",
+            "!a%21b%2C%25 x\n",
+        ] {
             let doc: Yaml = yaml_serde::from_str(text).unwrap();
             let out = emit_document(&doc).unwrap();
             let back: Yaml = yaml_serde::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
