@@ -31,7 +31,8 @@ pub fn emit_document(v: &Yaml) -> Result<String, String> {
 /// A tag as written. yaml_serde's `Display` prefixes a `!`, which turns the non-specific
 /// tag `!` (`note: ! plain`) into `!!`, a shorthand with no suffix that no reader accepts.
 /// The suffix is percent-encoded where YAML's tag characters (ns-tag-char, YAML 1.2
-/// §5.6) do not allow a character: yaml_serde decodes `%22` to `"` when reading.
+/// §5.6, less `#`, which libyaml's scanner refuses) do not allow a character: yaml_serde
+/// decodes `%22` to `"` when reading.
 fn tag(t: &yaml_serde::value::Tag) -> String {
     let shown = t.to_string();
     if shown == "!!" {
@@ -39,7 +40,7 @@ fn tag(t: &yaml_serde::value::Tag) -> String {
     }
     let mut out = String::from("!");
     for b in shown[1..].bytes() {
-        if b.is_ascii_alphanumeric() || b"-#;/?:@&=+$_.~*'()".contains(&b) {
+        if b.is_ascii_alphanumeric() || b"-;/?:@&=+$_.~*'()".contains(&b) {
             out.push(char::from(b));
         } else {
             let _ = write!(out, "%{b:02X}");
@@ -399,6 +400,7 @@ mod tests {
             "a: !custom x\n",
             "!a:%24%224 l\n",
             "!a%21b%2C%25 x\n",
+            "!a:$%23l x\n",
         ] {
             let doc: Yaml = yaml_serde::from_str(text).unwrap();
             let out = emit_document(&doc).unwrap();
