@@ -23,6 +23,11 @@ pub fn emit_document(v: &Yaml) -> Result<String, String> {
             out.push_str(&tag(&t.tag));
             after_indicator(&mut out, &t.value, 0, 0)?;
         }
+        // At the start of a line, plain `---` and `...` are document markers.
+        Yaml::String(s) if s.starts_with("---") || s.starts_with("...") => {
+            double_quoted(&mut out, s);
+            out.push('\n');
+        }
         other => scalar(&mut out, other, 0)?,
     }
     Ok(out)
@@ -388,11 +393,12 @@ mod tests {
         }
     }
 
-    /// The non-specific tag `!` (a string, whatever it looks like), and tags whose
-    /// characters need escapes. Before: written as `!!`, and with `"` unescaped, which no
-    /// YAML reader accepts (found by fuzz/fuzz_targets/yaml.rs).
+    /// The non-specific tag `!` (a string, whatever it looks like), tags whose characters
+    /// need escapes, and a document that is the string `---`. Before: written as `!!`,
+    /// with `"` unescaped (no YAML reader accepts either), and as a plain `---`, read back
+    /// as an empty document (all found by fuzz/fuzz_targets/yaml.rs).
     #[test]
-    fn non_specific_tags_round_trip() {
+    fn tags_and_markers_round_trip() {
         for text in [
             "!\n",
             "note: ! plain\n",
@@ -401,6 +407,8 @@ mod tests {
             "!a:%24%224 l\n",
             "!a%21b%2C%25 x\n",
             "!a:$%23l x\n",
+            "'---'\n",
+            "'... x'\n",
         ] {
             let doc: Yaml = yaml_serde::from_str(text).unwrap();
             let out = emit_document(&doc).unwrap();
