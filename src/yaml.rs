@@ -120,19 +120,30 @@ fn sequence(out: &mut String, s: &[Yaml], at: usize, inline_first: bool) -> Resu
     Ok(())
 }
 
+/// The longest key written as `key: value`: YAML allows an implicit key of at most 1024
+/// characters (libyaml refuses a longer one). Kubernetes keys are far shorter; a longer
+/// one is an error rather than text no reader accepts.
+const MAX_KEY: usize = 1024;
+
 fn key(out: &mut String, k: &Yaml) -> Result<(), String> {
+    let mut text = String::new();
     match k {
-        Yaml::String(s) if s.contains('\n') => double_quoted(out, s),
-        Yaml::String(s) => inline_string(out, s),
+        Yaml::String(s) if s.contains('\n') => double_quoted(&mut text, s),
+        Yaml::String(s) => inline_string(&mut text, s),
         Yaml::Mapping(_) | Yaml::Sequence(_) | Yaml::Tagged(_) => {
             return Err("a mapping key that is not a scalar".into())
         }
         other => {
-            let mut s = String::new();
-            scalar(&mut s, other, 0)?;
-            out.push_str(s.trim_end());
+            scalar(&mut text, other, 0)?;
+            text.truncate(text.trim_end().len());
         }
     }
+    if text.len() > MAX_KEY {
+        return Err(format!(
+            "a mapping key longer than {MAX_KEY} characters (YAML's limit)"
+        ));
+    }
+    out.push_str(&text);
     Ok(())
 }
 
@@ -415,6 +426,22 @@ mod tests {
             let back: Yaml = yaml_serde::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
             assert_eq!(back, doc, "{text:?} -> {out:?}");
         }
+    }
+
+    /// A key too long for YAML's implicit-key form is refused, not written unreadable.
+    /// Before: `lameduck inject` wrote it (found by fuzz/fuzz_targets/yaml.rs).
+    #[test]
+    fn overlong_keys_are_refused() {
+        let mut m = yaml_serde::Mapping::new();
+        m.insert(Yaml::String("k".repeat(MAX_KEY)), Yaml::Null);
+        let text = emit_document(&Yaml::Mapping(m.clone())).unwrap();
+        assert_eq!(
+            yaml_serde::from_str::<Yaml>(&text).unwrap(),
+            Yaml::Mapping(m)
+        );
+        let mut m = yaml_serde::Mapping::new();
+        m.insert(Yaml::String("k".repeat(MAX_KEY + 1)), Yaml::Null);
+        assert!(emit_document(&Yaml::Mapping(m)).is_err());
     }
 
     #[test]
