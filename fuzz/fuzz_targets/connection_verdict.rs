@@ -72,7 +72,7 @@ fuzz_target!(|input: Input| {
     let track = ConnTrack::new();
     let mut seen = Vec::new();
     let mut reads = input.reads;
-    if input.preface_first % 4 == 0 {
+    if input.preface_first.is_multiple_of(4) {
         let cut = usize::from(input.preface_first / 4) % (PREFACE.len() + 1);
         reads.insert(0, PREFACE[..cut].to_vec());
     }
