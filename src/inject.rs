@@ -1580,6 +1580,14 @@ fn document_header(text: &str) -> (&str, &str) {
         let t = line.trim();
         let rest = line.get(3..).unwrap_or_default().trim();
         let marker_only = line.starts_with("---") && (rest.is_empty() || rest.starts_with('#'));
+        // A bare CR is a line break to YAML: what follows it may be content.
+        let bare_cr = line
+            .trim_end_matches('\n')
+            .trim_end_matches('\r')
+            .contains('\r');
+        if bare_cr {
+            break;
+        }
         if t.is_empty() || t.starts_with('#') || t.starts_with('%') || marker_only {
             end += line.len();
         } else {
@@ -1918,6 +1926,21 @@ fn name_first(v: &mut Yaml) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A comment line with a bare CR in it: YAML reads what follows the CR as content, so
+    /// it is not kept above the rewritten document as well. Before: the key was written
+    /// twice and the output refused as a duplicate key (found by fuzz/fuzz_targets/manifest.rs).
+    #[test]
+    fn a_bare_cr_ends_the_comment_header() {
+        let input = "# note\rextra: v\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels:\n    \
+                     lameduck.io/inject: \"true\"\nspec:\n  containers:\n  - name: app\n    image: a:1\n    \
+                     ports:\n    - name: http\n      containerPort: 5000\n";
+        let out = inject_manifests(input, &Settings::default(), false).unwrap();
+        assert_eq!(out.injected, 1);
+        assert_eq!(out.yaml.matches("extra: v").count(), 1, "{}", out.yaml);
+        let again = inject_manifests(&out.yaml, &Settings::default(), false).unwrap();
+        assert_eq!(again.yaml, out.yaml);
+    }
 
     #[test]
     fn port_names_follow_iana() {

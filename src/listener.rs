@@ -390,7 +390,8 @@ impl ConnTrack {
         self.go_away.store(true, Ordering::Release);
     }
 
-    fn on_read(&self, data: &[u8]) {
+    #[doc(hidden)] // pub for fuzz/fuzz_targets/connection_verdict.rs
+    pub fn on_read(&self, data: &[u8]) {
         let matched = self.preface.load(Ordering::Acquire);
         if matched != PREFACE_NO && (matched as usize) < PREFACE.len() {
             let m = matched as usize;
@@ -440,7 +441,8 @@ impl Default for ConnTrack {
 }
 
 /// Pure watchdog decision. Times are `now_nanos()` values; `head_since` is 0 or `t + 1`.
-fn connection_verdict(
+#[doc(hidden)] // pub for fuzz/fuzz_targets/connection_verdict.rs
+pub fn connection_verdict(
     now: u64,
     in_flight: u32,
     idle_since: u64,

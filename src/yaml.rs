@@ -20,12 +20,38 @@ pub fn emit_document(v: &Yaml) -> Result<String, String> {
         Yaml::Mapping(m) if !m.is_empty() => mapping(&mut out, m, 0, false)?,
         Yaml::Sequence(s) if !s.is_empty() => sequence(&mut out, s, 0, false)?,
         Yaml::Tagged(t) => {
-            out.push_str(&t.tag.to_string());
+            out.push_str(&tag(&t.tag));
             after_indicator(&mut out, &t.value, 0, 0)?;
+        }
+        // At the start of a line, plain `---` and `...` are document markers.
+        Yaml::String(s) if s.starts_with("---") || s.starts_with("...") => {
+            double_quoted(&mut out, s);
+            out.push('\n');
         }
         other => scalar(&mut out, other, 0)?,
     }
     Ok(out)
+}
+
+/// A tag as written. yaml_serde's `Display` prefixes a `!`, which turns the non-specific
+/// tag `!` (`note: ! plain`) into `!!`, a shorthand with no suffix that no reader accepts.
+/// The suffix is percent-encoded where YAML's tag characters (ns-tag-char, YAML 1.2
+/// §5.6, less `#`, which libyaml's scanner refuses) do not allow a character: yaml_serde
+/// decodes `%22` to `"` when reading.
+fn tag(t: &yaml_serde::value::Tag) -> String {
+    let shown = t.to_string();
+    if shown == "!!" {
+        return "!".to_owned();
+    }
+    let mut out = String::from("!");
+    for b in shown[1..].bytes() {
+        if b.is_ascii_alphanumeric() || b"-;/?:@&=+$_.~*'()".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 fn indent(out: &mut String, n: usize) {
@@ -63,7 +89,7 @@ fn after_indicator(out: &mut String, v: &Yaml, seq_at: usize, map_at: usize) -> 
         }
         Yaml::Tagged(t) => {
             out.push(' ');
-            out.push_str(&t.tag.to_string());
+            out.push_str(&tag(&t.tag));
             after_indicator(out, &t.value, map_at, map_at)
         }
         other => {
@@ -94,19 +120,30 @@ fn sequence(out: &mut String, s: &[Yaml], at: usize, inline_first: bool) -> Resu
     Ok(())
 }
 
+/// The longest key written as `key: value`: YAML allows an implicit key of at most 1024
+/// characters (libyaml refuses a longer one). Kubernetes keys are far shorter; a longer
+/// one is an error rather than text no reader accepts.
+const MAX_KEY: usize = 1024;
+
 fn key(out: &mut String, k: &Yaml) -> Result<(), String> {
+    let mut text = String::new();
     match k {
-        Yaml::String(s) if s.contains('\n') => double_quoted(out, s),
-        Yaml::String(s) => inline_string(out, s),
+        Yaml::String(s) if s.contains('\n') => double_quoted(&mut text, s),
+        Yaml::String(s) => inline_string(&mut text, s),
         Yaml::Mapping(_) | Yaml::Sequence(_) | Yaml::Tagged(_) => {
             return Err("a mapping key that is not a scalar".into())
         }
         other => {
-            let mut s = String::new();
-            scalar(&mut s, other, 0)?;
-            out.push_str(s.trim_end());
+            scalar(&mut text, other, 0)?;
+            text.truncate(text.trim_end().len());
         }
     }
+    if text.len() > MAX_KEY {
+        return Err(format!(
+            "a mapping key longer than {MAX_KEY} characters (YAML's limit)"
+        ));
+    }
+    out.push_str(&text);
     Ok(())
 }
 
@@ -365,6 +402,46 @@ mod tests {
             let back: f64 = yaml_serde::from_str(&float(f)).unwrap();
             assert_eq!(back, f);
         }
+    }
+
+    /// The non-specific tag `!` (a string, whatever it looks like), tags whose characters
+    /// need escapes, and a document that is the string `---`. Before: written as `!!`,
+    /// with `"` unescaped (no YAML reader accepts either), and as a plain `---`, read back
+    /// as an empty document (all found by fuzz/fuzz_targets/yaml.rs).
+    #[test]
+    fn tags_and_markers_round_trip() {
+        for text in [
+            "!\n",
+            "note: ! plain\n",
+            "- ! 12\n",
+            "a: !custom x\n",
+            "!a:%24%224 l\n",
+            "!a%21b%2C%25 x\n",
+            "!a:$%23l x\n",
+            "'---'\n",
+            "'... x'\n",
+        ] {
+            let doc: Yaml = yaml_serde::from_str(text).unwrap();
+            let out = emit_document(&doc).unwrap();
+            let back: Yaml = yaml_serde::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
+            assert_eq!(back, doc, "{text:?} -> {out:?}");
+        }
+    }
+
+    /// A key too long for YAML's implicit-key form is refused, not written unreadable.
+    /// Before: `lameduck inject` wrote it (found by fuzz/fuzz_targets/yaml.rs).
+    #[test]
+    fn overlong_keys_are_refused() {
+        let mut m = yaml_serde::Mapping::new();
+        m.insert(Yaml::String("k".repeat(MAX_KEY)), Yaml::Null);
+        let text = emit_document(&Yaml::Mapping(m.clone())).unwrap();
+        assert_eq!(
+            yaml_serde::from_str::<Yaml>(&text).unwrap(),
+            Yaml::Mapping(m)
+        );
+        let mut m = yaml_serde::Mapping::new();
+        m.insert(Yaml::String("k".repeat(MAX_KEY + 1)), Yaml::Null);
+        assert!(emit_document(&Yaml::Mapping(m)).is_err());
     }
 
     #[test]
