@@ -128,6 +128,27 @@ async fn app_response_with_both_framings_reaches_the_client_whole() {
     assert_eq!(body, "hello world", "{r}");
 }
 
+/// Sends `bytes` one at a time, about 10 a second (bounded: 10 s), until the proxy closes
+/// the connection; whether it did.
+async fn trickle_until_closed(c: &mut TcpStream, bytes: &[u8]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 64];
+    for b in bytes {
+        if Instant::now() > deadline {
+            return false;
+        }
+        if c.write_all(&[*b]).await.is_err() {
+            return true;
+        }
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await {
+            if matches!(r, Ok(0) | Err(_)) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// A slowloris whose first byte is `P` (a prefix of the HTTP/2 preface) gets the header
 /// timeout like any other. Before: exempt, open after 170 s.
 #[tokio::test]
@@ -138,24 +159,7 @@ async fn a_slowloris_starting_with_p_is_closed_at_the_header_timeout() {
     let t = Instant::now();
     // The trickle's pace: `P` arrives alone, as the proxy's whole first read.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut buf = [0u8; 64];
-    let deadline = t + Duration::from_secs(10);
-    let mut closed = false;
-    for b in b"OST / HTTP/1.1\r\nHost: a\r\nX-Slow: " {
-        if Instant::now() > deadline {
-            break;
-        }
-        if c.write_all(&[*b]).await.is_err() {
-            closed = true;
-            break;
-        }
-        if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await {
-            closed = matches!(r, Ok(0) | Err(_));
-            if closed {
-                break;
-            }
-        }
-    }
+    let closed = trickle_until_closed(&mut c, b"OST / HTTP/1.1\r\nHost: a\r\nX-Slow: ").await;
     let took = t.elapsed();
     assert!(closed, "still open after {took:?}");
     assert!(took < Duration::from_secs(4), "{took:?}");
@@ -441,20 +445,11 @@ async fn a_slowloris_after_an_idle_spell_is_closed_at_the_header_timeout() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     c.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
     let t = Instant::now();
-    let mut buf = [0u8; 64];
-    let mut closed = false;
-    for b in b"Host: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
-        if c.write_all(&[*b]).await.is_err() {
-            closed = true;
-            break;
-        }
-        if let Ok(r) = tokio::time::timeout(Duration::from_millis(100), c.read(&mut buf)).await {
-            closed = matches!(r, Ok(0) | Err(_));
-            if closed {
-                break;
-            }
-        }
-    }
+    let closed = trickle_until_closed(
+        &mut c,
+        b"Host: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    )
+    .await;
     let took = t.elapsed();
     assert!(closed, "still open {took:?} after its first byte");
     assert!(took < Duration::from_secs(3), "{took:?}");
