@@ -839,12 +839,15 @@ async fn binary_serves_and_stops_on_sigterm() {
         "{denial}"
     );
 
+    // Taken before the signal is sent: the webhook's drain time starts when it gets the
+    // signal, which is before `kill` returns (under load, by a lot), so a clock started after
+    // it would read less than the drain time at exit.
+    let signalled = Instant::now();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let signalled = Instant::now();
     // Draining: not ready, still alive, still answering reviews on new connections.
     let mut answered = 0;
     while signalled.elapsed() < Duration::from_millis(1500) {
