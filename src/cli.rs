@@ -531,6 +531,24 @@ pub struct SidecarArgs {
     #[arg(long, env = "LAMEDUCK_NATIVE_SIDECAR", value_name = "BOOL", default_value_t = true,
           action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub native_sidecar: bool,
+
+    /// A default for a per-pod annotation, used for every pod that does not set it, e.g.
+    /// `--sidecar-default lameduck.io/cpu-request=50m` (cluster-wide sidecar resources or
+    /// drain settings). May be given more than once (env: comma-separated). Unknown keys are
+    /// refused at start.
+    #[arg(long = "sidecar-default", env = "LAMEDUCK_SIDECAR_DEFAULTS", value_name = "KEY=VALUE",
+          value_delimiter = ',', value_parser = parse_key_value)]
+    pub sidecar_defaults: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE`.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+        _ => Err(format!(
+            "{s:?}: expected KEY=VALUE, e.g. lameduck.io/cpu-request=50m"
+        )),
+    }
 }
 
 /// `lameduck inject`.

@@ -185,6 +185,32 @@ pub struct Settings {
     /// the pod template (deterministic, for `lameduck inject`); the webhook passes a fresh
     /// random one per pod.
     pub drain_token: Option<String>,
+    /// Values for annotations a pod does not set (`--sidecar-default`).
+    pub defaults: BTreeMap<String, String>,
+}
+
+/// Annotations that are lameduck's own record, never a setting with a default.
+const NOT_DEFAULTABLE: &[&str] = &[STATUS_ANNOTATION, ANN_DEGRADED, ANN_DRAIN_TOKEN];
+
+impl Settings {
+    /// Every default names a settable annotation (checked at start: exit 2 otherwise).
+    pub fn check(&self) -> Result<(), String> {
+        for key in self.defaults.keys() {
+            if !KNOWN_ANNOTATIONS.contains(&key.as_str()) || NOT_DEFAULTABLE.contains(&key.as_str())
+            {
+                return Err(format!(
+                    "--sidecar-default {key}: not a per-pod setting; known: {}",
+                    KNOWN_ANNOTATIONS
+                        .iter()
+                        .filter(|k| !NOT_DEFAULTABLE.contains(k))
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Settings {
@@ -193,6 +219,7 @@ impl Default for Settings {
             sidecar_image: DEFAULT_SIDECAR_IMAGE.to_owned(),
             native_sidecar: true,
             drain_token: None,
+            defaults: BTreeMap::new(),
         }
     }
 }
@@ -203,6 +230,7 @@ impl From<&SidecarArgs> for Settings {
             sidecar_image: args.sidecar_image.clone(),
             native_sidecar: args.native_sidecar,
             drain_token: None,
+            defaults: args.sidecar_defaults.iter().cloned().collect(),
         }
     }
 }
@@ -670,7 +698,12 @@ impl Options {
                 return Err(InjectError::UnknownAnnotation(key.clone(), hint));
             }
         }
-        let get = |name: &'static str| annotation(meta, name).map(str::trim);
+        // The pod's own annotation, else the cluster-wide default (`--sidecar-default`).
+        let get = |name: &'static str| {
+            annotation(meta, name)
+                .or_else(|| settings.defaults.get(name).map(String::as_str))
+                .map(str::trim)
+        };
         let boolean = |name: &'static str, default: bool| match get(name) {
             None => Ok(default),
             Some("true") => Ok(true),
@@ -1995,6 +2028,49 @@ mod tests {
         assert!(!wants_injection(&meta(None), false));
         assert!(wants_injection(&meta(None), true));
         assert!(!wants_injection(&meta(Some("false")), true));
+    }
+
+    /// `--sidecar-default`: a cluster-wide value for an annotation the pod does not set; the
+    /// pod's own annotation wins; unknown keys are refused.
+    #[test]
+    fn sidecar_defaults_apply_unless_the_pod_sets_its_own() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}]
+        }))
+        .unwrap();
+        let settings = Settings {
+            defaults: [
+                (ANN_CPU_REQUEST.to_owned(), "50m".to_owned()),
+                (ANN_DRAIN_MAX.to_owned(), "90s".to_owned()),
+            ]
+            .into(),
+            ..Settings::default()
+        };
+        assert!(settings.check().is_ok());
+        let sidecar = |meta: &ObjectMeta| {
+            let out = inject(&spec, meta, &settings).unwrap();
+            let c = out.spec.init_containers.unwrap().remove(0);
+            let cpu = c.resources.unwrap().requests.unwrap()["cpu"].0.clone();
+            (cpu, c.args.unwrap().join(" "))
+        };
+        let (cpu, args) = sidecar(&ObjectMeta::default());
+        assert_eq!(cpu, "50m");
+        assert!(args.contains("--drain-max=90s"), "{args}");
+        let own = ObjectMeta {
+            annotations: Some([(ANN_CPU_REQUEST.to_owned(), "20m".to_owned())].into()),
+            ..Default::default()
+        };
+        assert_eq!(sidecar(&own).0, "20m");
+        let bad = Settings {
+            defaults: [("lameduck.io/drain_max".to_owned(), "90s".to_owned())].into(),
+            ..Settings::default()
+        };
+        assert!(bad.check().unwrap_err().contains("lameduck.io/drain_max"));
+        let status = Settings {
+            defaults: [(STATUS_ANNOTATION.to_owned(), "injected".to_owned())].into(),
+            ..Settings::default()
+        };
+        assert!(status.check().is_err());
     }
 
     /// Before: accepted, and the proxy then panicked on clock overflow at the end of the drain.

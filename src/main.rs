@@ -95,6 +95,9 @@ fn drain(args: DrainArgs) -> ExitCode {
 /// cannot be injected exits 2 naming it.
 fn inject(args: InjectArgs) -> ExitCode {
     use std::io::{Read, Write};
+    if let Err(e) = lameduck::inject::Settings::from(&args.sidecar).check() {
+        return fail(2, &e);
+    }
     let mut input = String::new();
     let read = if args.filename.as_os_str() == "-" {
         std::io::stdin().read_to_string(&mut input)
@@ -127,6 +130,9 @@ fn inject(args: InjectArgs) -> ExitCode {
 }
 
 fn webhook(args: WebhookArgs) -> ExitCode {
+    if let Err(e) = lameduck::inject::Settings::from(&args.sidecar).check() {
+        return fail(2, &e);
+    }
     init_tracing(args.log_format, args.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

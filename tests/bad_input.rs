@@ -204,3 +204,19 @@ async fn malformed_requests_get_4xx_and_do_not_disturb_other_connections() {
     assert_eq!(good.get("/").await.unwrap().status, 200);
     assert!(p.logs().iter().all(|l| !l.contains("panicked")));
 }
+
+/// `--sidecar-default` with a key that is no per-pod setting: exit 2 naming it, before
+/// anything is read or served.
+#[test]
+fn unknown_sidecar_default_exits_2() {
+    let (code, err) = run(&[
+        "inject",
+        "--sidecar-default",
+        "lameduck.io/drain_max=90s",
+        "-f",
+        "/nonexistent",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("lameduck.io/drain_max"), "{err}");
+    assert!(err.contains("not a per-pod setting"), "{err}");
+}

@@ -272,6 +272,8 @@ fn values_sets() -> Vec<(&'static str, &'static str, &'static str, Vec<&'static 
                  metrics.dashboard.enabled=true,metrics.dashboard.namespace=monitoring",
                 "--set",
                 "podDisruptionBudget.maxUnavailable=1",
+                "--set-json",
+                r#"sidecar.defaults={"lameduck.io/cpu-request":"50m","lameduck.io/memory-limit":"64Mi"}"#,
             ],
         ),
     ]
@@ -378,6 +380,19 @@ fn check_wiring(label: &str, release: &str, namespace: &str, docs: &[Json]) {
     let Sub::Webhook(w) = cli.command else {
         panic!("{label}: not a webhook command: {args:?}")
     };
+    // Cluster-wide sidecar defaults reach the webhook as settings it accepts.
+    let settings = lameduck::inject::Settings::from(&w.sidecar);
+    settings.check().unwrap_or_else(|e| panic!("{label}: {e}"));
+    if label == "digest-sidecar-image-metrics" {
+        assert_eq!(
+            settings.defaults["lameduck.io/cpu-request"], "50m",
+            "{label}"
+        );
+        assert_eq!(
+            settings.defaults["lameduck.io/memory-limit"], "64Mi",
+            "{label}"
+        );
+    }
     assert_eq!(
         i64::from(w.listen.port()),
         c["ports"][0]["containerPort"].as_i64().unwrap()
