@@ -23,6 +23,29 @@ async fn ready(p: &Proxy) {
     );
 }
 
+/// An h2c app (`/stream/…`, `/sleep/…`) behind a proxy speaking h2c to it, drain-min 0.
+async fn h2c_app_and_proxy(quiet: &str, drain_max: &str) -> (Upstream, Proxy) {
+    let up = upstream(UpOpts {
+        h2: true,
+        ..Default::default()
+    })
+    .await;
+    let p = Proxy::start(
+        up.addr,
+        &[
+            "--upstream-protocol",
+            "h2c",
+            "--drain-min",
+            "0s",
+            "--quiet",
+            quiet,
+            "--drain-max",
+            drain_max,
+        ],
+    );
+    (up, p)
+}
+
 async fn state_is(p: &Proxy, v: f64) -> bool {
     eventually(PATIENCE, || async { p.metric("lameduck_state").await == v }).await
 }
@@ -307,24 +330,7 @@ async fn h2_connection_accepted_after_drained_gets_goaway() {
 /// does the process exit. Before: the process exited ~1 ms after the first GOAWAY.
 #[tokio::test]
 async fn sigterm_lets_a_server_streaming_call_finish_then_goaway_and_fin() {
-    let up = upstream(UpOpts {
-        h2: true,
-        ..Default::default()
-    })
-    .await;
-    let mut p = Proxy::start(
-        up.addr,
-        &[
-            "--upstream-protocol",
-            "h2c",
-            "--drain-min",
-            "0s",
-            "--quiet",
-            "200ms",
-            "--drain-max",
-            "20s",
-        ],
-    );
+    let (_up, mut p) = h2c_app_and_proxy("200ms", "20s").await;
     ready(&p).await;
     let mut h = H2::connect(p.traffic).await;
     // The client is a network away: its PING ack takes a round trip.
@@ -380,24 +386,7 @@ async fn sigterm_lets_a_server_streaming_call_finish_then_goaway_and_fin() {
 /// (RST_STREAM CANCEL; gRPC: trailers, `grpc-status: 14`), the final GOAWAY and a FIN.
 #[tokio::test]
 async fn drain_max_cuts_streams_cleanly() {
-    let up = upstream(UpOpts {
-        h2: true,
-        ..Default::default()
-    })
-    .await;
-    let mut p = Proxy::start(
-        up.addr,
-        &[
-            "--upstream-protocol",
-            "h2c",
-            "--drain-min",
-            "0s",
-            "--quiet",
-            "0s",
-            "--drain-max",
-            "1s",
-        ],
-    );
+    let (_up, mut p) = h2c_app_and_proxy("0s", "1s").await;
     ready(&p).await;
     let mut h = H2::connect(p.traffic).await;
     // Stream 1: plain HTTP/2; stream 3: gRPC. Both far longer than drain-max.
@@ -588,24 +577,7 @@ async fn requests_after_the_drain_are_counted_apart() {
 /// one) gets a trailers-only UNAVAILABLE, not an HTTP 503.
 #[tokio::test]
 async fn draining_asks_h2_clients_to_go_and_fails_grpc_health_checks_in_grpc() {
-    let up = upstream(UpOpts {
-        h2: true,
-        ..Default::default()
-    })
-    .await;
-    let p = Proxy::start(
-        up.addr,
-        &[
-            "--upstream-protocol",
-            "h2c",
-            "--drain-min",
-            "0s",
-            "--quiet",
-            "30s",
-            "--drain-max",
-            "60s",
-        ],
-    );
+    let (_up, p) = h2c_app_and_proxy("30s", "60s").await;
     ready(&p).await;
     let mut h = H2::connect(p.traffic).await;
     h.request(1, "GET", "/sleep/800", &[]).await;
