@@ -293,6 +293,11 @@ pub fn is_plain_safe(s: &str) -> bool {
             return false;
         }
     }
+    // At the start of a line (a key under a tag or at the top level), `---` and `...`
+    // are document markers.
+    if s.starts_with("---") || s.starts_with("...") {
+        return false;
+    }
     if s.contains(": ") || s.contains(" #") || s.ends_with(':') {
         return false;
     }
@@ -407,7 +412,8 @@ mod tests {
     /// The non-specific tag `!` (a string, whatever it looks like), tags whose characters
     /// need escapes, and a document that is the string `---`. Before: written as `!!`,
     /// with `"` unescaped (no YAML reader accepts either), and as a plain `---`, read back
-    /// as an empty document (all found by fuzz/fuzz_targets/yaml.rs).
+    /// as an empty document; a key starting `...` under a tag, written at column 0, where
+    /// it ended the document (all found by fuzz/fuzz_targets/yaml.rs).
     #[test]
     fn tags_and_markers_round_trip() {
         for text in [
@@ -420,6 +426,8 @@ mod tests {
             "!a:$%23l x\n",
             "'---'\n",
             "'... x'\n",
+            "!t\n'...  k': v\n",
+            "!t\n'---': v\n",
         ] {
             let doc: Yaml = yaml_serde::from_str(text).unwrap();
             let out = emit_document(&doc).unwrap();
