@@ -84,6 +84,42 @@ pub struct ProxyArgs {
     )]
     pub upstream_protocol: Protocol,
 
+    /// TLS on the traffic port without certificate files: `self-signed` generates a
+    /// certificate at start (for an ALB HTTPS target group: the ALB does not verify its
+    /// targets' certificates). For a certificate of your own, give --tls-cert and
+    /// --tls-key instead. ALPN offers h2 and http/1.1; without TLS the port speaks HTTP/1.1
+    /// and h2c.
+    #[arg(long, env = "LAMEDUCK_TLS", value_enum, value_name = "self-signed",
+          conflicts_with_all = ["tls_cert", "tls_key"], help_heading = "TLS")]
+    pub tls: Option<TlsSource>,
+
+    /// TLS on the traffic port with this PEM certificate chain (with --tls-key); re-read
+    /// when it changes (cert-manager rotates the mounted Secret), new handshakes use the new
+    /// pair, an invalid one keeps the old.
+    #[arg(
+        long,
+        env = "LAMEDUCK_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key",
+        help_heading = "TLS"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The PEM private key matching --tls-cert.
+    #[arg(
+        long,
+        env = "LAMEDUCK_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert",
+        help_heading = "TLS"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// How often to check --tls-cert and --tls-key for changes.
+    #[arg(long, env = "LAMEDUCK_TLS_RELOAD_INTERVAL", value_name = "DUR", default_value = "5s",
+          value_parser = parse_duration, help_heading = "TLS")]
+    pub tls_reload_interval: Duration,
+
     /// Keep serving at least this long once draining starts, whatever the traffic: the load
     /// balancer may not have noticed the pod is terminating yet.
     #[arg(long, env = "LAMEDUCK_DRAIN_MIN", value_name = "DUR", default_value = "5s",
@@ -342,6 +378,13 @@ pub struct ProxyArgs {
     pub tcp_health_check_within: Duration,
 }
 
+/// Where the traffic port's certificate comes from without files (`--tls`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TlsSource {
+    /// Generated at start (ECDSA P-256, for localhost, 127.0.0.1, ::1 and the pod's name).
+    SelfSigned,
+}
+
 /// What the traffic port speaks (`--mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -434,6 +477,15 @@ impl ProxyArgs {
                     .into(),
             );
         }
+        if self.mode == Mode::Tcp && self.tls_enabled() {
+            let given = match self.tls {
+                Some(_) => "--tls is",
+                None => "--tls-cert and --tls-key are",
+            };
+            return Err(format!(
+                "{given} for --mode http: in tcp mode TLS passes through to the app untouched"
+            ));
+        }
         if self.tcp_health_check_within.is_zero() {
             return Err("--tcp-health-check-within must be greater than 0".into());
         }
@@ -474,6 +526,11 @@ impl ProxyArgs {
         let args = ProxyArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
         args.validate()?;
         Ok(args)
+    }
+
+    /// Whether the traffic port terminates TLS.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls.is_some() || self.tls_cert.is_some()
     }
 
     pub fn settings(&self) -> DrainSettings {

@@ -38,7 +38,7 @@ use json_patch::{Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, HTTPHeader, Lifecycle,
     LifecycleHandler, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -82,6 +82,7 @@ pub const ANN_MEMORY_REQUEST: &str = "lameduck.io/memory-request";
 pub const ANN_MEMORY_LIMIT: &str = "lameduck.io/memory-limit";
 pub const ANN_DRAIN_TOKEN: &str = "lameduck.io/drain-token";
 pub const ANN_MODE: &str = "lameduck.io/mode";
+pub const ANN_TLS: &str = "lameduck.io/tls";
 pub const ANN_ALLOW_DEGRADED: &str = "lameduck.io/allow-degraded";
 /// Set by lameduck on a pod injected with `lameduck.io/allow-degraded`: what is not wired.
 pub const ANN_DEGRADED: &str = "lameduck.io/degraded";
@@ -111,6 +112,7 @@ pub const KNOWN_ANNOTATIONS: &[&str] = &[
     ANN_MEMORY_LIMIT,
     ANN_DRAIN_TOKEN,
     ANN_MODE,
+    ANN_TLS,
     ANN_ALLOW_DEGRADED,
     ANN_DEGRADED,
     STATUS_ANNOTATION,
@@ -169,6 +171,10 @@ const BOOL_FORM: &str = "\"true\" or \"false\"";
 const PATH_FORM: &str = "an absolute path such as /healthz";
 const PROTOCOL_FORM: &str = "http1 or h2c";
 const MODE_FORM: &str = "http (ALB) or tcp (NLB)";
+const TLS_FORM: &str = "self-signed, secret:<name of a kubernetes.io/tls Secret>, or off";
+
+/// Where a `lameduck.io/tls: secret:<name>` Secret is mounted in the sidecar.
+pub const TLS_MOUNT: &str = "/etc/lameduck/tls";
 const ADDRESS_FORM: &str = "an IP address such as :: (dual-stack) or 0.0.0.0 (IPv4 only)";
 const TOKEN_FORM: &str = "16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -";
 const PORT_NUMBER_FORM: &str =
@@ -561,6 +567,32 @@ pub fn inject(
         }
     }
     sidecar.env = Some(env);
+    if let Some(secret) = &opts.tls_secret {
+        // The kubelet updates a mounted Secret in place when cert-manager renews it; the
+        // proxy re-reads the files (--tls-reload-interval).
+        let taken: BTreeSet<String> = out
+            .spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.clone())
+            .collect();
+        let volume = pick_name(numbered("lameduck-tls".into(), "lameduck-tls"), &taken);
+        sidecar.volume_mounts = Some(vec![VolumeMount {
+            name: volume.clone(),
+            mount_path: TLS_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]);
+        out.spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: volume,
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     if opts.native_sidecar {
         sidecar.restart_policy = Some("Always".into());
         out.spec
@@ -611,6 +643,19 @@ pub fn inject(
         annotations.insert(ANN_DEGRADED.into(), degraded.what.join("; "));
     }
     Ok(out)
+}
+
+/// A Kubernetes object name (RFC 1123 subdomain): what a Secret's name must be.
+fn is_dns_subdomain(s: &str) -> bool {
+    (1..=253).contains(&s.len())
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// A port name that says the app speaks HTTP/2 without TLS (gRPC): `grpc`, `h2c`, or
@@ -678,6 +723,8 @@ struct Options {
     memory_request: Option<(String, f64)>,
     memory_limit: Option<(String, f64)>,
     drain_token: Option<String>,
+    /// `lameduck.io/tls: secret:<name>`: the Secret to mount (`--tls-cert/--tls-key`).
+    tls_secret: Option<String>,
 }
 
 impl Options {
@@ -765,6 +812,22 @@ impl Options {
             Some(v) => <Mode as clap::ValueEnum>::from_str(v, false)
                 .map_err(|_| InjectError::annotation(ANN_MODE, v, MODE_FORM))?,
         };
+        let tls_secret = match get(ANN_TLS) {
+            None | Some("off") => None,
+            Some("self-signed") => {
+                flags.push(("--tls", Some(ANN_TLS), "self-signed".to_owned()));
+                None
+            }
+            Some(v) => match v.strip_prefix("secret:").map(str::trim) {
+                Some(name) if is_dns_subdomain(name) => {
+                    for (flag, file) in [("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")] {
+                        flags.push((flag, Some(ANN_TLS), format!("{TLS_MOUNT}/{file}")));
+                    }
+                    Some(name.to_owned())
+                }
+                _ => return Err(InjectError::annotation(ANN_TLS, v, TLS_FORM)),
+            },
+        };
         if mode == Mode::Tcp {
             // Last: it is the last of the proxy's flags.
             flags.push(("--mode", Some(ANN_MODE), "tcp".to_owned()));
@@ -809,6 +872,7 @@ impl Options {
             memory_request: quantity(ANN_MEMORY_REQUEST)?,
             memory_limit: quantity(ANN_MEMORY_LIMIT)?,
             drain_token,
+            tls_secret,
         })
     }
 

@@ -19,6 +19,7 @@
 //! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
 //! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
 //! | [`yaml`] | YAML out that YAML 1.1 readers read as meant (for `inject`) |
+//! | [`tls`] | serving certificates (files reloaded on change, or self-signed) and the rustls config |
 //! | [`webhook`] | `lameduck webhook`: the HTTPS AdmissionReview shell around [`inject`] |
 //! | [`events`] | `--events`: the drain's Kubernetes Event on the pod, and the API call posting it |
 
@@ -35,6 +36,7 @@ pub mod proxy_protocol;
 pub mod sidecar;
 pub mod signal;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 pub mod webhook;
 pub mod yaml;

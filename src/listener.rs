@@ -1,7 +1,8 @@
 //! The traffic port: accept loop and one task per downstream connection.
 //!
-//! Each connection speaks HTTP/1.1 or h2c (prior knowledge), detected per connection, and
-//! has a small watchdog with two timeouts that hyper cannot express separately:
+//! Each connection speaks HTTP/1.1 or HTTP/2 (h2c prior knowledge, or over TLS with
+//! `--tls*`), detected per connection from its first bytes, and has a small watchdog with
+//! two timeouts that hyper cannot express separately:
 //!
 //! - **idle** (`--idle-timeout`, default 75 s): a keep-alive connection with nothing in
 //!   flight is closed after this long. It must stay above the load balancer's idle timeout
@@ -12,6 +13,10 @@
 //! - **header read** (`--header-read-timeout`, default 10 s): once the first byte of a
 //!   request arrives, its head must be complete within this long (slowloris). The HTTP/2
 //!   preface counts as a head: a connection is HTTP/2 only once all 24 bytes of it arrived.
+//!   With TLS the handshake comes first, in the connection's task (never in the accept
+//!   loop), and must complete within the header read timeout too; the watchdog then sees
+//!   the decrypted bytes. ALPN offers `h2` and `http/1.1`; which one is spoken is still
+//!   read from the bytes, so a client that skips ALPN works as it would in cleartext.
 //!
 //! hyper's own `header_read_timeout` is disabled: since hyper 1.6 it also times the idle
 //! gap between keep-alive requests, which would close idle connections at 30 s, before
@@ -39,6 +44,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::drain::{now_nanos, ConnectionGuard, Lifecycle, Phase};
 use crate::proxy::Proxy;
@@ -109,6 +116,7 @@ pub async fn serve(
     timeouts: Timeouts,
     max_connections: usize,
     discourage: bool,
+    tls: Option<TlsAcceptor>,
 ) -> Result<(), AcceptError> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -122,6 +130,7 @@ pub async fn serve(
         timeouts,
         metrics: proxy.metrics().clone(),
         discourage,
+        tls,
     });
     let closing = lifecycle.closing_token();
     loop {
@@ -154,14 +163,7 @@ pub async fn serve(
         let open = lifecycle.connection();
         let track = Arc::new(ConnTrack::new());
         let svc = proxy.stack(track.clone(), peer.ip().to_canonical());
-        tokio::spawn(serve_connection(
-            shared.clone(),
-            stream,
-            peer,
-            svc,
-            track,
-            open,
-        ));
+        tokio::spawn(connection(shared.clone(), stream, peer, svc, track, open));
     }
 }
 
@@ -196,11 +198,50 @@ struct Shared {
     metrics: Arc<crate::metrics::Metrics>,
     /// HTTP/2 connections get GOAWAY when draining starts (not `--keep-alive-while-draining`).
     discourage: bool,
+    /// The traffic port terminates TLS.
+    tls: Option<TlsAcceptor>,
 }
 
-async fn serve_connection(
+/// One accepted connection: the TLS handshake if the port has TLS, then HTTP.
+async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
+    peer: SocketAddr,
+    svc: crate::proxy::Stack,
+    track: Arc<ConnTrack>,
+    open: ConnectionGuard,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(acceptor) = shared.tls.clone() else {
+        return serve_connection(shared, stream, peer, svc, track, open).await;
+    };
+    let closing = shared.lifecycle.closing_token();
+    let handshake = tokio::time::timeout(shared.timeouts.header_read, acceptor.accept(stream));
+    let tls = tokio::select! {
+        // Nothing has been sent on a connection still in its handshake: at exit it goes.
+        _ = closing.cancelled() => return,
+        done = handshake => match done {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                shared.metrics.client_error("tls_handshake");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake not completed in time; closing");
+                shared.metrics.client_error("tls_handshake_timeout");
+                return;
+            }
+        },
+    };
+    // The idle clock starts once the connection can carry a request.
+    track.idle_since.store(now_nanos(), Ordering::Release);
+    serve_connection(shared, tls, peer, svc, track, open).await
+}
+
+async fn serve_connection<S: Downstream>(
+    shared: Arc<Shared>,
+    stream: S,
     peer: SocketAddr,
     svc: crate::proxy::Stack,
     track: Arc<ConnTrack>,
@@ -212,9 +253,9 @@ async fn serve_connection(
         timeouts,
         metrics,
         discourage,
+        tls: _,
     } = &*shared;
     let timeouts = *timeouts;
-    let _ = stream.set_nodelay(true);
     let io = TokioIo::new(TrackedIo {
         inner: Some(stream),
         track: track.clone(),
@@ -483,19 +524,37 @@ impl Drop for ConnRequest {
 
 // === impl TrackedIo ===
 
-/// The accepted socket, noting when request bytes arrive on an idle connection. It holds
-/// the connection's [`ConnectionGuard`], so the connection counts as open until its socket
-/// is closed, lingering included.
-struct TrackedIo {
-    inner: Option<TcpStream>,
+/// A downstream byte stream: the accepted socket, or TLS over it. It can be turned back
+/// into the socket for the lingering close.
+trait Downstream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn into_socket(self) -> TcpStream;
+}
+
+impl Downstream for TcpStream {
+    fn into_socket(self) -> TcpStream {
+        self
+    }
+}
+
+impl Downstream for TlsStream<TcpStream> {
+    fn into_socket(self) -> TcpStream {
+        self.into_inner().0
+    }
+}
+
+/// The connection's plaintext stream, noting when request bytes arrive on an idle
+/// connection. It holds the connection's [`ConnectionGuard`], so the connection counts as
+/// open until its socket is closed, lingering included.
+struct TrackedIo<S: Downstream> {
+    inner: Option<S>,
     track: Arc<ConnTrack>,
     open: Option<ConnectionGuard>,
     /// hyper closed our side (FIN sent): the socket lingers when dropped.
     shut_down: bool,
 }
 
-impl TrackedIo {
-    fn stream(&mut self) -> Pin<&mut TcpStream> {
+impl<S: Downstream> TrackedIo<S> {
+    fn stream(&mut self) -> Pin<&mut S> {
         Pin::new(
             self.inner
                 .as_mut()
@@ -504,11 +563,13 @@ impl TrackedIo {
     }
 }
 
-impl Drop for TrackedIo {
+impl<S: Downstream> Drop for TrackedIo<S> {
     fn drop(&mut self) {
-        let (Some(mut stream), true) = (self.inner.take(), self.shut_down) else {
+        let (Some(stream), true) = (self.inner.take(), self.shut_down) else {
             return;
         };
+        // TLS: our close_notify went out with the FIN; what follows is TCP's business.
+        let mut stream = stream.into_socket();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -531,7 +592,7 @@ impl Drop for TrackedIo {
     }
 }
 
-impl AsyncRead for TrackedIo {
+impl<S: Downstream> AsyncRead for TrackedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -549,7 +610,7 @@ impl AsyncRead for TrackedIo {
     }
 }
 
-impl AsyncWrite for TrackedIo {
+impl<S: Downstream> AsyncWrite for TrackedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

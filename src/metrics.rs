@@ -267,7 +267,7 @@ impl Metrics {
         let client_errors = IntCounterVec::new(
             Opts::new(
                 "lameduck_client_errors_total",
-                "Requests ended for the client's own fault, by kind (request_body, request_body_timeout, header_read_timeout).",
+                "Requests and connections ended for the client's own fault, by kind (request_body, request_body_timeout, header_read_timeout, tls_handshake, tls_handshake_timeout).",
             ),
             &["kind"],
         )

@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::signal::Terminations;
 use crate::tcp;
+use crate::tls::{self, CertStore};
 use crate::upstream::{self, Upstream};
 
 /// How long the admin port may take to answer its last requests at exit.
@@ -54,18 +55,28 @@ pub struct Bound {
     args: ProxyArgs,
     traffic: TcpListener,
     admin: TcpListener,
+    /// The traffic port's certificate, with `--tls*`.
+    tls: Option<Arc<CertStore>>,
 }
 
 impl Bound {
-    /// Binds the traffic and admin ports.
+    /// Loads (or generates) the traffic port's certificate and binds the traffic and admin
+    /// ports.
     pub async fn bind(args: ProxyArgs) -> Result<Bound, StartError> {
+        let tls = certificate(&args)?.map(Arc::new);
         let traffic = bind(args.listen, "--listen").await?;
         let admin = bind(args.admin, "--admin").await?;
         Ok(Bound {
             args,
             traffic,
             admin,
+            tls,
         })
+    }
+
+    /// The traffic port's certificate chain (PEM), with `--tls*`.
+    pub fn tls_cert_pem(&self) -> Option<String> {
+        self.tls.as_ref().map(|c| c.cert_pem())
     }
 
     pub fn traffic_addr(&self) -> SocketAddr {
@@ -89,6 +100,7 @@ impl Bound {
             args,
             traffic,
             admin,
+            tls,
         } = self;
         let (listen, admin_addr) = (
             traffic.local_addr().expect("bound"),
@@ -143,6 +155,10 @@ impl Bound {
                         keep_alive_while_draining: args.keep_alive_while_draining,
                     },
                 );
+                let acceptor = tls.map(|certs| {
+                    tokio::spawn(tls::reload_loop(certs.clone(), args.tls_reload_interval));
+                    tls::acceptor(certs, &[tls::ALPN_H2, tls::ALPN_HTTP1])
+                });
                 tokio::spawn(listener::serve(
                     traffic,
                     lifecycle.clone(),
@@ -153,6 +169,7 @@ impl Bound {
                     },
                     max_connections,
                     !args.keep_alive_while_draining,
+                    acceptor,
                 ))
             }
             // The same lifecycle, admin port and ordered shutdown; only the traffic port
@@ -202,6 +219,7 @@ impl Bound {
         tracing::info!(
             mode = args.mode.as_str(),
             listen = %listen,
+            tls = tls_source(&args),
             admin = %admin_addr,
             upstream = %args.upstream,
             drain_min = ?args.drain_min,
@@ -367,6 +385,42 @@ async fn shut_down(
                 "connections still open after the cut; closing them"
             );
         }
+    }
+}
+
+/// The traffic port's certificate: `--tls-cert/--tls-key` loaded now (a bad pair is a
+/// start error), or `--tls self-signed` generated for this host's names.
+fn certificate(args: &ProxyArgs) -> Result<Option<CertStore>, StartError> {
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        return CertStore::load(cert, key)
+            .map(Some)
+            .map_err(|e| StartError(format!("--tls-cert/--tls-key: {e}")));
+    }
+    if args.tls.is_none() {
+        return Ok(None);
+    }
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".into(), "::1".into()];
+    // The pod's name is its hostname.
+    if let Some(host) = args
+        .pod_name
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|h| !h.is_empty() && h.is_ascii())
+    {
+        names.insert(0, host);
+    }
+    CertStore::self_signed(names)
+        .map(Some)
+        .map_err(|e| StartError(format!("--tls self-signed: {e}")))
+}
+
+/// What the start log says of TLS.
+fn tls_source(args: &ProxyArgs) -> &'static str {
+    match (args.mode, &args.tls_cert, args.tls) {
+        (Mode::Tcp, ..) => "passthrough",
+        (_, Some(_), _) => "files",
+        (_, None, Some(_)) => "self-signed",
+        (_, None, None) => "off",
     }
 }
 

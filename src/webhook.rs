@@ -26,9 +26,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -39,17 +38,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::cli::WebhookArgs;
 use crate::inject::{self, Settings};
+use crate::tls::{self, CertStore, TlsError};
 
 /// Largest AdmissionReview accepted: the API server's own request size limit (3 MiB).
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -74,18 +69,6 @@ pub enum WebhookError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
-}
-
-/// A certificate/key pair that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
 }
 
 /// A request body that is not an AdmissionReview this webhook can answer (HTTP 400).
@@ -237,100 +220,6 @@ pub fn review_of(body: &[u8], settings: &Settings) -> Result<(Json, Subject), Ba
     }
 }
 
-// === certificates ===
-
-/// The serving certificate, re-read from its files when they change.
-#[derive(Debug)]
-pub struct CertStore {
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    /// The file contents behind `current`, to notice a change.
-    loaded: Mutex<(Vec<u8>, Vec<u8>)>,
-    current: RwLock<Arc<CertifiedKey>>,
-}
-
-impl CertStore {
-    /// Loads the pair now; an unusable pair is an error.
-    pub fn load(cert_path: &Path, key_path: &Path) -> Result<CertStore, TlsError> {
-        let (cert_pem, key_pem) = read_pair(cert_path, key_path)?;
-        let key = parse_pair(cert_path, key_path, &cert_pem, &key_pem)?;
-        Ok(CertStore {
-            cert_path: cert_path.to_owned(),
-            key_path: key_path.to_owned(),
-            loaded: Mutex::new((cert_pem, key_pem)),
-            current: RwLock::new(Arc::new(key)),
-        })
-    }
-
-    /// Re-reads the files; swaps the pair in if they changed and are valid. `Ok(true)`: a
-    /// new pair is in use. On error the previous pair stays.
-    pub fn reload(&self) -> Result<bool, TlsError> {
-        let (cert_pem, key_pem) = read_pair(&self.cert_path, &self.key_path)?;
-        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if loaded.0 == cert_pem && loaded.1 == key_pem {
-            return Ok(false);
-        }
-        let key = parse_pair(&self.cert_path, &self.key_path, &cert_pem, &key_pem)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
-        *loaded = (cert_pem, key_pem);
-        Ok(true)
-    }
-
-    fn current(&self) -> Arc<CertifiedKey> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-impl ResolvesServerCert for CertStore {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
-    }
-}
-
-fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    Ok((read(cert)?, read(key)?))
-}
-
-fn parse_pair(
-    cert_path: &Path,
-    key_path: &Path,
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<CertifiedKey, TlsError> {
-    let invalid = |path: &Path, reason: String| TlsError::Invalid {
-        path: path.to_owned(),
-        reason,
-    };
-    let certs = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(cert_path, format!("not a PEM certificate chain: {e}")))?;
-    if certs.is_empty() {
-        return Err(invalid(cert_path, "no certificate in the file".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| invalid(key_path, format!("not a PEM private key: {e}")))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-        .map_err(|e| invalid(key_path, format!("unsupported private key: {e}")))?;
-    let certified = CertifiedKey::new(certs, signer);
-    // A rotation caught half-way (new certificate, old key) must not be served.
-    certified.keys_match().map_err(|e| {
-        invalid(
-            key_path,
-            format!("does not match {}: {e}", cert_path.display()),
-        )
-    })?;
-    Ok(certified)
-}
-
 // === the server ===
 
 /// A webhook whose port is bound and whose certificate is loaded; [`Bound::run`] serves.
@@ -390,17 +279,9 @@ impl Bound {
             );
             tokio::time::sleep(drain_time).await;
         };
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_no_client_auth()
-        .with_cert_resolver(certs.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls::acceptor(certs.clone(), &[tls::ALPN_HTTP1]);
 
-        let reloader = tokio::spawn(reload_loop(certs, reload_interval));
+        let reloader = tokio::spawn(tls::reload_loop(certs, reload_interval));
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -454,31 +335,6 @@ impl Bound {
             .is_err()
         {
             tracing::warn!("reviews still in flight at shutdown were cut off");
-        }
-    }
-}
-
-async fn reload_loop(certs: Arc<CertStore>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let mut last_error = None;
-    loop {
-        tick.tick().await;
-        match certs.reload() {
-            Ok(true) => {
-                tracing::info!("TLS certificate reloaded");
-                last_error = None;
-            }
-            Ok(false) => last_error = None,
-            Err(e) => {
-                // Once per distinct error, not every tick.
-                let text = e.to_string();
-                if last_error.as_ref() != Some(&text) {
-                    tracing::warn!(error = %text, "TLS certificate not reloaded; keeping the current one");
-                    last_error = Some(text);
-                }
-            }
         }
     }
 }

@@ -76,6 +76,52 @@ fn invalid_combinations_exit_2_with_one_line() {
     );
 }
 
+/// TLS flags that cannot work: exit 2, one line naming the flag or the file, before
+/// anything is served.
+#[test]
+fn bad_tls_flags_exit_2() {
+    let dir = std::env::temp_dir().join(format!("lameduck-badtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let junk = junk.to_str().unwrap();
+    let missing = dir.join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let listen = ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "--tls",
+                "self-signed",
+                "--tls-cert",
+                junk,
+                "--tls-key",
+                junk,
+            ],
+            "cannot be used with",
+        ),
+        (&["--tls-cert", junk], "--tls-key"),
+        (&["--tls-key", junk], "--tls-cert"),
+        (&["--tls", "acme"], "possible values: self-signed"),
+        (&["--tls-cert", missing, "--tls-key", junk], "missing.pem"),
+        (
+            &["--tls-cert", junk, "--tls-key", junk],
+            "junk.pem: no certificate",
+        ),
+        (&["--mode", "tcp", "--tls", "self-signed"], "--mode http"),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec!["proxy"];
+        args.extend_from_slice(&listen);
+        args.extend_from_slice(flags);
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(2), "{flags:?}: {err}");
+        assert!(err.contains(needle), "{flags:?}: no {needle:?} in\n{err}");
+        assert!(!err.contains("panicked"), "{flags:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Bare `lameduck` prints the help (with the subcommands), exit 2.
 #[test]
 fn bare_lameduck_prints_help() {

@@ -236,7 +236,7 @@ fn examples_target_named_ports_and_keep_the_canary() {
         .join("---\n");
     let out = inject::inject_manifests(&yaml, &Settings::default(), false).unwrap();
     assert_eq!(out.warnings, Vec::<String>::new());
-    assert_eq!(out.injected, 3, "the Deployments and the Rollout");
+    assert_eq!(out.injected, 4, "the Deployments and the Rollout");
     for svc in docs.iter().filter(|d| d["kind"] == "Service") {
         for port in svc["spec"]["ports"].as_array().unwrap() {
             assert!(port["targetPort"].is_string(), "{svc}");
@@ -317,6 +317,25 @@ fn examples_target_named_ports_and_keep_the_canary() {
     for name in &admitted {
         assert_eq!(port_owner(name), "lameduck", "port {name}");
     }
+
+    // The HTTPS + gRPC example: TLS to the target is lameduck's, and the health checks
+    // are HTTPS on the traffic port, to the gRPC path lameduck fails while draining.
+    let alb = &find(&docs, "Ingress", "payments")["metadata"]["annotations"];
+    assert_eq!(alb["alb.ingress.kubernetes.io/backend-protocol"], "HTTPS");
+    assert_eq!(
+        alb["alb.ingress.kubernetes.io/backend-protocol-version"],
+        "GRPC"
+    );
+    assert_eq!(
+        alb["alb.ingress.kubernetes.io/healthcheck-protocol"],
+        "HTTPS"
+    );
+    assert_eq!(
+        alb["alb.ingress.kubernetes.io/healthcheck-path"],
+        lameduck::proxy::ALB_GRPC_HEALTH_PATH
+    );
+    let payments = &find(&docs, "Deployment", "payments")["spec"]["template"]["metadata"];
+    assert_eq!(payments["annotations"][inject::ANN_TLS], "self-signed");
 
     // The NLB example: ip targets, TCP health checks, lameduck in tcp mode, and a
     // deregistration delay that does not end flows before drain-max.
@@ -520,7 +539,7 @@ fn kustomize_renders_and_manifests_validate() {
                     == "injected"
             )
             .count(),
-        3
+        4
     );
     validate(&validator, "k8s-examples-injected", &injected);
 
