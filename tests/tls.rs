@@ -454,3 +454,51 @@ async fn an_https_drain_answers_in_flight_and_ends_with_close_notify() {
     let status = p.wait_exit(PATIENCE).expect("the proxy did not exit");
     assert!(status.success(), "{status:?}");
 }
+
+/// An upgrade (WebSocket) over HTTPS is a tunnel like one over HTTP: 101, then bytes both
+/// ways through TLS, counted as a tunnel while open.
+#[tokio::test]
+async fn upgrades_tunnel_through_tls() {
+    let up = upstream(UpOpts::default()).await;
+    let p = Proxy::start(up.addr, &["--tls", "self-signed"]);
+    let mut s = connect(&client(None, &[b"http/1.1"]), p.traffic).await;
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: app.test\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut byte))
+            .await
+            .expect("no 101")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed during the head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(p.metric("lameduck_tunnels_active").await, 1.0);
+    for msg in [&b"hello"[..], b"through tls"] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
+            .await
+            .expect("no echo")
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+    drop(s);
+    assert!(
+        eventually(PATIENCE, || async {
+            p.metric("lameduck_tunnels_active").await == 0.0
+        })
+        .await
+    );
+}
