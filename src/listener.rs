@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -153,7 +152,7 @@ pub async fn serve(
         // Counted from the accept, so the limit above sees every connection at once.
         let open = lifecycle.connection();
         let track = Arc::new(ConnTrack::new());
-        let svc = proxy.stack(track.clone(), peer.ip().to_canonical());
+        let svc = proxy.service(track.clone(), peer.ip().to_canonical());
         tokio::spawn(serve_connection(
             shared.clone(),
             stream,
@@ -202,7 +201,7 @@ async fn serve_connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    svc: crate::proxy::Stack,
+    svc: crate::proxy::ProxyService,
     track: Arc<ConnTrack>,
     open: ConnectionGuard,
 ) {
@@ -221,7 +220,7 @@ async fn serve_connection(
         open: Some(open),
         shut_down: false,
     });
-    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
 
     let mut state = lifecycle.subscribe();

@@ -387,7 +387,9 @@ impl Upstream {
                     Ok(()) => break (tx, Some(idle)),
                     Err(_) => continue,
                 },
-                None => break (self.connect_h1().await?, None),
+                // Boxed, as every cold path here: the future of `send` is moved whole (its
+                // size is its largest state's), and a handshake's state is large.
+                None => break (Box::pin(self.connect_h1()).await?, None),
             }
         };
         let replay = match reused {
@@ -407,7 +409,7 @@ impl Upstream {
         };
         tracing::debug!("reused upstream connection failed before a response; retrying once");
         on_retry();
-        let mut tx = self.connect_h1().await?;
+        let mut tx = Box::pin(self.connect_h1()).await?;
         match tx.send_request(again).await {
             Ok(resp) => Ok(self.pooled(resp, tx)),
             Err(e) => Err(UpstreamError::from_hyper(e)),
@@ -493,7 +495,7 @@ impl Upstream {
         };
         let (mut tx, reused) = match shared {
             Some(tx) => (tx, true),
-            None => (self.shared_h2().await?, false),
+            None => (Box::pin(self.shared_h2()).await?, false),
         };
         let again = match tx.try_send_request(req).await {
             Ok(resp) => return Ok(resp.map(UpstreamBody::unpooled)),
@@ -503,7 +505,7 @@ impl Upstream {
             },
         };
         on_retry();
-        let mut tx = self.connect_h2().await?;
+        let mut tx = Box::pin(self.connect_h2()).await?;
         tx.send_request(again)
             .await
             .map(|r| r.map(UpstreamBody::unpooled))
