@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -162,7 +161,7 @@ pub async fn serve(
         // Counted from the accept, so the limit above sees every connection at once.
         let open = lifecycle.connection();
         let track = Arc::new(ConnTrack::new());
-        let svc = proxy.stack(track.clone(), peer.ip().to_canonical());
+        let svc = proxy.service(track.clone(), peer.ip().to_canonical());
         tokio::spawn(connection(shared.clone(), stream, peer, svc, track, open));
     }
 }
@@ -207,7 +206,7 @@ async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    svc: crate::proxy::Stack,
+    svc: crate::proxy::ProxyService,
     track: Arc<ConnTrack>,
     open: ConnectionGuard,
 ) {
@@ -243,7 +242,7 @@ async fn serve_connection<S: Downstream>(
     shared: Arc<Shared>,
     stream: S,
     peer: SocketAddr,
-    svc: crate::proxy::Stack,
+    svc: crate::proxy::ProxyService,
     track: Arc<ConnTrack>,
     open: ConnectionGuard,
 ) {
@@ -262,7 +261,7 @@ async fn serve_connection<S: Downstream>(
         open: Some(open),
         shut_down: false,
     });
-    let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(svc));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
 
     let mut state = lifecycle.subscribe();

@@ -42,6 +42,7 @@
 //! Health checks are counted apart from requests: `lameduck_requests_total{phase="draining"}`
 //! is the number of application requests the drain saved.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::core::{Collector, Desc};
@@ -63,6 +64,10 @@ const DURATION_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
+    /// `requests` for the common status codes ([`common_code`]), by `Phase as usize`,
+    /// resolved on first use: no label hashing and lock per request, and a code appears in
+    /// the exposition only once it has been answered, as with `with_label_values`.
+    common: [[OnceLock<IntCounter>; COMMON_CODES.len()]; 3],
     /// Indexed by `Phase as usize`.
     durations: [Histogram; 3],
     upstream_errors: IntCounterVec,
@@ -340,6 +345,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            common: Default::default(),
             durations,
             upstream_errors,
             health_checks,
@@ -374,11 +380,17 @@ impl Metrics {
             self.health_checks[phase as usize].inc();
             return;
         }
-        let mut buf = itoa_buf();
-        let code = fmt_code(status, &mut buf);
-        self.requests
-            .with_label_values(&[code, phase.as_str()])
-            .inc();
+        let counter = |status| {
+            let mut buf = itoa_buf();
+            let code = fmt_code(status, &mut buf);
+            self.requests.with_label_values(&[code, phase.as_str()])
+        };
+        match common_code(status) {
+            Some(i) => self.common[phase as usize][i]
+                .get_or_init(|| counter(status))
+                .inc(),
+            None => counter(status).inc(),
+        }
         self.durations[phase as usize].observe(took.as_secs_f64());
     }
 
@@ -398,6 +410,15 @@ impl Metrics {
             .expect("writing to a Vec cannot fail");
         out
     }
+}
+
+/// Status codes whose request counters are resolved once ([`Metrics::common`]).
+const COMMON_CODES: [u16; 15] = [
+    200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 499, 500, 502, 503, 504,
+];
+
+fn common_code(status: u16) -> Option<usize> {
+    COMMON_CODES.iter().position(|&c| c == status)
 }
 
 fn itoa_buf() -> [u8; 3] {

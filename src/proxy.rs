@@ -1,13 +1,18 @@
-//! The traffic path: a tower stack that forwards each request to the app.
+//! The traffic path: one hyper `Service` per connection that forwards each request to the app.
 //!
 //! ```text
-//! Track        in-flight guard, last-request instant, health-check recognition, metrics
+//! track        in-flight guard, last-request instant, health-check recognition, metrics
 //!              (held until the body ends)
-//!  └ DrainAware  health path answered 503 while draining; `connection: close` once drained
-//!     └ Forward    hop-by-hop headers, URI and Host, upgrades, upstream errors → 502/504
+//! drain-aware  health path answered 503 while draining; `connection: close` once drained
+//! forward      hop-by-hop headers, URI and Host, upgrades, upstream errors → 502/504
 //! ```
 //!
-//! Nothing here decides *when* the drain ends; every layer reads the [`Lifecycle`].
+//! The three steps run in one [`ProxyService::call`] and one [`ProxyFuture`], not as tower
+//! layers behind hyper-util's adapter: each request then costs one future (plus the boxed
+//! forward), not four nested ones moved into each other (issue 14: ~2,000 instructions per
+//! request less, see docs/benchmark.md).
+//!
+//! Nothing here decides *when* the drain ends; every step reads the [`Lifecycle`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,22 +26,17 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tower::{Layer, Service};
 
 use crate::drain::{Lifecycle, Phase, RequestGuard, RequestKind};
 use crate::listener::{ConnRequest, ConnTrack};
 use crate::metrics::Metrics;
 use crate::upstream::{ClientBody, Protocol, RequestBody, Upstream, UpstreamBody, UpstreamError};
 
-/// The full stack for one downstream connection.
-pub type Stack = Track<DrainAware<Forward>>;
-
-/// Builds the per-connection service stacks; cheap to clone.
+/// Builds the per-connection services; cheap to clone.
 #[derive(Clone)]
 pub struct Proxy {
     track: Arc<TrackShared>,
-    drain: DrainAwareLayer,
-    forward: Forward,
+    forward: Arc<ForwardShared>,
 }
 
 /// The ALB's default health-check path for gRPC target groups (success code 12,
@@ -80,16 +80,11 @@ impl Proxy {
                     .collect(),
                 discourage: !options.keep_alive_while_draining,
             }),
-            drain: DrainAwareLayer {
-                lifecycle: lifecycle.clone(),
-                health_paths,
-                discourage: !options.keep_alive_while_draining,
-            },
-            forward: Forward(Arc::new(ForwardShared {
+            forward: Arc::new(ForwardShared {
                 upstream,
                 metrics,
                 lifecycle,
-            })),
+            }),
         }
     }
 
@@ -103,13 +98,13 @@ impl Proxy {
     }
 
     /// The service for one accepted connection from `peer`.
-    pub fn stack(&self, conn: Arc<ConnTrack>, peer: std::net::IpAddr) -> Stack {
-        let layer = TrackLayer {
-            shared: self.track.clone(),
+    pub fn service(&self, conn: Arc<ConnTrack>, peer: std::net::IpAddr) -> ProxyService {
+        ProxyService {
+            track: self.track.clone(),
+            forward: self.forward.clone(),
             conn,
             peer,
-        };
-        layer.layer(self.drain.layer(self.forward.clone()))
+        }
     }
 }
 
@@ -223,52 +218,30 @@ impl TrackShared {
     }
 }
 
-/// Counts each request from its start until its response body ends or is abandoned.
-pub struct TrackLayer {
-    shared: Arc<TrackShared>,
+/// The service of one downstream connection: counts each request from its start until its
+/// response body ends or is abandoned, answers health checks while draining, and forwards
+/// the rest.
+pub struct ProxyService {
+    track: Arc<TrackShared>,
+    forward: Arc<ForwardShared>,
     conn: Arc<ConnTrack>,
     peer: std::net::IpAddr,
 }
 
-impl<S> Layer<S> for TrackLayer {
-    type Service = Track<S>;
-    fn layer(&self, inner: S) -> Track<S> {
-        Track {
-            inner,
-            shared: self.shared.clone(),
-            conn: self.conn.clone(),
-            peer: self.peer,
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct Track<S> {
-    inner: S,
-    shared: Arc<TrackShared>,
-    conn: Arc<ConnTrack>,
-    peer: std::net::IpAddr,
-}
-
-impl<S> Service<Request<Incoming>> for Track<S>
-where
-    S: Service<Request<Incoming>, Response = Response<ResBody>, Error = Infallible>,
-{
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Response = Response<Tracked>;
     type Error = Infallible;
-    type Future = TrackFuture<S::Future>;
+    type Future = ProxyFuture;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> ProxyFuture {
+        let shared = &self.track;
         let (conn, first) = ConnTrack::request(&self.conn);
-        let kind = self.shared.kind(&req, first);
-        let request = self.shared.lifecycle.request(kind, self.peer);
-        let going = match request.phase() {
-            Phase::Serving => self.shared.lifecycle.is_closing(),
-            Phase::Draining => self.shared.discourage,
+        let kind = shared.kind(&req, first);
+        let request = shared.lifecycle.request(kind, self.peer);
+        let phase = request.phase();
+        let going = match phase {
+            Phase::Serving => shared.lifecycle.is_closing(),
+            Phase::Draining => shared.discourage,
             Phase::Drained => true,
         };
         if going && req.version() == Version::HTTP_2 {
@@ -280,13 +253,45 @@ where
         let done = Some(Done {
             request,
             _conn: conn,
-            shared: self.shared.clone(),
+            shared: shared.clone(),
             status: 0,
             grpc: is_grpc(req.headers()),
         });
-        TrackFuture::Inner {
-            inner: self.inner.call(req),
+        if phase != Phase::Serving && is_health_path(&shared.health_paths, req.uri().path()) {
+            // While draining, the load balancer's health check is answered here: 503, or
+            // for gRPC a trailers-only `grpc-status: 14`, so the target is marked unhealthy
+            // quickly.
+            let resp = if is_grpc(req.headers()) {
+                grpc_trailers_only(grpc_unavailable(
+                    "lameduck: the pod is draining; use another target",
+                ))
+            } else {
+                let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, phase.as_str());
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                resp
+            };
+            return ProxyFuture {
+                answer: Answer::Local(Some(Box::new(resp))),
+                done,
+                close: false,
+            };
+        }
+        // HTTP/1 while draining (unless `--keep-alive-while-draining`) and once drained: ask
+        // the client to reconnect (elsewhere) after this response. Idle connections are
+        // never closed for it: the close always travels with a response, so no request can
+        // race it.
+        let close = req.version() < Version::HTTP_2
+            && match phase {
+                Phase::Serving => false,
+                Phase::Draining => shared.discourage,
+                Phase::Drained => true,
+            };
+        let forward = self.forward.clone();
+        ProxyFuture {
+            answer: Answer::Forward(Box::pin(async move { forward.forward(req).await })),
             done,
+            close,
         }
     }
 }
@@ -314,31 +319,45 @@ impl Drop for Done {
     }
 }
 
-pin_project_lite::pin_project! {
-    #[project = TrackProj]
-    pub enum TrackFuture<F> {
-        Local { resp: Option<Response<ResBody>>, done: Option<Done> },
-        Inner { #[pin] inner: F, done: Option<Done> },
-    }
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// What a request is answered with: a local response (boxed: rare, and the future stays
+/// small), or the app's (one boxed future: `Upstream::send`'s future has no name).
+enum Answer {
+    Local(Option<Box<Response<ResBody>>>),
+    Forward(BoxFuture<Response<ResBody>>),
 }
 
-impl<F> Future for TrackFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, Infallible>>,
-{
+/// The response future of [`ProxyService`]: the answer, with the request's tracking moved
+/// into the response body.
+pub struct ProxyFuture {
+    answer: Answer,
+    done: Option<Done>,
+    /// HTTP/1: `connection: close` on a forwarded response (decided at the request's start).
+    close: bool,
+}
+
+impl Future for ProxyFuture {
     type Output = Result<Response<Tracked>, Infallible>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (resp, done) = match self.project() {
-            TrackProj::Local { resp, done } => {
-                (resp.take().expect("polled after completion"), done)
-            }
-            TrackProj::Inner { inner, done } => {
-                let Ok(resp) = ready!(inner.poll(cx));
-                (resp, done)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let resp = match &mut this.answer {
+            Answer::Local(resp) => *resp.take().expect("polled after completion"),
+            Answer::Forward(fut) => {
+                let mut resp = ready!(fut.as_mut().poll(cx));
+                let done = this.done.as_ref().expect("polled after completion");
+                // Decided when the request started, or the exit began since (its close is
+                // graceful: this response still goes out whole).
+                let close = this.close || done.shared.lifecycle.is_closing();
+                if close && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                resp
             }
         };
-        let mut done = done.take().expect("polled after completion");
+        let mut done = this.done.take().expect("polled after completion");
         done.status = resp.status().as_u16();
         Poll::Ready(Ok(resp.map(|inner| Tracked {
             inner,
@@ -445,143 +464,13 @@ fn grpc_unavailable(message: &'static str) -> HeaderMap {
     t
 }
 
-// === impl DrainAware ===
-
-#[derive(Clone)]
-pub struct DrainAwareLayer {
-    lifecycle: Lifecycle,
-    health_paths: Arc<[Box<str>]>,
-    discourage: bool,
-}
-
-impl<S> Layer<S> for DrainAwareLayer {
-    type Service = DrainAware<S>;
-    fn layer(&self, inner: S) -> DrainAware<S> {
-        DrainAware {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// While draining, answers the load balancer's health check itself (503, or for gRPC a
-/// trailers-only `grpc-status: 14`, so the target is marked unhealthy quickly); while
-/// draining (unless `--keep-alive-while-draining`) and once drained, asks HTTP/1 clients to
-/// close the connection after each response. Idle connections are never closed for it: the
-/// close always travels with a response, so no request can race it.
-#[derive(Clone)]
-pub struct DrainAware<S> {
-    inner: S,
-    layer: DrainAwareLayer,
-}
-
-impl<S> Service<Request<Incoming>> for DrainAware<S>
-where
-    S: Service<Request<Incoming>, Response = Response<ResBody>, Error = Infallible>,
-{
-    type Response = Response<ResBody>;
-    type Error = Infallible;
-    type Future = DrainAwareFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let phase = self.layer.lifecycle.phase();
-        if phase != Phase::Serving && is_health_path(&self.layer.health_paths, req.uri().path()) {
-            let resp = if is_grpc(req.headers()) {
-                grpc_trailers_only(grpc_unavailable(
-                    "lameduck: the pod is draining; use another target",
-                ))
-            } else {
-                let mut resp = local(StatusCode::SERVICE_UNAVAILABLE, phase.as_str());
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                resp
-            };
-            return DrainAwareFuture::Local { resp: Some(resp) };
-        }
-        // HTTP/1: ask the client to reconnect (elsewhere) after this response.
-        let close = req.version() < Version::HTTP_2
-            && match phase {
-                Phase::Serving => false,
-                Phase::Draining => self.layer.discourage,
-                Phase::Drained => true,
-            };
-        DrainAwareFuture::Inner {
-            inner: self.inner.call(req),
-            lifecycle: self.layer.lifecycle.clone(),
-            close,
-        }
-    }
-}
-
-pin_project_lite::pin_project! {
-    #[project = DrainAwareProj]
-    pub enum DrainAwareFuture<F> {
-        Local { resp: Option<Response<ResBody>> },
-        Inner { #[pin] inner: F, lifecycle: Lifecycle, close: bool },
-    }
-}
-
-impl<F> Future for DrainAwareFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, Infallible>>,
-{
-    type Output = Result<Response<ResBody>, Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            DrainAwareProj::Local { resp } => {
-                Poll::Ready(Ok(resp.take().expect("polled after completion")))
-            }
-            DrainAwareProj::Inner {
-                inner,
-                lifecycle,
-                close,
-            } => {
-                let Ok(mut resp) = ready!(inner.poll(cx));
-                // Decided when the request started, or the exit began since (its close is
-                // graceful: this response still goes out whole).
-                let close = *close || lifecycle.is_closing();
-                if close && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                    resp.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                Poll::Ready(Ok(resp))
-            }
-        }
-    }
-}
-
 // === impl Forward ===
 
+/// Sends the request to the app and turns failures into 502/504 answers naming the cause.
 struct ForwardShared {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     lifecycle: Lifecycle,
-}
-
-/// Sends the request to the app and turns failures into 502/504 answers naming the cause.
-#[derive(Clone)]
-pub struct Forward(Arc<ForwardShared>);
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl Service<Request<Incoming>> for Forward {
-    type Response = Response<ResBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ResBody>, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let shared = self.0.clone();
-        Box::pin(async move { Ok(shared.forward(req).await) })
-    }
 }
 
 impl ForwardShared {
@@ -596,7 +485,9 @@ impl ForwardShared {
             return resp;
         }
         if upgrade {
-            return self.forward_upgrade(req).await;
+            // Boxed, like the other cold paths: the per-request future stays small (it is
+            // moved into its box whole, and its size is that of its largest state).
+            return Box::pin(self.forward_upgrade(req)).await;
         }
         let req = self.client_body(req);
         let metrics = &self.metrics;
