@@ -358,7 +358,11 @@ impl Future for ProxyFuture {
             }
         };
         let mut done = this.done.take().expect("polled after completion");
-        done.status = resp.status().as_u16();
+        // A gRPC error of lameduck's own is HTTP 200 on the wire; it counts as what it is.
+        done.status = match resp.extensions().get::<GrpcError>() {
+            Some(e) => e.0.as_u16(),
+            None => resp.status().as_u16(),
+        };
         Poll::Ready(Ok(resp.map(|inner| Tracked {
             inner,
             done: Some(done),
@@ -456,6 +460,32 @@ fn grpc_trailers_only(status: HeaderMap) -> Response<ResBody> {
     resp
 }
 
+/// The HTTP status a gRPC error of lameduck's own stands for (`lameduck_requests_total`'s
+/// `code`), kept on the response, which is HTTP 200 on the wire.
+#[derive(Clone, Copy)]
+struct GrpcError(StatusCode);
+
+const GRPC_UNAVAILABLE: u8 = 14;
+
+/// `grpc-status: code` with `message` as `grpc-message`, percent-encoded as the gRPC
+/// HTTP/2 protocol asks (bytes outside printable ASCII, and `%`).
+fn grpc_status(code: u8, message: &str) -> HeaderMap {
+    let mut encoded = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        t.insert("grpc-message", v);
+    }
+    t
+}
+
 /// `grpc-status: 14` (UNAVAILABLE): the status gRPC clients retry elsewhere.
 fn grpc_unavailable(message: &'static str) -> HeaderMap {
     let mut t = HeaderMap::new();
@@ -478,6 +508,7 @@ impl ForwardShared {
         if let Err(resp) = refuse(&req) {
             return resp;
         }
+        let grpc = is_grpc(req.headers());
         let upgrade = is_upgrade(&req);
         let version = req.version();
         let protocol = self.upstream.config().protocol;
@@ -508,7 +539,7 @@ impl ForwardShared {
                 *resp.version_mut() = version;
                 resp.map(ResBody::Upstream)
             }
-            Err(e) => self.fail(e),
+            Err(e) => self.fail(e, grpc),
         }
     }
 
@@ -517,27 +548,49 @@ impl ForwardShared {
         req.map(|b| http_body_util::Either::Left(ClientBody::new(b, timeout)))
     }
 
-    fn fail(&self, e: UpstreamError) -> Response<ResBody> {
-        if self.lifecycle.is_cut() {
+    /// lameduck's answer when the app could not give one: 502/503/504 naming the cause, or
+    /// for a gRPC request the same as a trailers-only gRPC status with that message (a gRPC
+    /// client reads an HTTP 502 as UNAVAILABLE without the message).
+    fn fail(&self, e: UpstreamError, grpc: bool) -> Response<ResBody> {
+        let (status, text, code) = if self.lifecycle.is_cut() {
             // Not the app's fault: drain-max is over and its connection was ended.
-            return local(
+            (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "lameduck: the pod is shutting down (drain-max reached before the app answered)\n",
-            );
-        }
-        if e.kind.is_client() {
+                "lameduck: the pod is shutting down (drain-max reached before the app answered)"
+                    .to_owned(),
+                GRPC_UNAVAILABLE,
+            )
+        } else if e.kind.is_client() {
             // The client's doing (a broken or trickled body): not an app failure, and not
             // worth a warning per request.
             self.metrics.client_error(e.kind.label());
             tracing::debug!(kind = e.kind.label(), error = %e, "client request failed");
-            let mut resp = local(e.kind.status(), format!("lameduck: {e}\n"));
+            (
+                e.kind.status(),
+                format!("lameduck: {e}"),
+                e.kind.grpc_status(),
+            )
+        } else {
+            self.metrics.upstream_error(e.kind.label());
+            tracing::warn!(kind = e.kind.label(), error = %e, "upstream request failed");
+            (
+                e.kind.status(),
+                format!("lameduck: {e}"),
+                e.kind.grpc_status(),
+            )
+        };
+        let mut resp = if grpc {
+            let mut resp = grpc_trailers_only(grpc_status(code, &text));
+            resp.extensions_mut().insert(GrpcError(status));
+            resp
+        } else {
+            local(status, format!("{text}\n"))
+        };
+        if e.kind.is_client() {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
         }
-        self.metrics.upstream_error(e.kind.label());
-        tracing::warn!(kind = e.kind.label(), error = %e, "upstream request failed");
-        local(e.kind.status(), format!("lameduck: {e}\n"))
+        resp
     }
 
     /// HTTP/1 upgrade (WebSocket): forward on a dedicated connection; after a 101, splice
@@ -547,7 +600,7 @@ impl ForwardShared {
         let req = self.client_body(req);
         let mut resp = match self.upstream.send_upgrade(req).await {
             Ok(resp) => resp,
-            Err(e) => return self.fail(e),
+            Err(e) => return self.fail(e, false),
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             strip_hop_by_hop(resp.headers_mut(), false);

@@ -138,6 +138,17 @@ impl ErrorKind {
         matches!(self, ErrorKind::RequestBody | ErrorKind::RequestBodyTimeout)
     }
 
+    /// The gRPC status a gRPC client gets instead (the gRPC spec's HTTP mapping, except a
+    /// response timeout: the app has the call, so DEADLINE_EXCEEDED, which clients do not
+    /// retry blindly, rather than UNAVAILABLE).
+    pub fn grpc_status(self) -> u8 {
+        match self {
+            ErrorKind::ResponseTimeout | ErrorKind::RequestBodyTimeout => 4,
+            ErrorKind::RequestBody => 13,
+            _ => 14,
+        }
+    }
+
     /// The status code the client gets.
     pub fn status(self) -> http::StatusCode {
         match self {

@@ -236,6 +236,90 @@ async fn upstream_down_is_a_502_naming_the_cause() {
     );
 }
 
+/// A gRPC request that lameduck cannot get answered gets a gRPC status naming the cause
+/// (trailers-only: `grpc-status`, `grpc-message`), counted by the HTTP status it stands for.
+/// Before: an HTTP 502 with a text body, which a gRPC client reports as "Received http2
+/// header with status: 502", the cause lost.
+#[tokio::test]
+async fn grpc_requests_get_lameduck_errors_as_grpc_statuses() {
+    async fn grpc_call(addr: std::net::SocketAddr) -> http::Response<Bytes> {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post("http://app.test/shop.Cart/Add")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap();
+        let resp = tokio::time::timeout(PATIENCE, tx.send_request(req))
+            .await
+            .expect("no answer")
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        http::Response::from_parts(parts, body)
+    }
+
+    // The app is down: UNAVAILABLE (14), which clients retry.
+    let spare = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = spare.local_addr().unwrap();
+    drop(spare);
+    let p = Proxy::start(down, &["--upstream-protocol", "h2c"]);
+    let r = grpc_call(p.traffic).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/grpc");
+    assert_eq!(r.headers()["grpc-status"], "14");
+    let message = r.headers()["grpc-message"].to_str().unwrap();
+    assert!(
+        message.contains("could not connect to the app"),
+        "{message}"
+    );
+    assert!(r.body().is_empty());
+    assert_eq!(
+        p.metric("lameduck_requests_total{code=\"502\",phase=\"serving\"}")
+            .await,
+        1.0
+    );
+
+    // The app takes the call and never answers: DEADLINE_EXCEEDED (4), not retried blindly.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = l.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            conns.push(s);
+        }
+    });
+    let p = Proxy::start(
+        silent,
+        &[
+            "--upstream-protocol",
+            "h2c",
+            "--upstream-response-timeout",
+            "300ms",
+        ],
+    );
+    let r = grpc_call(p.traffic).await;
+    assert_eq!(r.headers()["grpc-status"], "4");
+    assert!(
+        r.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("lameduck:"),
+        "{:?}",
+        r.headers()
+    );
+    assert_eq!(
+        p.metric("lameduck_requests_total{code=\"504\",phase=\"serving\"}")
+            .await,
+        1.0
+    );
+    held.abort();
+}
+
 #[tokio::test]
 async fn upstream_connect_timeout_is_a_504() {
     // A loopback listener whose accept queue is full: further SYNs go unanswered.
