@@ -134,9 +134,17 @@ def status_kib(pids, key):
 # --- small HTTP helpers (raw sockets, no proxies, loopback only) ---------------------------
 
 
-def http_get(port, path="/", method="GET", timeout=2.0):
-    """One request on a fresh connection; returns (status, body) or raises OSError."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+def http_get(port, path="/", method="GET", timeout=2.0, tls=False):
+    """One request on a fresh connection (TLS, unverified, with `tls`); returns
+    (status, body) or raises OSError."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+        s = raw
+        if tls:
+            import ssl
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
         s.sendall(
             f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
         )
@@ -151,12 +159,12 @@ def http_get(port, path="/", method="GET", timeout=2.0):
     return status, body
 
 
-def wait_http(port, path="/", want=200, timeout=20.0):
+def wait_http(port, path="/", want=200, timeout=20.0, tls=False):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
-            status, _ = http_get(port, path, timeout=1.0)
+            status, _ = http_get(port, path, timeout=1.0, tls=tls)
             if status == want:
                 return
             last = f"status {status}"
@@ -185,6 +193,23 @@ def fill(template, out, **subs):
     return out
 
 
+def tls_pair(workdir):
+    """The one certificate every TLS target presents (ECDSA P-256, self-signed, as an ALB
+    target would use): (cert, key, cert+key in one file for HAProxy)."""
+    d = os.path.join(workdir, "tls")
+    cert, key, pem = (os.path.join(d, f) for f in ("cert.pem", "key.pem", "both.pem"))
+    if not os.path.exists(pem):
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "30", "-subj", "/CN=localhost", "-addext",
+             "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
+            check=True, capture_output=True)
+        with open(pem, "w") as f:
+            f.write(open(cert).read() + open(key).read())
+    return cert, key, pem
+
+
 class Target:
     """One thing the load is sent to. `proc` is None for the direct (no proxy) target."""
 
@@ -194,6 +219,9 @@ class Target:
         os.makedirs(self.dir, exist_ok=True)
         self.upstream_port = upstream_port
         self.port = upstream_port
+        # `<peer>-tls`: the same proxy terminating TLS (the TLS rows).
+        self.tls = name.endswith("-tls")
+        self.scheme = "https" if self.tls else "http"
         self.proc = None
         self.admin = None
         self.log = open(os.path.join(self.dir, "log.txt"), "w")
@@ -204,28 +232,35 @@ class Target:
             return
         self.port = free_port()
         listen = f"127.0.0.1:{self.port}"
-        if self.name == "nginx":
+        base = self.name[:-len("-tls")] if self.tls else self.name
+        tls = "-tls" if self.tls else ""
+        cert, key, pem = tls_pair(os.path.dirname(d)) if self.tls else (None, None, None)
+        if base == "nginx":
             for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
                 os.makedirs(os.path.join(d, sub), exist_ok=True)
-            conf = fill("nginx.conf", f"{d}/nginx.conf", DIR=d, LISTEN=listen, UPSTREAM=up)
+            conf = fill(f"nginx{tls}.conf", f"{d}/nginx.conf", DIR=d, LISTEN=listen, UPSTREAM=up,
+                        CERT=cert, KEY=key)
             argv = [t["nginx"], "-p", d, "-c", conf, "-e", "stderr"]
-        elif self.name == "haproxy":
-            conf = fill("haproxy.cfg", f"{d}/haproxy.cfg", LISTEN=listen, UPSTREAM=up)
+        elif base == "haproxy":
+            conf = fill(f"haproxy{tls}.cfg", f"{d}/haproxy.cfg", LISTEN=listen, UPSTREAM=up,
+                        PEM=pem)
             argv = [t["haproxy"], "-db", "-f", conf]
-        elif self.name == "envoy":
+        elif base == "envoy":
             conf = fill(
-                "envoy.yaml",
+                f"envoy{tls}.yaml",
                 f"{d}/envoy.yaml",
                 LISTEN_HOST="127.0.0.1",
                 LISTEN_PORT=self.port,
                 UP_HOST="127.0.0.1",
                 UP_PORT=self.upstream_port,
+                CERT=cert,
+                KEY=key,
             )
             argv = [
                 t["envoy"], "-c", conf, "--concurrency", "1", "--disable-hot-restart",
                 "-l", "error", "--base-id", str(self.port),
             ]
-        elif self.name.startswith("lameduck"):
+        elif base.startswith("lameduck"):
             self.admin = free_port()
             # lameduck-base: another build (BENCH_BASE_BIN), to compare before/after a change
             # in the same run.
@@ -234,6 +269,8 @@ class Target:
                 binary, "proxy", "--listen", listen, "--upstream", up,
                 "--admin", f"127.0.0.1:{self.admin}", "--log-level", "warn",
             ]
+            if self.tls:
+                argv += ["--tls-cert", cert, "--tls-key", key]
             if self.name == "lameduck-t2":
                 argv += ["--threads", "2"]
             if self.name == "lameduck-draining":
@@ -242,7 +279,7 @@ class Target:
         else:
             raise ValueError(self.name)
         self.proc = spawn(argv, PROXY_CORE, self.log)
-        wait_http(self.port, "/")
+        wait_http(self.port, "/", tls=self.tls)
         if self.admin:
             wait_http(self.admin, "/readyz")
         if self.name == "lameduck-draining":
@@ -296,6 +333,8 @@ def run_oha(tools, url, conns, rate, duration):
         "-c", str(conns), "-q", str(rate), "--latency-correction", "--no-tui",
         "--output-format", "json", url,
     ]
+    if url.startswith("https:"):
+        argv.insert(-1, "--insecure")  # the targets' self-signed certificate
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
     try:
         r = json.loads(out.stdout)
@@ -402,7 +441,7 @@ def _measure(target, pids, path, runner, duration):
     busy0, own0 = core_busy(), own_ticks(ours)
     t0 = time.monotonic()
     before = cpu_ticks(pids) if pids else (0, 0)
-    r = runner(target.tools, f"http://127.0.0.1:{target.port}{path}", duration)
+    r = runner(target.tools, f"{target.scheme}://127.0.0.1:{target.port}{path}", duration)
     after = cpu_ticks(pids) if pids else (0, 0)
     busy1, own1 = core_busy(), own_ticks(ours)
     window = (time.monotonic() - t0) * CLK_TCK * len(busy1)
@@ -421,13 +460,22 @@ def _measure(target, pids, path, runner, duration):
 # --- idle connections ----------------------------------------------------------------------
 
 
-async def _hold(port, n, hold_s, on_held):
-    """Opens n keep-alive connections one after another, one request each, keeps them open."""
+async def _hold(port, n, hold_s, on_held, tls=False):
+    """Opens n keep-alive connections one after another, one request each, keeps them open
+    (over TLS, unverified, with `tls`)."""
     conns = []
     req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    ctx = None
+    if tls:
+        import ssl
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
     try:
         for _ in range(n):
-            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+            r, w = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                        server_hostname="localhost" if tls else None), 5)
             w.write(req)
             head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
             m = re.search(rb"(?i)content-length:\s*(\d+)", head)
@@ -445,7 +493,8 @@ async def _hold(port, n, hold_s, on_held):
 def idle_conns_rss(target, n=1000, hold_s=2.0):
     """Proxy RSS (KiB) while n idle keep-alive connections are open."""
     pids = target.pids()
-    return asyncio.run(_hold(target.port, n, hold_s, lambda: status_kib(pids, "VmRSS")))
+    return asyncio.run(_hold(target.port, n, hold_s, lambda: status_kib(pids, "VmRSS"),
+                             tls=target.tls))
 
 
 # --- lameduck-only figures -----------------------------------------------------------------
@@ -726,6 +775,16 @@ def evaluate_budget(results, mem):
         if d50 is not None and ld50 is not None and bp is not None:
             b.append((f"added p50 at 1 conn ({sc}) ≤ best peer's ({who}, µs)", fmt(ld50 - d50),
                       fmt(bp - d50), ld50 - d50 <= bp - d50))
+    # TLS rows: lameduck terminating TLS against the peers terminating it the same way.
+    tls_peers = [p + "-tls" for p in ("nginx", "haproxy", "envoy")]
+    for sc in ("a", "b"):
+        ld = get(sc, "lameduck-tls", "cpu_us_per_req")
+        vals = [(get(sc, p, "cpu_us_per_req"), p) for p in tls_peers
+                if get(sc, p, "cpu_us_per_req") is not None]
+        if ld is not None and vals:
+            bp, who = min(vals)
+            b.append((f"TLS: CPU µs/req in ({sc}) < best TLS peer's ({who})", fmt(ld, 1),
+                      fmt(bp, 1), ld < bp))
     m = mem.get("lameduck")
     if m:
         for key, label, bound in (("idle", "idle RSS (MiB)", 4), ("peak", "peak RSS (MiB)", 10),
@@ -763,6 +822,10 @@ LABELS = {
     "lameduck-draining": "lameduck, draining",
     "lameduck-t2": "lameduck --threads 2",
     "lameduck-base": "lameduck, base build (BENCH_BASE_BIN)",
+    "nginx-tls": "nginx, TLS",
+    "haproxy-tls": "HAProxy, TLS",
+    "envoy-tls": "Envoy, TLS",
+    "lameduck-tls": "lameduck, TLS",
 }
 
 
@@ -836,7 +899,7 @@ def main():
                     pids = tgt.pids()
                     if pids:
                         mem_runs[name]["idle"].append(status_kib(pids, "VmRSS") / 1024)
-                    run_wrk(tools, f"http://127.0.0.1:{tgt.port}/", 64, 1)  # warm-up
+                    run_wrk(tools, f"{tgt.scheme}://127.0.0.1:{tgt.port}/", 64, 1)  # warm-up
                     for sc in scenarios:
                         ours = pids + BACKGROUND
                         wait_idle(args.idle_wait, ours)
