@@ -37,8 +37,14 @@ if [[ "${BENCH_SKIP_INSTALL:-0}" != 1 ]]; then
 fi
 
 t0=$SECONDS
-cargo build -q --release --bin lameduck --example bench_upstream
-echo "build: lameduck + bench_upstream (release) took $((SECONDS - t0)) s"
+# lameduck as the image builds it (Dockerfile: glibc linked in, the host's target named);
+# the bench upstream as a plain release build.
+host=$(rustc --print host-tuple)
+RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build -q --release --bin lameduck --target "$host"
+cargo build -q --release --example bench_upstream
+export LAMEDUCK_BIN="$ROOT/target/$host/release/lameduck"
+echo "build: lameduck (release, static glibc) + bench_upstream (release) took $((SECONDS - t0)) s"
 
 TOOLS=$(tools_json)
 

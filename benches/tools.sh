@@ -46,10 +46,11 @@ tools_json() { # prints the JSON map of tool paths that compare.py and profile.p
     envoy=$(python3 -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
     oha=$(command -v oha || echo "$HOME/.cargo/bin/oha")
     python3 - "$ROOT" "$envoy" "$oha" <<'PY'
-import json, shutil, sys
+import json, os, shutil, sys
 root, envoy, oha = sys.argv[1:4]
 print(json.dumps({
-    "lameduck": f"{root}/target/release/lameduck",
+    # compare.sh builds it as the image does (LAMEDUCK_BIN); profile.sh uses the plain build.
+    "lameduck": os.environ.get("LAMEDUCK_BIN", f"{root}/target/release/lameduck"),
     "upstream": f"{root}/target/release/examples/bench_upstream",
     "nginx": shutil.which("nginx") or "/usr/sbin/nginx",
     "haproxy": shutil.which("haproxy") or "/usr/sbin/haproxy",
