@@ -10,7 +10,7 @@
 //! | [`cadence`] | the load balancer's health-check cadence and the learned quiet window |
 //! | [`signal`] | SIGTERM/SIGINT as a stream of triggers |
 //! | [`listener`] | the traffic port: accept loop, per-connection idle/header watchdog, close at Drained |
-//! | [`proxy`] | the tower stack: tracking, drain awareness, forwarding, hop-by-hop headers |
+//! | [`proxy`] | the per-connection hyper service: tracking, drain awareness, forwarding, hop-by-hop headers |
 //! | [`tcp`] | `--mode tcp`: the layer-4 forwarder, health checks recognised at layer 4 |
 //! | [`proxy_protocol`] | the pure PROXY protocol v2 header parser |
 //! | [`upstream`] | the pooled connection to the app, timeouts, safe retry, error classes |

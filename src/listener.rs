@@ -1,8 +1,9 @@
 //! The traffic port: accept loop and one task per downstream connection.
 //!
 //! Each connection speaks HTTP/1.1 or HTTP/2 (h2c prior knowledge, or over TLS with
-//! `--tls*`), detected per connection from its first bytes, and has a small watchdog with
-//! two timeouts that hyper cannot express separately:
+//! `--tls*`), told per connection from its first bytes (`sniff`; TLS: ALPN `h2`) and then
+//! served by hyper's own HTTP/1 or HTTP/2 connection, and has a small watchdog with two
+//! timeouts that hyper cannot express separately:
 //!
 //! - **idle** (`--idle-timeout`, default 75 s): a keep-alive connection with nothing in
 //!   flight is closed after this long. It must stay above the load balancer's idle timeout
@@ -39,8 +40,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -117,14 +119,17 @@ pub async fn serve(
     discourage: bool,
     tls: Option<TlsAcceptor>,
 ) -> Result<(), AcceptError> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    // max_header_size is the limit on the head (431 beyond it); max_buf_size alone is only
+    // checked while a head is incomplete, so a head read in large reads could pass it.
+    http1
         .keep_alive(true)
         .header_read_timeout(None)
+        .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES);
     let shared = Arc::new(Shared {
-        builder,
+        http1,
+        http2: http2::Builder::new(TokioExecutor::new()),
         lifecycle: lifecycle.clone(),
         timeouts,
         metrics: proxy.metrics().clone(),
@@ -191,7 +196,8 @@ impl AcceptClass {
 
 /// What every connection task of one listener shares.
 struct Shared {
-    builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     lifecycle: Lifecycle,
     timeouts: Timeouts,
     metrics: Arc<crate::metrics::Metrics>,
@@ -238,6 +244,110 @@ async fn connection(
     serve_connection(shared, tls, peer, svc, track, open).await
 }
 
+/// What a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Version {
+    H1,
+    H2,
+}
+
+/// Why a connection ended before its protocol was known.
+enum Unsniffed {
+    /// Closed by the peer, the lifecycle, or an error: nothing to say.
+    Gone,
+    /// Bytes of a head arrived but did not decide the protocol within the header timeout.
+    SlowHeaders,
+}
+
+/// Reads a connection's first bytes and decides its protocol: HTTP/2 once the whole preface
+/// (24 bytes) has arrived, HTTP/1 at the first byte that differs from it. What was read is
+/// kept for hyper (`TrackedIo::prefix`), in one buffer of up to [`SNIFF_BYTES`]: hyper gets
+/// the whole first read at once, so a normal request head is parsed from it without growing
+/// hyper's 8 KiB read buffer (hyper-util's own detection reads 24 bytes, which makes every
+/// HTTP/1 connection's buffer 16 KiB). Before the first byte the idle timeout applies and the
+/// connection closes at `Drained` (it has carried nothing) or at exit; after it, the header
+/// read timeout.
+async fn sniff<S: Downstream>(
+    io: &mut TrackedIo<S>,
+    shared: &Shared,
+    accepted_drained: bool,
+) -> Result<Version, Unsniffed> {
+    let lifecycle = &shared.lifecycle;
+    let closing = lifecycle.closing_token();
+    let mut state = lifecycle.subscribe();
+    let mut deadline = tokio::time::Instant::now() + shared.timeouts.idle;
+    let mut buf = BytesMut::new();
+    loop {
+        let waiting = buf.is_empty();
+        tokio::select! {
+            biased;
+            _ = closing.cancelled() => return Err(Unsniffed::Gone),
+            _ = state.wait_for(|s| s.phase() == Phase::Drained), if waiting && !accepted_drained => {
+                return Err(Unsniffed::Gone);
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(if waiting { Unsniffed::Gone } else { Unsniffed::SlowHeaders });
+            }
+            ready = io.readable() => {
+                if ready.is_err() {
+                    return Err(Unsniffed::Gone);
+                }
+            }
+        }
+        if buf.capacity() == 0 {
+            buf.reserve(SNIFF_BYTES);
+        }
+        let before = buf.len();
+        match io.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Err(Unsniffed::Gone),
+            Ok(_) => {}
+        }
+        if before == 0 {
+            deadline = tokio::time::Instant::now() + shared.timeouts.header_read;
+        }
+        let n = buf.len().min(PREFACE.len());
+        if buf[..n] != PREFACE[..n] {
+            io.prefix = buf.freeze();
+            return Ok(Version::H1);
+        }
+        if n == PREFACE.len() {
+            io.prefix = buf.freeze();
+            return Ok(Version::H2);
+        }
+    }
+}
+
+/// The size of the buffer [`sniff`] reads a connection's first bytes into.
+const SNIFF_BYTES: usize = 8 * 1024;
+
+pin_project_lite::pin_project! {
+    /// A connection being served, HTTP/1 (with upgrades) or HTTP/2.
+    #[project = ConnProj]
+    enum Conn<S: Downstream> {
+        H1 { #[pin] c: http1::UpgradeableConnection<TokioIo<TrackedIo<S>>, crate::proxy::ProxyService> },
+        H2 { #[pin] c: http2::Connection<TokioIo<TrackedIo<S>>, crate::proxy::ProxyService, TokioExecutor> },
+    }
+}
+
+impl<S: Downstream> Conn<S> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        match self.project() {
+            ConnProj::H1 { c } => c.graceful_shutdown(),
+            ConnProj::H2 { c } => c.graceful_shutdown(),
+        }
+    }
+}
+
+impl<S: Downstream> std::future::Future for Conn<S> {
+    type Output = hyper::Result<()>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        match self.project() {
+            ConnProj::H1 { c } => c.poll(cx),
+            ConnProj::H2 { c } => c.poll(cx),
+        }
+    }
+}
+
 async fn serve_connection<S: Downstream>(
     shared: Arc<Shared>,
     stream: S,
@@ -247,7 +357,8 @@ async fn serve_connection<S: Downstream>(
     open: ConnectionGuard,
 ) {
     let Shared {
-        builder,
+        http1,
+        http2,
         lifecycle,
         timeouts,
         metrics,
@@ -255,21 +366,44 @@ async fn serve_connection<S: Downstream>(
         tls: _,
     } = &*shared;
     let timeouts = *timeouts;
-    let io = TokioIo::new(TrackedIo {
-        inner: Some(stream),
-        track: track.clone(),
-        open: Some(open),
-        shut_down: false,
-    });
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
-
+    // Subscribed before the protocol is known, so the loop below sees every change since.
     let mut state = lifecycle.subscribe();
     // A connection that arrives after the drain is served, not shut down on arrival: it may
     // carry a late request (HTTP/1 gets `connection: close`; h2 gets GOAWAY with its first
     // request, through `ConnTrack::go_away`). One that arrives as the exit begins is closed
     // at once (HTTP/1: after its first request, if it had one).
     let accepted_drained = lifecycle.phase() == Phase::Drained;
+    let mut io = TrackedIo {
+        inner: Some(stream),
+        track: track.clone(),
+        open: Some(open),
+        shut_down: false,
+        prefix: Bytes::new(),
+    };
+    // TLS: ALPN says h2; otherwise (http/1.1, or no ALPN) the bytes decide, as in cleartext.
+    let version = match io.stream().alpn_h2() {
+        true => Version::H2,
+        false => match sniff(&mut io, &shared, accepted_drained).await {
+            Ok(v) => v,
+            Err(Unsniffed::Gone) => return,
+            Err(Unsniffed::SlowHeaders) => {
+                tracing::debug!(%peer, "request head not completed in time; closing");
+                metrics.client_error("header_read_timeout");
+                return;
+            }
+        },
+    };
+    let io = TokioIo::new(io);
+    let conn = match version {
+        Version::H1 => Conn::H1 {
+            c: http1.serve_connection(io, svc).with_upgrades(),
+        },
+        Version::H2 => Conn::H2 {
+            c: http2.serve_connection(io, svc),
+        },
+    };
+    tokio::pin!(conn);
+
     // Watching the state for `Drained` and the exit's close.
     let mut watching = true;
     // `graceful_shutdown` issued.
@@ -527,17 +661,34 @@ impl Drop for ConnRequest {
 /// into the socket for the lingering close.
 trait Downstream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn into_socket(self) -> TcpStream;
+    /// TLS with ALPN `h2`.
+    fn alpn_h2(&self) -> bool;
+    /// The plain socket, to wait for readability without a buffer (TLS may hold decrypted
+    /// bytes already, so it is read at once).
+    fn socket(&self) -> Option<&TcpStream>;
 }
 
 impl Downstream for TcpStream {
     fn into_socket(self) -> TcpStream {
         self
     }
+    fn alpn_h2(&self) -> bool {
+        false
+    }
+    fn socket(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
 }
 
 impl Downstream for TlsStream<TcpStream> {
     fn into_socket(self) -> TcpStream {
         self.into_inner().0
+    }
+    fn alpn_h2(&self) -> bool {
+        self.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2)
+    }
+    fn socket(&self) -> Option<&TcpStream> {
+        None
     }
 }
 
@@ -550,9 +701,19 @@ struct TrackedIo<S: Downstream> {
     open: Option<ConnectionGuard>,
     /// hyper closed our side (FIN sent): the socket lingers when dropped.
     shut_down: bool,
+    /// Bytes read to tell the protocol ([`sniff`]), given to hyper before any more is read.
+    prefix: Bytes,
 }
 
 impl<S: Downstream> TrackedIo<S> {
+    /// Resolves when the plain socket has bytes (or an error) to read; at once for TLS.
+    async fn readable(&self) -> io::Result<()> {
+        match self.inner.as_ref().and_then(|s| s.socket()) {
+            Some(tcp) => tcp.readable().await,
+            None => Ok(()),
+        }
+    }
+
     fn stream(&mut self) -> Pin<&mut S> {
         Pin::new(
             self.inner
@@ -597,6 +758,17 @@ impl<S: Downstream> AsyncRead for TrackedIo<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            // Already seen by `on_read` when sniffed.
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Frees the sniff buffer.
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let res = self.stream().poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {

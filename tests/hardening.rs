@@ -165,6 +165,36 @@ async fn a_slowloris_starting_with_p_is_closed_at_the_header_timeout() {
     assert!(took < Duration::from_secs(4), "{took:?}");
 }
 
+/// The protocol is told from the first bytes however they arrive: an HTTP/1 head and the
+/// HTTP/2 preface, each split across writes with a pause, are served as what they are.
+#[tokio::test]
+async fn heads_and_prefaces_arriving_in_pieces_are_served() {
+    let (_up, p) = start(&["--header-read-timeout", "2s"]).await;
+    for at in [1, 3, 16, 23] {
+        let mut h = H2::connect_split(p.traffic, Some(at)).await;
+        h.request(1, "GET", "/", &[]).await;
+        let got = h
+            .until(Duration::from_secs(5), |f| {
+                matches!(f, Frame::Headers { stream: 1, .. })
+            })
+            .await;
+        assert!(got.is_ok(), "preface split at {at}: {:?}", h.seen);
+    }
+    for at in [1, 2, 5] {
+        let head = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
+        let mut c = TcpStream::connect(p.traffic).await.unwrap();
+        c.write_all(&head[..at]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.write_all(&head[at..]).await.unwrap();
+        let mut buf = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200", "head split at {at}");
+    }
+}
+
 /// At the idle timeout an h2 connection gets GOAWAY and a PING; a client that never acks
 /// the PING is closed after another idle period. Before: kept for ever.
 #[tokio::test]

@@ -66,6 +66,12 @@ pub struct H2 {
 
 impl H2 {
     pub async fn connect(addr: SocketAddr) -> H2 {
+        H2::connect_split(addr, None).await
+    }
+
+    /// As [`H2::connect`], the preface written in two parts (the first `at` bytes, a pause,
+    /// the rest), as a slow network may deliver it.
+    pub async fn connect_split(addr: SocketAddr, at: Option<usize>) -> H2 {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).unwrap();
         let mut hello = PREFACE.to_vec();
@@ -79,7 +85,13 @@ impl H2 {
             0,
             &(0x7fff_0000u32).to_be_bytes(),
         );
-        stream.write_all(&hello).await.expect("write preface");
+        if let Some(at) = at {
+            stream.write_all(&hello[..at]).await.expect("write preface");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            stream.write_all(&hello[at..]).await.expect("write preface");
+        } else {
+            stream.write_all(&hello).await.expect("write preface");
+        }
         H2 {
             stream,
             buf: Vec::new(),
