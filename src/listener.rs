@@ -217,9 +217,28 @@ async fn connection(
     open: ConnectionGuard,
 ) {
     let _ = stream.set_nodelay(true);
-    let Some(acceptor) = shared.tls.clone() else {
-        return serve_connection(shared, stream, peer, svc, track, open).await;
-    };
+    match shared.tls.clone() {
+        None => serve_connection(shared, stream, peer, svc, track, open).await,
+        // Boxed: a task's size is its future's largest state, and TLS state (rustls'
+        // connection, the handshake) would otherwise enlarge every cleartext connection too.
+        Some(acceptor) => {
+            Box::pin(tls_connection(
+                acceptor, shared, stream, peer, svc, track, open,
+            ))
+            .await
+        }
+    }
+}
+
+async fn tls_connection(
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    svc: crate::proxy::ProxyService,
+    track: Arc<ConnTrack>,
+    open: ConnectionGuard,
+) {
     let closing = shared.lifecycle.closing_token();
     let handshake = tokio::time::timeout(shared.timeouts.header_read, acceptor.accept(stream));
     let tls = tokio::select! {
@@ -818,6 +837,33 @@ impl<S: Downstream> AsyncWrite for TrackedIo<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every connection's task is as large as its future's largest state: the TLS path,
+    /// boxed, must not enlarge cleartext connections. Before: every cleartext connection's
+    /// task carried the TLS connection's size.
+    #[test]
+    fn cleartext_connections_do_not_carry_tls_state() {
+        // The size of the future an async fn returns, from its type alone.
+        fn future_size<F, Fut, A, B, C, D, E, G>(_: &F) -> usize
+        where
+            F: Fn(A, B, C, D, E, G) -> Fut,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        let task = future_size(&connection);
+        let cleartext = future_size(&serve_connection::<TcpStream>);
+        let tls = future_size(&serve_connection::<TlsStream<TcpStream>>);
+        eprintln!("task {task}, cleartext {cleartext}, tls {tls} bytes");
+        assert!(
+            tls > cleartext + 256,
+            "TLS state is large: {tls} vs {cleartext} bytes"
+        );
+        // The task holds its arguments beside the serving future, nothing of TLS.
+        assert!(
+            task < cleartext + (tls - cleartext) / 2,
+            "a cleartext connection's task is {task} bytes, its serving {cleartext}, TLS {tls}"
+        );
+    }
 
     const T: Timeouts = Timeouts {
         idle: Duration::from_secs(75),
