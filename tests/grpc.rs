@@ -17,7 +17,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,15 +38,6 @@ const STREAM_MS: u64 = 40;
 const PY_PATIENCE: Duration = Duration::from_secs(30);
 
 // === the tools ===
-
-fn skip(msg: &str) {
-    assert!(
-        std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-        "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-    );
-    // Straight to stderr, past the test harness's capture, so a skip is visible.
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-}
 
 /// The Python with grpcio: `LAMEDUCK_GRPC_PYTHON`, else the venv `.ci/install-grpc.sh`
 /// makes, else `python3`. `None` (after saying so) when it cannot import grpc.
@@ -216,27 +206,6 @@ async fn client(python: &str, target: SocketAddr, root_cert: Option<&Path>) -> P
 
 // === certificates ===
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lameduck-grpc-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A CA and a serving certificate it signed for IP 127.0.0.1 and DNS localhost, as PEM
 /// files: `ca.pem` (what the client trusts), `cert.pem` and `key.pem` (what lameduck serves).
 struct Tls {
@@ -263,7 +232,7 @@ impl Tls {
         );
         let key = KeyPair::generate().unwrap();
         let leaf = leaf_params.signed_by(&key, &issuer).unwrap();
-        let dir = TempDir::new();
+        let dir = TempDir::new("grpc");
         std::fs::write(dir.0.join("ca.pem"), ca.pem()).unwrap();
         std::fs::write(dir.0.join("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(dir.0.join("key.pem"), key.serialize_pem()).unwrap();

@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,29 +34,12 @@ fn pair() -> (String, String, Vec<u8>) {
     )
 }
 
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("lameduck-tls-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-    fn write_pair(&self, cert: &str, key: &str) -> (String, String) {
-        let (c, k) = (self.path("tls.crt"), self.path("tls.key"));
-        std::fs::write(&c, cert).unwrap();
-        std::fs::write(&k, key).unwrap();
-        (s(&c), s(&k))
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Writes a certificate pair into `dir` as `tls.crt` and `tls.key`; their paths.
+fn write_pair(dir: &TempDir, cert: &str, key: &str) -> (String, String) {
+    let (c, k) = (dir.path("tls.crt"), dir.path("tls.key"));
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
+    (s(&c), s(&k))
 }
 
 fn s(p: &Path) -> String {
@@ -196,9 +179,9 @@ impl H1Over {
 #[tokio::test]
 async fn https_with_http1_and_h2_by_alpn() {
     let up = upstream(UpOpts::default()).await;
-    let dir = Dir::new("alpn");
+    let dir = TempDir::new("tls-alpn");
     let (cert, key, der) = pair();
-    let (c, k) = dir.write_pair(&cert, &key);
+    let (c, k) = write_pair(&dir, &cert, &key);
     let p = Proxy::start(
         up.addr,
         &["--tls-cert", &c, "--tls-key", &k, "--health-path", "/hc"],
@@ -347,9 +330,9 @@ async fn stalled_handshakes_are_closed_at_the_header_timeout_and_block_no_one() 
 #[tokio::test]
 async fn certificate_files_are_reloaded_when_they_change() {
     let up = upstream(UpOpts::default()).await;
-    let dir = Dir::new("reload");
+    let dir = TempDir::new("tls-reload");
     let (cert_a, key_a, der_a) = pair();
-    let (c, k) = dir.write_pair(&cert_a, &key_a);
+    let (c, k) = write_pair(&dir, &cert_a, &key_a);
     let p = Proxy::start(
         up.addr,
         &[
@@ -367,7 +350,7 @@ async fn certificate_files_are_reloaded_when_they_change() {
     let (_, mut old) = h1(before, "/").await;
 
     let (cert_b, key_b, der_b) = pair();
-    dir.write_pair(&cert_b, &key_b);
+    write_pair(&dir, &cert_b, &key_b);
     // Polled by hand: each try is a new handshake.
     let deadline = Instant::now() + PATIENCE;
     let mut tries = 0;

@@ -3,8 +3,9 @@
 //! must give exactly what `lameduck inject` gives. Also: garbage and oversized bodies,
 //! non-pods, unlabelled pods, denied pods, concurrent reviews, certificate rotation.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod support;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
+
+use support::TempDir;
 
 fn golden(name: &str) -> String {
     std::fs::read_to_string(
@@ -67,27 +70,6 @@ fn leaf(ca: &Ca) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lameduck-webhook-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Replaces a file the way the kubelet updates a mounted Secret: write aside, rename over.
 fn write_atomically(path: &Path, contents: &str) {
     let tmp = path.with_extension("tmp");
@@ -106,7 +88,7 @@ struct Server {
 
 impl Server {
     async fn start(ca: &Ca) -> Server {
-        let dir = TempDir::new();
+        let dir = TempDir::new("webhook");
         let (cert, key) = leaf(ca);
         std::fs::write(dir.0.join("tls.crt"), cert).unwrap();
         std::fs::write(dir.0.join("tls.key"), key).unwrap();
@@ -709,7 +691,7 @@ async fn rotated_certificate_is_served() {
 #[test]
 fn half_rotation_keeps_the_old_pair() {
     let ca = new_ca("ca");
-    let dir = TempDir::new();
+    let dir = TempDir::new("webhook");
     let (cert_path, key_path) = (dir.0.join("tls.crt"), dir.0.join("tls.key"));
     let (cert, key) = leaf(&ca);
     std::fs::write(&cert_path, &cert).unwrap();
@@ -732,7 +714,7 @@ fn half_rotation_keeps_the_old_pair() {
 
 #[test]
 fn bad_certificate_files_exit_2() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("webhook");
     std::fs::write(dir.0.join("tls.crt"), "not a certificate").unwrap();
     std::fs::write(dir.0.join("tls.key"), "not a key").unwrap();
     for (cert, key, expect) in [
@@ -759,7 +741,7 @@ fn bad_certificate_files_exit_2() {
 async fn binary_serves_and_stops_on_sigterm() {
     use std::io::BufRead as _;
     let ca = new_ca("test-ca");
-    let dir = TempDir::new();
+    let dir = TempDir::new("webhook");
     let (cert, key) = leaf(&ca);
     std::fs::write(dir.0.join("tls.crt"), cert).unwrap();
     std::fs::write(dir.0.join("tls.key"), key).unwrap();

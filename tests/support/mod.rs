@@ -29,6 +29,44 @@ pub fn proxy_bin() -> String {
     std::env::var("LAMEDUCK_TEST_BIN").unwrap_or_else(|_| BIN.to_owned())
 }
 
+/// A fresh temporary directory (`lameduck-<name>-<pid>-<n>`), removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lameduck-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self, file: &str) -> std::path::PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A test that needs a tool from outside cargo says plainly that it skipped; under
+/// `LAMEDUCK_REQUIRE_TOOLS=1` (CI) a missing tool is a failure instead.
+pub fn skip(msg: &str) {
+    assert!(
+        std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
+        "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
+    );
+    // Straight to stderr, past the test harness's capture, so a skip is visible.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
+}
+
 /// Upper bound for any single wait in the tests.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
