@@ -136,11 +136,35 @@ pub async fn serve(
         discourage,
         tls,
     });
+    let refused = &proxy.metrics().connections_refused;
+    while let Some((stream, peer)) = accept(&listener, &lifecycle, max_connections, refused).await?
+    {
+        proxy.accepted();
+        // Counted from the accept, so the limit in `accept` sees every connection at once.
+        let open = lifecycle.connection();
+        let track = Arc::new(ConnTrack::new());
+        let svc = proxy.service(track.clone(), peer.ip().to_canonical());
+        tokio::spawn(connection(shared.clone(), stream, peer, svc, track, open));
+    }
+    Ok(())
+}
+
+/// The next connection to serve on `listener`; `Ok(None)` once the exit's close has begun.
+/// Errors that are the failed connection's own are skipped, a shortage of descriptors or
+/// memory is retried after 100 ms, and only a dead listening socket is an error. At
+/// `max_connections` open, a new connection is accepted and closed at once (counted in
+/// `refused`). Shared by the HTTP and TCP modes.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    lifecycle: &Lifecycle,
+    max_connections: usize,
+    refused: &prometheus::IntCounter,
+) -> Result<Option<(TcpStream, SocketAddr)>, AcceptError> {
     let closing = lifecycle.closing_token();
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = closing.cancelled() => return Ok(()),
+            _ = closing.cancelled() => return Ok(None),
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -157,17 +181,12 @@ pub async fn serve(
             },
         };
         if lifecycle.connections() >= max_connections {
-            proxy.metrics().connections_refused.inc();
+            refused.inc();
             tracing::debug!(%peer, max_connections, "connection limit reached; refusing");
             drop(stream);
             continue;
         }
-        proxy.accepted();
-        // Counted from the accept, so the limit above sees every connection at once.
-        let open = lifecycle.connection();
-        let track = Arc::new(ConnTrack::new());
-        let svc = proxy.service(track.clone(), peer.ip().to_canonical());
-        tokio::spawn(connection(shared.clone(), stream, peer, svc, track, open));
+        return Ok(Some((stream, peer)));
     }
 }
 

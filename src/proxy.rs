@@ -487,11 +487,8 @@ fn grpc_status(code: u8, message: &str) -> HeaderMap {
 }
 
 /// `grpc-status: 14` (UNAVAILABLE): the status gRPC clients retry elsewhere.
-fn grpc_unavailable(message: &'static str) -> HeaderMap {
-    let mut t = HeaderMap::new();
-    t.insert("grpc-status", HeaderValue::from_static("14"));
-    t.insert("grpc-message", HeaderValue::from_static(message));
-    t
+fn grpc_unavailable(message: &str) -> HeaderMap {
+    grpc_status(GRPC_UNAVAILABLE, message)
 }
 
 // === impl Forward ===

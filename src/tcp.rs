@@ -54,7 +54,7 @@ use crate::drain::{
     now_nanos, ConnectionGuard, DrainReason, Lifecycle, OpenAtEnd, PendingGuard, Phase,
     RequestGuard, RequestKind, State,
 };
-use crate::listener::{AcceptClass, AcceptError};
+use crate::listener::AcceptError;
 use crate::metrics::{Metrics, TcpEnd};
 use crate::proxy_protocol::{self, Parsed, ProxyProtocol};
 
@@ -91,33 +91,16 @@ pub async fn serve(
 ) -> Result<(), AcceptError> {
     let cfg = Arc::new(cfg);
     tokio::spawn(report_drain(lifecycle.clone()));
-    let closing = lifecycle.closing_token();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = closing.cancelled() => return Ok(()),
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => match AcceptClass::of(&e) {
-                AcceptClass::PerConnection => continue,
-                AcceptClass::Resources => {
-                    tracing::error!(error = %e, "accept failed; retrying in 100ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                AcceptClass::Fatal => return Err(AcceptError(e)),
-            },
-        };
-        if lifecycle.connections() >= cfg.max_connections {
-            metrics.connections_refused.inc();
-            tracing::debug!(%peer, max_connections = cfg.max_connections, "connection limit reached; refusing");
-            drop(stream);
-            continue;
-        }
+    while let Some((stream, peer)) = crate::listener::accept(
+        &listener,
+        &lifecycle,
+        cfg.max_connections,
+        &metrics.connections_refused,
+    )
+    .await?
+    {
         metrics.connections_total.inc();
-        // Counted from the accept, so the limit above sees every connection at once.
+        // Counted from the accept, so the limit in `accept` sees every connection at once.
         let open = lifecycle.connection();
         tokio::spawn(connection(
             stream,
@@ -128,6 +111,7 @@ pub async fn serve(
             cfg.clone(),
         ));
     }
+    Ok(())
 }
 
 /// Says, in TCP words, what a drain that ended with connections open left behind.
