@@ -2,6 +2,7 @@
 """Scenario (b), counted rather than timed: what one request costs lameduck at a fixed rate.
 
     python3 benches/profile_b.py [--binary target/release/lameduck] [--only syscalls,callgrind,memory]
+                                 [--draining]
 
 Wall-clock CPU per request moves by 30 % on a shared machine; these counts barely move:
 
@@ -57,14 +58,28 @@ def oha(tools, port, n, rate, conns=32, path="/"):
     return sum(v for k, v in codes.items() if k.startswith("2"))
 
 
+# --draining: the proxy measured while Draining, as compare.py's lameduck-draining-ka target.
+DRAINING = ["--drain-min", "1s", "--quiet", "3600s", "--drain-max", "3600s",
+            "--keep-alive-while-draining"]
+ARGS = None
+
+
 def start_proxy(binary, up_port, wrapper=(), log=None, extra=()):
     port, admin = compare.free_port(), compare.free_port()
+    draining = ARGS is not None and ARGS.draining
+    if draining:
+        extra = list(extra) + DRAINING
     argv = list(wrapper) + [binary, "proxy", "--listen", f"127.0.0.1:{port}", "--upstream",
                             f"127.0.0.1:{up_port}", "--admin", f"127.0.0.1:{admin}",
                             "--log-level", "warn"] + list(extra)
     p = compare.spawn(argv, PROXY_CORE, log or subprocess.DEVNULL)
     compare.wait_http(port, "/", timeout=120)
     compare.wait_http(admin, "/readyz", timeout=120)
+    if draining:
+        status, body = compare.http_get(admin, "/drain?wait=false", method="POST")
+        assert status in (200, 202), (status, body)
+        state = json.loads(compare.http_get(admin, "/status")[1])["state"]
+        assert state == "draining", state
     return p, port
 
 
@@ -301,7 +316,12 @@ def main():
     ap.add_argument("--cg-requests", type=int, default=10000)
     ap.add_argument("--cg-rate", type=int, default=500)
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--draining", action="store_true",
+                    help="measure the proxy while Draining (--keep-alive-while-draining, "
+                         "--quiet 3600s), as compare.py's lameduck-draining-ka")
     args = ap.parse_args()
+    global ARGS
+    ARGS = args
     tools = {"oha": os.environ.get("OHA", os.path.expanduser("~/.cargo/bin/oha"))}
     os.sched_setaffinity(0, {LOADGEN_CORE})
     import signal
