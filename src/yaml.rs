@@ -219,7 +219,14 @@ fn inline_string(out: &mut String, s: &str) {
 }
 
 fn single_quotable(c: char) -> bool {
-    !(c.is_control() || matches!(c, '\u{85}' | '\u{2028}' | '\u{2029}' | '\u{feff}'))
+    !(escaped(c) || matches!(c, '\u{85}' | '\u{2028}' | '\u{2029}'))
+}
+
+/// Characters written only as a `\u` escape in a double-quoted scalar: those outside
+/// YAML's printable set (C0 and C1 controls, DEL, U+FFFE and U+FFFF; a reader refuses them
+/// anywhere in a stream), and the byte-order mark.
+fn escaped(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{feff}' | '\u{fffe}' | '\u{ffff}')
 }
 
 fn double_quoted(out: &mut String, s: &str) {
@@ -234,7 +241,7 @@ fn double_quoted(out: &mut String, s: &str) {
             '\u{85}' => out.push_str("\\N"),
             '\u{2028}' => out.push_str("\\L"),
             '\u{2029}' => out.push_str("\\P"),
-            c if c.is_control() || c == '\u{feff}' => {
+            c if escaped(c) => {
                 let _ = write!(out, "\\u{:04X}", c as u32);
             }
             c => out.push(c),
@@ -475,6 +482,9 @@ mod tests {
             "\u{2028}",
             "ctl\u{1}",
             "é",
+            // Outside YAML's printable set, not controls: a reader refuses them unescaped.
+            "non\u{ffff}char\u{fffe}",
+            "\u{ffff}",
         ];
         for s in strings {
             let mut m = yaml_serde::Mapping::new();
