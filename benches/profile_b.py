@@ -61,12 +61,10 @@ def oha(tools, port, n, rate, conns=32, path="/"):
 # --draining: the proxy measured while Draining, as compare.py's lameduck-draining-ka target.
 DRAINING = ["--drain-min", "1s", "--quiet", "3600s", "--drain-max", "3600s",
             "--keep-alive-while-draining"]
-ARGS = None
 
 
-def start_proxy(binary, up_port, wrapper=(), log=None, extra=()):
+def start_proxy(binary, up_port, wrapper=(), log=None, extra=(), draining=False):
     port, admin = compare.free_port(), compare.free_port()
-    draining = ARGS is not None and ARGS.draining
     if draining:
         extra = list(extra) + DRAINING
     argv = list(wrapper) + [binary, "proxy", "--listen", f"127.0.0.1:{port}", "--upstream",
@@ -97,7 +95,7 @@ def status(pid):
 
 
 def syscalls(args, tools, up_port):
-    p, port = start_proxy(args.binary, up_port)
+    p, port = start_proxy(args.binary, up_port, draining=args.draining)
     try:
         oha(tools, port, 5000, 5000)  # warm-up: pools filled
         events = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{s}" for s in SYSCALLS]
@@ -217,7 +215,8 @@ def callgrind(args, tools, up_port):
     vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
           "--read-inline-info=yes", "--trace-children=no"]
     log = open(os.path.join(workdir, "valgrind.log"), "w")
-    p, port = start_proxy(args.binary, up_port, wrapper=vg, log=log)
+    p, port = start_proxy(args.binary, up_port, wrapper=vg, log=log,
+                          draining=args.draining)
     try:
         oha(tools, port, 2000, args.cg_rate)  # warm-up
         subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True,
@@ -276,14 +275,14 @@ def idle_conns(port, pid, n):
 
 def memory(args, tools, up_port):
     res = {}
-    p, port = start_proxy(args.binary, up_port)
+    p, port = start_proxy(args.binary, up_port, draining=args.draining)
     try:
         time.sleep(1)
         res["idle"] = status(p.pid)
         res["conns1k"] = idle_conns(port, p.pid, 1000)
     finally:
         compare.stop(p)
-    p, port = start_proxy(args.binary, up_port)
+    p, port = start_proxy(args.binary, up_port, draining=args.draining)
     try:
         for path in ("/", "/64k"):
             oha(tools, port, 20000, 0, conns=64, path=path)
@@ -320,8 +319,6 @@ def main():
                     help="measure the proxy while Draining (--keep-alive-while-draining, "
                          "--quiet 3600s), as compare.py's lameduck-draining-ka")
     args = ap.parse_args()
-    global ARGS
-    ARGS = args
     tools = {"oha": os.environ.get("OHA", os.path.expanduser("~/.cargo/bin/oha"))}
     os.sched_setaffinity(0, {LOADGEN_CORE})
     import signal
