@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cadence::Quiet;
-use crate::drain::DrainSettings;
+use crate::drain::{DrainSettings, Unit};
 use crate::proxy_protocol::ProxyProtocol;
 use crate::upstream::Protocol;
 
@@ -57,7 +57,8 @@ pub struct ProxyArgs {
     )]
     pub listen: SocketAddr,
 
-    /// The app, as host:port (resolved once at start).
+    /// The app, as host:port (resolved once at start). Not the proxy's own --listen or
+    /// --admin; a request that loops back through it anyway is answered 508.
     #[arg(long, env = "LAMEDUCK_UPSTREAM", value_name = "ADDR", default_value = "127.0.0.1:3000",
           value_parser = parse_upstream, help_heading = "Ports")]
     pub upstream: SocketAddr,
@@ -117,13 +118,13 @@ pub struct ProxyArgs {
 
     /// How often to check --tls-cert and --tls-key for changes.
     #[arg(long, env = "LAMEDUCK_TLS_RELOAD_INTERVAL", value_name = "DUR", default_value = "5s",
-          value_parser = parse_duration, help_heading = "TLS")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "TLS")]
     pub tls_reload_interval: Duration,
 
     /// Keep serving at least this long once draining starts, whatever the traffic: the load
     /// balancer may not have noticed the pod is terminating yet.
     #[arg(long, env = "LAMEDUCK_DRAIN_MIN", value_name = "DUR", default_value = "5s",
-          value_parser = parse_duration, help_heading = "Drain")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Drain")]
     pub drain_min: Duration,
 
     /// Draining may end once no request (health checks included) has started on the traffic
@@ -131,17 +132,18 @@ pub struct ProxyArgs {
     /// keep arriving, so silence means deregistered. `auto` learns the window from the
     /// health checks seen while serving (each source's interval, x1.5 with several sources,
     /// x2 with one, + 250ms); a fixed DUR must exceed the health-check interval (ALB
-    /// default 15s).
+    /// default 15s). At least 1s.
     #[arg(long, env = "LAMEDUCK_QUIET", value_name = "auto|DUR", default_value = "auto",
-          value_parser = parse_quiet, help_heading = "Drain")]
+          value_parser = parse_quiet, allow_hyphen_values = true, help_heading = "Drain")]
     pub quiet: QuietArg,
 
     /// With --quiet auto: the window used until an interval has been learned (a pod that
     /// has just started). 30s covers the ALB's default 15s interval and one missed check;
     /// with --mode tcp the default is 65s, for the NLB target group's default 30s interval.
+    /// At least 1s.
     #[arg(long, env = "LAMEDUCK_QUIET_FALLBACK", value_name = "DUR", default_value = "30s",
           default_value_if("mode", "tcp", "65s"),
-          value_parser = parse_duration, help_heading = "Drain")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Drain")]
     pub quiet_fallback: Duration,
 
     /// User-Agent prefixes that mark a request as a load-balancer health check (besides
@@ -164,7 +166,7 @@ pub struct ProxyArgs {
     /// after the controller's own lag.
     #[arg(long, env = "LAMEDUCK_DRAIN_MAX", value_name = "DUR", default_value = "120s",
           default_value_if("mode", "tcp", "300s"),
-          value_parser = parse_duration, help_heading = "Drain")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Drain")]
     pub drain_max: Duration,
 
     /// While draining, answer requests to PATH on the traffic port with 503 (gRPC requests:
@@ -179,14 +181,15 @@ pub struct ProxyArgs {
     /// the app is released without them (within drain-max). Tunnels never hold the quiet
     /// decision; they close at exit. 10s: time for a tunnel that is finishing to finish.
     #[arg(long, env = "LAMEDUCK_TUNNEL_GRACE", value_name = "DUR", default_value = "10s",
-          value_parser = parse_duration, help_heading = "Drain")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Drain")]
     pub tunnel_grace: Duration,
 
     /// While draining, leave persistent connections alone (the behaviour before 0.2). By
-    /// default, HTTP/1 responses carry `Connection: close` and HTTP/2 connections get a
-    /// graceful GOAWAY once draining starts, so clients that hold one connection (gRPC,
-    /// keep-alive clients inside the cluster) move to other pods; new connections are still
-    /// accepted and served, and an idle connection is never closed for it.
+    /// default, HTTP/1 responses carry `Connection: close` and each HTTP/2 connection gets
+    /// one graceful GOAWAY once it has been open half the quiet window, at a moment its
+    /// client has nothing queued, so clients that hold one connection (gRPC, keep-alive
+    /// clients inside the cluster) move to other pods; new connections are still accepted
+    /// and served, and an idle connection is never closed for it.
     #[arg(
         long,
         env = "LAMEDUCK_KEEP_ALIVE_WHILE_DRAINING",
@@ -200,7 +203,9 @@ pub struct ProxyArgs {
     pub upstream_health: Option<String>,
 
     /// When set, /drain requires the header X-Lameduck-Token with this value (403
-    /// otherwise): the admin port is reachable from the cluster network.
+    /// otherwise): the admin port is reachable from the cluster network. 16 to 256
+    /// characters of A-Z a-z 0-9 . _ ~ + / = - (an empty LAMEDUCK_DRAIN_TOKEN is refused:
+    /// unset it for no token).
     #[arg(
         long,
         env = "LAMEDUCK_DRAIN_TOKEN",
@@ -213,14 +218,14 @@ pub struct ProxyArgs {
     /// Give up connecting to the app after this long and answer 504. The app is on loopback
     /// in the same pod: a connect that has not completed in 1s will not.
     #[arg(long, env = "LAMEDUCK_UPSTREAM_CONNECT_TIMEOUT", value_name = "DUR", default_value = "1s",
-          value_parser = parse_duration, help_heading = "Timeouts")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Timeouts")]
     pub upstream_connect_timeout: Duration,
 
     /// Never reuse an app connection idle longer than this. Below every common app
     /// keep-alive timeout (gunicorn 2s, Node.js and uvicorn 5s), so lameduck never sends on
     /// a connection the app is closing; a new loopback connection costs ~100µs.
     #[arg(long, env = "LAMEDUCK_UPSTREAM_IDLE_TIMEOUT", value_name = "DUR", default_value = "1s",
-          value_parser = parse_duration, help_heading = "Timeouts")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Timeouts")]
     pub upstream_idle_timeout: Duration,
 
     /// Close a downstream keep-alive connection idle this long. Above the ALB's default 60s
@@ -230,15 +235,15 @@ pub struct ProxyArgs {
     /// 360s, above the NLB's fixed 350s TCP idle timeout.
     #[arg(long, env = "LAMEDUCK_IDLE_TIMEOUT", value_name = "DUR", default_value = "75s",
           default_value_if("mode", "tcp", "360s"),
-          value_parser = parse_duration, help_heading = "Timeouts")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Timeouts")]
     pub idle_timeout: Duration,
 
-    /// Once a request's first byte arrives, its headers must be complete within this long,
-    /// or the connection is closed (slowloris). Does not shorten the idle window: the clock
-    /// starts at the first byte, not when the connection goes idle. The HTTP/2 preface
-    /// counts as a head.
+    /// A new connection's first request head must be complete within this long of the
+    /// accept (one that sends nothing is closed then too); on a kept-alive connection, within
+    /// this long of the head's first byte, or the connection is closed (slowloris). Does not
+    /// shorten the idle window between requests. The HTTP/2 preface counts as a head.
     #[arg(long, env = "LAMEDUCK_HEADER_READ_TIMEOUT", value_name = "DUR", default_value = "10s",
-          value_parser = parse_duration, help_heading = "Timeouts")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Timeouts")]
     pub header_read_timeout: Duration,
 
     /// A request body must bring at least 1 KiB per this long until it ends, or the request
@@ -246,7 +251,7 @@ pub struct ProxyArgs {
     /// app's connections for ever). 60s: the ALB's default idle timeout, after which the
     /// ALB gives up on a silent client too.
     #[arg(long, env = "LAMEDUCK_REQUEST_BODY_TIMEOUT", value_name = "DUR", default_value = "60s",
-          value_parser = parse_duration, help_heading = "Timeouts")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Timeouts")]
     pub request_body_timeout: Duration,
 
     /// The app must start its response (headers) within this long after the request was
@@ -254,14 +259,14 @@ pub struct ProxyArgs {
     /// 60s: the ALB's default idle timeout, when the ALB itself answers 504; raise both
     /// together for slow endpoints or long polling.
     #[arg(long, env = "LAMEDUCK_UPSTREAM_RESPONSE_TIMEOUT", value_name = "DUR", default_value = "60s",
-          value_parser = parse_duration, help_heading = "Timeouts")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Timeouts")]
     pub upstream_response_timeout: Duration,
 
     /// A response body from the app that sends nothing for this long is ended (the client
     /// sees the connection closed, or the h2 stream reset). 60s, like the ALB's idle
     /// timeout: a stream (SSE, gRPC) must send something at least this often.
     #[arg(long, env = "LAMEDUCK_UPSTREAM_BODY_TIMEOUT", value_name = "DUR", default_value = "60s",
-          value_parser = parse_duration, help_heading = "Timeouts")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "Timeouts")]
     pub upstream_body_timeout: Duration,
 
     /// Downstream connections served at once; beyond it new connections are accepted and
@@ -274,6 +279,7 @@ pub struct ProxyArgs {
         env = "LAMEDUCK_MAX_CONNECTIONS",
         value_name = "N",
         default_value_t = 0,
+        allow_hyphen_values = true,
         help_heading = "Limits"
     )]
     pub max_connections: usize,
@@ -321,7 +327,7 @@ pub struct ProxyArgs {
     /// Worker threads. 1 (default) runs everything on one thread, the cheapest for a sidecar
     /// with a fractional CPU limit; raise it only for a pod given several cores.
     #[arg(long, env = "LAMEDUCK_THREADS", value_name = "N", default_value_t = 1,
-          value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Runtime")]
+          value_parser = clap::value_parser!(u16).range(1..=256), allow_hyphen_values = true, help_heading = "Runtime")]
     pub threads: u16,
 
     /// Log format on stderr.
@@ -374,7 +380,7 @@ pub struct ProxyArgs {
     /// within this long of being accepted is a load-balancer TCP health check: learned from
     /// per source for --quiet auto, counted apart from traffic. NLB checks close at once.
     #[arg(long, env = "LAMEDUCK_TCP_HEALTH_CHECK_WITHIN", value_name = "DUR", default_value = "1s",
-          value_parser = parse_duration, help_heading = "TCP mode")]
+          value_parser = parse_duration, allow_hyphen_values = true, help_heading = "TCP mode")]
     pub tcp_health_check_within: Duration,
 }
 
@@ -436,6 +442,19 @@ impl ProxyArgs {
             return Err("--drain-max must be greater than 0".into());
         }
         for (flag, d) in [
+            ("--quiet", self.quiet.fixed()),
+            ("--quiet-fallback", Some(self.quiet_fallback)),
+        ] {
+            if let Some(d) = d.filter(|d| *d < MIN_QUIET) {
+                return Err(format!(
+                    "{flag} ({}) must be at least {}: a shorter window ends a drain in the gap \
+                     between two requests of one steady client",
+                    fmt_dur(d),
+                    fmt_dur(MIN_QUIET)
+                ));
+            }
+        }
+        for (flag, d) in [
             ("--upstream-connect-timeout", self.upstream_connect_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--header-read-timeout", self.header_read_timeout),
@@ -495,6 +514,26 @@ impl ProxyArgs {
                 self.listen
             ));
         }
+        if self.upstream.port() == 0 {
+            return Err(format!(
+                "--upstream {} has port 0: the app must be given by its real port",
+                self.upstream
+            ));
+        }
+        for (flag, own) in [("--listen", self.listen), ("--admin", self.admin)] {
+            if reaches(self.upstream, own) {
+                return Err(format!(
+                    "--upstream {} is the proxy's own {flag} {own}: every request would loop \
+                     back into the proxy",
+                    self.upstream
+                ));
+            }
+        }
+        if let Some(token) = &self.drain_token {
+            check_drain_token(token).map_err(|e| {
+                format!("--drain-token (or LAMEDUCK_DRAIN_TOKEN): {e}; unset it for no token")
+            })?;
+        }
         Ok(())
     }
 
@@ -544,6 +583,10 @@ impl ProxyArgs {
             },
             max: self.drain_max,
             tunnel_grace: self.tunnel_grace,
+            unit: match self.mode {
+                Mode::Http => Unit::Request,
+                Mode::Tcp => Unit::Connection,
+            },
         }
     }
 }
@@ -696,6 +739,57 @@ pub enum QuietArg {
     Fixed(Duration),
 }
 
+impl QuietArg {
+    /// The fixed window, if one was given.
+    pub fn fixed(self) -> Option<Duration> {
+        match self {
+            QuietArg::Fixed(d) => Some(d),
+            QuietArg::Auto => None,
+        }
+    }
+}
+
+/// The shortest quiet window accepted (`--quiet`, `--quiet-fallback`): 1 s. Shorter, a drain
+/// under steady traffic is declared quiet in the gap between two requests (15 ms was seen
+/// with `0s`), and no load balancer health-checks more often than every 5 s (the ALB's
+/// minimum interval), so no window that means "the load balancer stopped" is shorter.
+pub const MIN_QUIET: Duration = Duration::from_secs(1);
+
+/// Whether a connection to `upstream` would reach a socket listening on `own`: the same port,
+/// and the same address, or `own` listening on every address (`0.0.0.0`, `[::]`) while
+/// `upstream` is a local address this check can know without asking the kernel (loopback
+/// or unspecified). An unspecified upstream connects to loopback.
+pub fn reaches(upstream: SocketAddr, own: SocketAddr) -> bool {
+    if upstream.port() != own.port() || own.port() == 0 {
+        return false;
+    }
+    let up = upstream.ip().to_canonical();
+    let own = own.ip().to_canonical();
+    let local = |ip: std::net::IpAddr| ip.is_loopback() || ip.is_unspecified();
+    up == own || (own.is_unspecified() && local(up)) || (up.is_unspecified() && local(own))
+}
+
+/// A drain token: 16 to 256 characters of `A-Z a-z 0-9 . _ ~ + / = -` (base64, hex or a
+/// random string; the same rule as injection's). Shorter is guessable, and an empty one
+/// would let an empty header through.
+pub fn check_drain_token(token: &str) -> Result<(), String> {
+    let n = token.chars().count();
+    if !(16..=256).contains(&n) {
+        return Err(format!(
+            "the token is {n} characters; it must be 16 to 256 (e.g. `openssl rand -hex 16`)"
+        ));
+    }
+    if let Some(c) = token
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._~+/=-".contains(*c)))
+    {
+        return Err(format!(
+            "the token has {c:?}; it may have only A-Z a-z 0-9 and . _ ~ + / = -"
+        ));
+    }
+    Ok(())
+}
+
 /// Parses `auto` or a duration.
 pub fn parse_quiet(s: &str) -> Result<QuietArg, String> {
     if s.trim() == "auto" {
@@ -711,6 +805,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
+    }
+    if s.starts_with('-') {
+        return Err(format!(
+            "{s} is negative; expected a duration like 500ms, 10s or 2m"
+        ));
     }
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{e}; expected a duration like 500ms, 10s or 2m"))?;
@@ -765,6 +864,48 @@ mod tests {
             Ok(_) => unreachable!(),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    #[test]
+    fn an_upstream_that_reaches_the_proxy_itself() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let cases = [
+            ("127.0.0.1:8080", "127.0.0.1:8080", true),
+            ("127.0.0.1:8080", "0.0.0.0:8080", true),
+            ("127.0.0.1:8080", "[::]:8080", true),
+            ("[::1]:8080", "0.0.0.0:8080", true),
+            ("0.0.0.0:8080", "127.0.0.1:8080", true),
+            ("[::ffff:127.0.0.1]:8080", "127.0.0.1:8080", true),
+            // Another port, or another address of the same port: the app.
+            ("127.0.0.1:3000", "0.0.0.0:8080", false),
+            ("127.0.0.1:8080", "127.0.0.2:8080", false),
+            ("10.0.0.5:8080", "127.0.0.1:8080", false),
+            // Port 0 binds an ephemeral port: never the upstream's.
+            ("127.0.0.1:0", "127.0.0.1:0", false),
+        ];
+        for (up, own, want) in cases {
+            assert_eq!(reaches(a(up), a(own)), want, "{up} -> {own}");
+        }
+    }
+
+    #[test]
+    fn drain_tokens_follow_the_injection_rule() {
+        assert!(check_drain_token("0123456789abcdef").is_ok());
+        assert!(check_drain_token(&"a".repeat(256)).is_ok());
+        assert!(check_drain_token("AZaz09._~+/=-xyz").is_ok());
+        for bad in [
+            "",
+            "short",
+            &"a".repeat(257),
+            "0123456789abcdef\n",
+            "0123456789 abcdef",
+        ] {
+            assert!(check_drain_token(bad).is_err(), "{bad:?}");
+        }
+        // 16 multi-byte characters are 16 characters, and not of the alphabet.
+        assert!(check_drain_token(&"é".repeat(16))
+            .unwrap_err()
+            .contains("'é'"));
     }
 
     #[test]

@@ -163,6 +163,27 @@ pub struct DrainSettings {
     /// How long upgraded tunnels (WebSockets) may stay open after the drain before the
     /// release goes ahead without them (`--tunnel-grace`), within drain-max.
     pub tunnel_grace: Duration,
+    /// What one unit in flight is, for the log lines: a request, or (`--mode tcp`) a
+    /// connection.
+    pub unit: Unit,
+}
+
+/// What the in-flight count counts: HTTP requests, or whole TCP connections (`--mode tcp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unit {
+    #[default]
+    Request,
+    Connection,
+}
+
+impl Unit {
+    /// `"request(s)"` or `"connection(s)"`.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Unit::Request => "request(s)",
+            Unit::Connection => "connection(s)",
+        }
+    }
 }
 
 impl DrainSettings {
@@ -173,6 +194,7 @@ impl DrainSettings {
             quiet: Quiet::Fixed(quiet),
             max,
             tunnel_grace: Duration::ZERO,
+            unit: Unit::Request,
         }
     }
 }
@@ -409,12 +431,45 @@ impl Lifecycle {
 
     /// Resolves with the `Drained` state once the app may be stopped: the drain is over and
     /// nothing is in flight, or drain-max has been reached. Set once; never unset.
+    ///
+    /// Drain-max is enforced here too, by every awaiter, not only by the drain clock's task:
+    /// if that task died (a panic) the release still comes at drain-max, so the kubelet's
+    /// preStop and the exit never wait past it.
     pub async fn released(&self) -> State {
-        let mut rx = self.0.released.subscribe();
-        rx.wait_for(|r| *r)
-            .await
-            .expect("the lifecycle owns the sender for as long as a handle exists");
-        self.state()
+        let mut released = self.0.released.subscribe();
+        let mut state = self.subscribe();
+        loop {
+            let deadline = match &*state.borrow_and_update() {
+                State::Serving => None,
+                State::Draining { since, .. } | State::Drained { since, .. } => {
+                    Some(*since + self.0.settings.max)
+                }
+            };
+            tokio::select! {
+                r = async { released.wait_for(|r| *r).await.map(|_| ()) } => {
+                    r.expect("the lifecycle owns the sender for as long as a handle exists");
+                    return self.state();
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    // The clock's own deadline is the same instant: let it act first.
+                    tokio::task::yield_now().await;
+                    if !self.is_released() {
+                        if self.phase() == Phase::Draining {
+                            tracing::error!(
+                                "the drain clock did not decide by drain-max; releasing the app \
+                                 at drain-max"
+                            );
+                        }
+                        self.finish(DrainReason::Max);
+                        self.set_released();
+                    }
+                    return self.state();
+                }
+                changed = state.changed(), if deadline.is_none() => {
+                    changed.expect("the lifecycle owns the sender for as long as a handle exists");
+                }
+            }
+        }
     }
 
     pub fn is_released(&self) -> bool {
@@ -715,9 +770,10 @@ impl Lifecycle {
                 .await
                 .is_err()
             {
+                let unit = self.0.settings.unit.plural();
                 tracing::warn!(
                     in_flight = self.in_flight(),
-                    "requests that started after traffic went quiet still in flight at \
+                    "{unit} that started after traffic went quiet still in flight at \
                      drain-max; releasing the app anyway"
                 );
             }
@@ -781,6 +837,7 @@ impl Lifecycle {
         let in_flight = self.in_flight();
         let connections = self.0.connections.load(Ordering::Acquire);
         let idle = self.idle_for(now_nanos());
+        let unit = self.0.settings.unit.plural();
         match reason {
             DrainReason::Quiet => tracing::info!(
                 reason = "quiet",
@@ -800,8 +857,8 @@ impl Lifecycle {
                 oldest_open_seconds = oldest_open.map(|d| d.as_secs_f64()),
                 last_request_ago = ?idle,
                 quiet_window = %why,
-                "drain cut short before traffic stopped: {in_flight} request(s) still in flight, \
-                 last request started {idle:?} ago",
+                "drain cut short before traffic stopped: {in_flight} {unit} still in flight, \
+                 the last started {idle:?} ago",
             ),
         }
     }
@@ -1040,6 +1097,25 @@ mod tests {
         assert_eq!(lc.in_flight(), 1);
     }
 
+    /// Whatever happens to the drain clock's task, the release comes at drain-max. Before: a
+    /// panic in that task (a log write failing) left `released()` pending for ever.
+    #[tokio::test(start_paused = true)]
+    async fn drain_max_holds_when_the_drain_clock_dies() {
+        let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(10)));
+        lc.on_decide(|| panic!("the drain clock dies"));
+        let t = Instant::now();
+        lc.start_drain(Trigger::Admin);
+        let state = tokio::time::timeout(S(60), lc.released())
+            .await
+            .expect("released by drain-max although the clock died");
+        assert_eq!(t.elapsed(), S(10));
+        assert!(lc.is_released());
+        let State::Drained { reason, .. } = state else {
+            panic!("not drained: {state:?}")
+        };
+        assert_eq!(reason, DrainReason::Max);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_drain_ended_at_max_reports_the_streams_still_open() {
         let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(10)));
@@ -1082,6 +1158,7 @@ mod tests {
             quiet: Quiet::Auto { fallback: S(30) },
             max: S(120),
             tunnel_grace: Duration::ZERO,
+            unit: Unit::Request,
         });
         // No checks yet: the fallback.
         assert_eq!(lc.quiet_window().0.kind(), "fallback");

@@ -695,9 +695,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn is_token(s: &str) -> bool {
-    (16..=256).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._~+/=-".contains(&b))
+    crate::cli::check_drain_token(s).is_ok()
 }
 
 /// The settings a pod's annotations give. Each value's form is checked here, with the

@@ -16,6 +16,7 @@
 //! | [`upstream`] | the pooled connection to the app, timeouts, safe retry, error classes |
 //! | [`admin`] | `/livez` `/readyz` `/drain` `/status` `/metrics`, and the `lameduck drain` client |
 //! | [`metrics`] | the Prometheus registry |
+//! | [`logging`] | log lines to stderr through a bounded queue: a failed or blocked write is dropped and counted, never a panic or a stall |
 //! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
 //! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
 //! | [`yaml`] | YAML out that YAML 1.1 readers read as meant (for `inject`) |
@@ -30,6 +31,7 @@ pub mod drain;
 pub mod events;
 pub mod inject;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -11,8 +11,11 @@
 //!   racing the ALB's reuse of the connection is a 502. The rule keeps running after a
 //!   graceful close has begun: an HTTP/2 peer that never acknowledges the GOAWAY's PING
 //!   (so never gets the final GOAWAY) is dropped once idle this long.
-//! - **header read** (`--header-read-timeout`, default 10 s): once the first byte of a
-//!   request arrives, its head must be complete within this long (slowloris). The HTTP/2
+//! - **header read** (`--header-read-timeout`, default 10 s): a new connection's first
+//!   request head must be complete within this long of the accept (a connection that sends
+//!   nothing is closed then too, so silent sockets cannot hold the connection limit); on a
+//!   kept-alive connection, a head must be complete within this long of its first byte
+//!   (slowloris). The HTTP/2
 //!   preface counts as a head: a connection is HTTP/2 only once all 24 bytes of it arrived.
 //!   With TLS the handshake comes first, in the connection's task (never in the accept
 //!   loop), and must complete within the header read timeout too; the watchdog then sees
@@ -48,7 +51,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::drain::{now_nanos, ConnectionGuard, Lifecycle, Phase};
+use crate::drain::{now_nanos, ConnectionGuard, Lifecycle, Phase, State};
 use crate::proxy::Proxy;
 
 /// Largest request head (request line and headers) accepted; larger gets 431. Matches the
@@ -293,7 +296,8 @@ enum Version {
 enum Unsniffed {
     /// Closed by the peer, the lifecycle, or an error: nothing to say.
     Gone,
-    /// Bytes of a head arrived but did not decide the protocol within the header timeout.
+    /// No head (or not enough of one to decide the protocol) within the header timeout of
+    /// the accept.
     SlowHeaders,
 }
 
@@ -302,9 +306,9 @@ enum Unsniffed {
 /// kept for hyper (`TrackedIo::prefix`), in one buffer of up to [`SNIFF_BYTES`]: hyper gets
 /// the whole first read at once, so a normal request head is parsed from it without growing
 /// hyper's 8 KiB read buffer (hyper-util's own detection reads 24 bytes, which makes every
-/// HTTP/1 connection's buffer 16 KiB). Before the first byte the idle timeout applies and the
-/// connection closes at `Drained` (it has carried nothing) or at exit; after it, the header
-/// read timeout.
+/// HTTP/1 connection's buffer 16 KiB). The header read timeout runs from the accept: a
+/// connection that sends nothing, or too little, is closed at it; one that has sent nothing
+/// also closes at `Drained` (it has carried nothing) or at exit.
 async fn sniff<S: Downstream>(
     io: &mut TrackedIo<S>,
     shared: &Shared,
@@ -313,7 +317,10 @@ async fn sniff<S: Downstream>(
     let lifecycle = &shared.lifecycle;
     let closing = lifecycle.closing_token();
     let mut state = lifecycle.subscribe();
-    let mut deadline = tokio::time::Instant::now() + shared.timeouts.idle;
+    // A connection's clock starts at the accept: one that never sends a byte is closed at
+    // the header read timeout, like one that sends too little, so silent sockets cannot hold
+    // the connection limit.
+    let deadline = tokio::time::Instant::now() + shared.timeouts.header_read;
     let mut buf = BytesMut::new();
     loop {
         let waiting = buf.is_empty();
@@ -323,9 +330,8 @@ async fn sniff<S: Downstream>(
             _ = state.wait_for(|s| s.phase() == Phase::Drained), if waiting && !accepted_drained => {
                 return Err(Unsniffed::Gone);
             }
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(if waiting { Unsniffed::Gone } else { Unsniffed::SlowHeaders });
-            }
+            // Silent or too slow: either way the head was not complete in time.
+            _ = tokio::time::sleep_until(deadline) => return Err(Unsniffed::SlowHeaders),
             ready = io.readable() => {
                 if ready.is_err() {
                     return Err(Unsniffed::Gone);
@@ -335,13 +341,11 @@ async fn sniff<S: Downstream>(
         if buf.capacity() == 0 {
             buf.reserve(SNIFF_BYTES);
         }
-        let before = buf.len();
-        match io.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return Err(Unsniffed::Gone),
-            Ok(_) => {}
-        }
-        if before == 0 {
-            deadline = tokio::time::Instant::now() + shared.timeouts.header_read;
+        // Readiness can be spurious (and TLS reports it at once): the read itself is timed.
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) => return Err(Unsniffed::SlowHeaders),
+            Ok(Ok(0) | Err(_)) => return Err(Unsniffed::Gone),
+            Ok(Ok(_)) => {}
         }
         let n = buf.len().min(PREFACE.len());
         if buf[..n] != PREFACE[..n] {
@@ -354,6 +358,41 @@ async fn sniff<S: Downstream>(
         }
     }
 }
+
+/// How long an HTTP/2 connection may stay while the pod drains before it gets its one graceful
+/// GOAWAY (counted from its accept): half the drain's quiet window.
+///
+/// A GOAWAY costs clients built on nghttp2 (Node's `http2`, curl, h2load) every stream they
+/// had queued but not yet sent when it arrives, even the graceful first one; so each
+/// connection gets at most one per drain, and never right after its first streams: a
+/// connection opened during the drain is one the load balancer (or client) just chose, and a
+/// GOAWAY per new connection turned one drain into hundreds of GOAWAYs (and dozens of lost
+/// requests). Connections already this old when the drain starts get it at once. Persistent
+/// clients still move before the drain can end: the drain cannot be quiet while one keeps
+/// sending, and it is asked to leave half a window after it arrived, so it adds at most half
+/// a window to a drain.
+pub fn h2_leave_after(window: Duration) -> Duration {
+    window / 2
+}
+
+/// An h2 connection's way to its GOAWAY while the pod drains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leave {
+    No,
+    /// Waiting until it is old enough; then it looks for a safe moment for `give_up` longer.
+    Old {
+        give_up: Duration,
+    },
+    /// Old enough: the GOAWAY goes at the first safe moment ([`ConnTrack::safe_to_leave`]),
+    /// or at `by` whatever.
+    Due {
+        by: tokio::time::Instant,
+    },
+}
+
+/// An h2 connection with nothing in flight for this long is idle enough for its GOAWAY: its
+/// client is not sending back to back, so nothing is queued on it.
+const LEAVE_IDLE: Duration = Duration::from_millis(200);
 
 /// The size of the buffer [`sniff`] reads a connection's first bytes into.
 const SNIFF_BYTES: usize = 8 * 1024;
@@ -452,6 +491,26 @@ async fn serve_connection<S: Downstream>(
     }
     let watchdog = tokio::time::sleep(timeouts.header_read.min(timeouts.idle));
     tokio::pin!(watchdog);
+    // While draining, this h2 connection's one GOAWAY (see `h2_leave_after`): first a wait
+    // until it is old enough, then for a moment when it is safe to send.
+    let mut leave = Leave::No;
+    let leave_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(leave_timer);
+    let leave_at = |state: &State| match state {
+        State::Draining { window, .. } if *discourage && version == Version::H2 => {
+            let age = Duration::from_nanos(now_nanos().saturating_sub(track.accepted));
+            let after = h2_leave_after(window.window);
+            Some((
+                tokio::time::Instant::now() + after.saturating_sub(age),
+                after,
+            ))
+        }
+        _ => None,
+    };
+    if let Some((at, give_up)) = leave_at(&state.borrow()) {
+        leave = Leave::Old { give_up };
+        leave_timer.as_mut().reset(at);
+    }
     // The watchdog has been brought forward for the head now arriving.
     let mut head_armed = false;
     loop {
@@ -465,12 +524,16 @@ async fn serve_connection<S: Downstream>(
             }
             // Draining (h2 only), Drained, or the exit's close (see `Lifecycle::close`).
             changed = state.changed(), if watching => {
-                let phase = state.borrow_and_update().phase();
-                let h2_goes = *discourage
-                    && phase == Phase::Draining
-                    && track.h2.load(Ordering::Acquire);
+                let (phase, at) = {
+                    let s = state.borrow_and_update();
+                    (s.phase(), leave_at(&s))
+                };
+                if let Some((at, give_up)) = at.filter(|_| leave == Leave::No) {
+                    leave = Leave::Old { give_up };
+                    leave_timer.as_mut().reset(at);
+                }
                 let drained = phase == Phase::Drained && !accepted_drained;
-                if changed.is_err() || h2_goes || drained || lifecycle.is_closing() {
+                if changed.is_err() || drained || lifecycle.is_closing() {
                     watching = false;
                     // hyper's HTTP/1 graceful shutdown closes a connection whose request
                     // head is still arriving as if it were idle: that request would be
@@ -482,6 +545,36 @@ async fn serve_connection<S: Downstream>(
                         conn.as_mut().graceful_shutdown();
                     }
                 }
+            }
+            // Draining: this h2 connection is old enough (then: look for a safe moment,
+            // until `give_up`). HTTP/1 is asked per response, with `connection: close`.
+            _ = &mut leave_timer, if leave != Leave::No && !closed => {
+                let now = tokio::time::Instant::now();
+                let by = match leave {
+                    Leave::Old { give_up } => now + give_up,
+                    Leave::Due { by } => by,
+                    Leave::No => unreachable!("guarded"),
+                };
+                if now >= by || track.safe_to_leave(now_nanos()) {
+                    leave = Leave::No;
+                    closed = true;
+                    conn.as_mut().graceful_shutdown();
+                } else {
+                    leave = Leave::Due { by };
+                    leave_timer.as_mut().reset((now + LEAVE_IDLE).min(by));
+                }
+            }
+            // A safe moment for the GOAWAY due, checked after each poll of `conn` (the
+            // counts it reads change only inside that poll), without a waker.
+            _ = std::future::poll_fn(|_| match matches!(leave, Leave::Due { .. })
+                && track.safe_to_leave(now_nanos())
+            {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }), if !closed => {
+                leave = Leave::No;
+                closed = true;
+                conn.as_mut().graceful_shutdown();
             }
             // Set only while `conn` is polled (by the service or the IO wrapper, both run
             // inside that poll), so checking after each poll of `conn` needs no waker.
@@ -500,7 +593,11 @@ async fn serve_connection<S: Downstream>(
                 false => Poll::Pending,
             }) => {
                 head_armed = true;
-                let by = tokio::time::Instant::now() + timeouts.header_read;
+                // From the head's first byte, which may have arrived while `sniff` waited to
+                // tell the protocol (a head starting with `P`).
+                let since = track.head_since.load(Ordering::Acquire);
+                let waited = Duration::from_nanos(now_nanos().saturating_sub(since.saturating_sub(1)));
+                let by = tokio::time::Instant::now() + timeouts.header_read.saturating_sub(waited);
                 if watchdog.deadline() > by {
                     watchdog.as_mut().reset(by);
                 }
@@ -539,7 +636,11 @@ async fn serve_connection<S: Downstream>(
 /// Per-connection activity, written by the IO wrapper and the request guards, read by the
 /// watchdog. Atomics only; nothing here is on a lock.
 pub struct ConnTrack {
+    /// `now_nanos()` at the accept.
+    accepted: u64,
     in_flight: AtomicU32,
+    /// The most requests ever in flight at once on this connection: a client's concurrency.
+    max_in_flight: AtomicU32,
     /// Requests started on this connection so far.
     requests: AtomicU32,
     /// Asks the connection task to close gracefully (an h2 request after `Drained`).
@@ -569,11 +670,14 @@ pub enum ConnVerdict {
 
 impl ConnTrack {
     pub fn new() -> ConnTrack {
+        let now = now_nanos();
         ConnTrack {
+            accepted: now,
             in_flight: AtomicU32::new(0),
+            max_in_flight: AtomicU32::new(0),
             requests: AtomicU32::new(0),
             go_away: AtomicBool::new(false),
-            idle_since: AtomicU64::new(now_nanos()),
+            idle_since: AtomicU64::new(now),
             head_since: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             preface: AtomicU8::new(0),
@@ -583,7 +687,8 @@ impl ConnTrack {
     /// A request's head has been parsed; hold the guard until the request ends. Also says
     /// whether it is the first request on the connection.
     pub fn request(this: &Arc<ConnTrack>) -> (ConnRequest, bool) {
-        this.in_flight.fetch_add(1, Ordering::AcqRel);
+        let now = this.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        this.max_in_flight.fetch_max(now, Ordering::AcqRel);
         let first = this.requests.fetch_add(1, Ordering::Relaxed) == 0;
         this.head_since.store(0, Ordering::Release);
         (ConnRequest(this.clone()), first)
@@ -595,6 +700,19 @@ impl ConnTrack {
     /// started yet.
     fn head_pending(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0 && self.head_since.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether a GOAWAY now is unlikely to cost the client a request. Clients built on
+    /// nghttp2 refuse every stream they have queued but not yet sent when a GOAWAY arrives;
+    /// a client has nothing queued when all its requests are here (as many in flight as it
+    /// ever had at once: each of its workers is waiting for an answer), or when it has sent
+    /// nothing for [`LEAVE_IDLE`].
+    fn safe_to_leave(&self, now: u64) -> bool {
+        leave_is_safe(
+            self.in_flight.load(Ordering::Acquire),
+            self.max_in_flight.load(Ordering::Acquire),
+            Duration::from_nanos(now.saturating_sub(self.idle_since.load(Ordering::Acquire))),
+        )
     }
 
     /// Call only from the connection's own service (it runs inside the connection's poll).
@@ -649,6 +767,14 @@ const PREFACE_NO: u8 = u8::MAX;
 impl Default for ConnTrack {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// [`ConnTrack::safe_to_leave`], pure: `idle` is how long nothing has been in flight.
+fn leave_is_safe(in_flight: u32, max_in_flight: u32, idle: Duration) -> bool {
+    match in_flight {
+        0 => idle >= LEAVE_IDLE,
+        n => n >= max_in_flight,
     }
 }
 

@@ -36,8 +36,9 @@ fn usage_error(e: clap::Error) -> ExitCode {
     }
 }
 
+/// One line on stderr (a failed write is ignored, never a panic) and the exit code.
 fn fail(code: u8, msg: &str) -> ExitCode {
-    eprintln!("lameduck: {msg}");
+    lameduck::logging::eprint_line(&format!("lameduck: {msg}"));
     ExitCode::from(code)
 }
 
@@ -60,7 +61,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let bound = match Bound::bind(args).await {
             Ok(bound) => bound,
             Err(e) => return fail(2, &e.to_string()),
@@ -69,8 +70,14 @@ fn proxy(args: ProxyArgs) -> ExitCode {
             Ok(terminations) => ExitCode::from(bound.run(terminations).await),
             Err(e) => fail(1, &format!("cannot register signal handlers: {e}")),
         }
-    })
+    });
+    lameduck::logging::flush(LOG_FLUSH);
+    code
 }
+
+/// How long the exit waits for queued log lines to reach stderr (a blocked stderr does not
+/// hold the exit longer).
+const LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn drain(args: DrainArgs) -> ExitCode {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -114,7 +121,7 @@ fn inject(args: InjectArgs) -> ExitCode {
     ) {
         Ok(out) => {
             for w in &out.warnings {
-                eprintln!("lameduck: warning: {w}");
+                lameduck::logging::eprint_line(&format!("lameduck: warning: {w}"));
             }
             let mut stdout = std::io::stdout().lock();
             match stdout
@@ -142,7 +149,7 @@ fn webhook(args: WebhookArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let bound = match lameduck::webhook::Bound::bind(&args).await {
             Ok(bound) => bound,
             Err(e) => return fail(2, &e.to_string()),
@@ -158,7 +165,9 @@ fn webhook(args: WebhookArgs) -> ExitCode {
             })
             .await;
         ExitCode::SUCCESS
-    })
+    });
+    lameduck::logging::flush(LOG_FLUSH);
+    code
 }
 
 fn init_tracing(format: LogFormat, level: LogLevel) {
@@ -169,10 +178,13 @@ fn init_tracing(format: LogFormat, level: LogLevel) {
         LogLevel::Debug => LevelFilter::DEBUG,
         LogLevel::Trace => LevelFilter::TRACE,
     };
+    // Through the log queue, with the fmt layer's own error report (an `eprintln!` that
+    // panics when stderr fails) off: see `lameduck::logging`.
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(lameduck::logging::Stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -27,6 +27,7 @@
 //! | `lameduck_quiet_window_seconds` | gauge | |
 //! | `lameduck_build_info` | gauge, always 1 | `version` |
 //! | `lameduck_mode_info` | gauge, always 1 | `mode` |
+//! | `lameduck_log_lines_dropped_total` | counter | |
 //! | `lameduck_tcp_connections_total` | counter | `kind`, `phase` |
 //! | `lameduck_tcp_connection_duration_seconds` | histogram | `phase` |
 //! | `lameduck_tcp_bytes_total` | counter | `direction` |
@@ -450,6 +451,8 @@ struct LifecycleCollector {
     sources: prometheus::IntGauge,
     intervals: prometheus::GaugeVec,
     window: prometheus::Gauge,
+    /// Mirrors [`crate::logging::dropped`], process-wide.
+    log_dropped: IntCounter,
     descs: Vec<Desc>,
 }
 
@@ -510,7 +513,13 @@ impl LifecycleCollector {
             "The quiet window: of the current drain, or what a drain starting now would use.",
         )
         .expect("valid metric");
+        let log_dropped = IntCounter::new(
+            "lameduck_log_lines_dropped_total",
+            "Log lines lost because stderr was blocked (queue full) or failed; the proxy never waits on its log.",
+        )
+        .expect("valid metric");
         let descs = [
+            log_dropped.desc(),
             state.desc(),
             in_flight.desc(),
             connections.desc(),
@@ -537,6 +546,7 @@ impl LifecycleCollector {
             sources,
             intervals,
             window,
+            log_dropped,
             descs,
         }
     }
@@ -576,7 +586,12 @@ impl Collector for LifecycleCollector {
             }
         }
         self.sources.set(active);
+        let dropped = crate::logging::dropped();
+        if let Some(more) = dropped.checked_sub(self.log_dropped.get()) {
+            self.log_dropped.inc_by(more);
+        }
         [
+            self.log_dropped.collect(),
             self.state.collect(),
             self.in_flight.collect(),
             self.connections.collect(),

@@ -84,6 +84,7 @@ impl Proxy {
                 upstream,
                 metrics,
                 lifecycle,
+                hop: hop_mark(),
             }),
         }
     }
@@ -239,15 +240,15 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         let kind = shared.kind(&req, first);
         let request = shared.lifecycle.request(kind, self.peer);
         let phase = request.phase();
+        // While draining, an h2 connection is asked to leave by its connection task, once
+        // and only once it is old enough (`listener::h2_leave_after`), never with its first
+        // streams. Once drained (or at exit): GOAWAY with this request, which finishes, as
+        // do the other open streams. (`connection: close` means nothing in h2.)
         let going = match phase {
-            Phase::Serving => shared.lifecycle.is_closing(),
-            Phase::Draining => shared.discourage,
+            Phase::Serving | Phase::Draining => shared.lifecycle.is_closing(),
             Phase::Drained => true,
         };
         if going && req.version() == Version::HTTP_2 {
-            // A connection still (or newly) open while draining or after: GOAWAY, once this
-            // and any other open stream have finished. (`connection: close` means nothing
-            // in h2.) New connections are still accepted and served.
             self.conn.go_away();
         }
         let done = Some(Done {
@@ -498,6 +499,31 @@ struct ForwardShared {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     lifecycle: Lifecycle,
+    /// This process's mark in [`HOP_HEADER`].
+    hop: HeaderValue,
+}
+
+/// Request header in which each lameduck a request passes through appends its own random
+/// mark (per process). A request that arrives carrying this process's mark has come back
+/// through its own `--upstream` (a name resolving to the pod itself, a Service pointing
+/// back): it is answered 508 instead of looping until memory runs out.
+pub const HOP_HEADER: HeaderName = HeaderName::from_static("x-lameduck-hop");
+
+/// A random mark for [`HOP_HEADER`]; without a random number generator, the process id and
+/// start time (unique enough on one node).
+fn hop_mark() -> HeaderValue {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u32;
+        bytes[..4].copy_from_slice(&std::process::id().to_be_bytes());
+        bytes[4..].copy_from_slice(&t.to_be_bytes());
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    HeaderValue::from_str(&hex).expect("hex is a valid header value")
 }
 
 impl ForwardShared {
@@ -505,6 +531,23 @@ impl ForwardShared {
         if let Err(resp) = refuse(&req) {
             return resp;
         }
+        if req
+            .headers()
+            .get_all(&HOP_HEADER)
+            .iter()
+            .any(|m| m == self.hop)
+        {
+            tracing::error!(
+                upstream = %self.upstream.config().addr,
+                "a request came back through --upstream to this proxy: answered 508"
+            );
+            return local(
+                StatusCode::LOOP_DETECTED,
+                "lameduck: loop detected: this request came back to the proxy through its \
+                 own --upstream\n",
+            );
+        }
+        req.headers_mut().append(HOP_HEADER, self.hop.clone());
         let grpc = is_grpc(req.headers());
         let upgrade = is_upgrade(&req);
         let version = req.version();
@@ -653,7 +696,16 @@ fn refuse<B>(req: &Request<B>) -> Result<(), Response<ResBody>> {
         return Err(resp);
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
-    if hosts.next().is_some() && hosts.next().is_some() {
+    let first = hosts.next();
+    if first.is_none() && req.version() == Version::HTTP_11 {
+        // RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400 (HTTP/1.0 may omit it;
+        // h2 has `:authority`).
+        return Err(local(
+            StatusCode::BAD_REQUEST,
+            "lameduck: bad request: HTTP/1.1 request without a Host header\n",
+        ));
+    }
+    if first.is_some() && hosts.next().is_some() {
         // RFC 9112 §3.2: more than one Host is a 400, never a choice between them.
         return Err(local(
             StatusCode::BAD_REQUEST,
@@ -933,6 +985,14 @@ mod tests {
         };
         assert_eq!(req("CONNECT", &[("host", "a:443")]), Some(405));
         assert_eq!(req("GET", &[("host", "a"), ("host", "b")]), Some(400));
+        // HTTP/1.1 without Host (RFC 9112 §3.2). Before: forwarded with an empty Host.
+        assert_eq!(req("GET", &[]), Some(400));
+        let http10 = Request::builder()
+            .version(Version::HTTP_10)
+            .uri("/")
+            .body(())
+            .unwrap();
+        assert!(refuse(&http10).is_ok(), "HTTP/1.0 may omit Host");
         assert_eq!(
             req(
                 "POST",

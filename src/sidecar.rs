@@ -370,10 +370,16 @@ async fn shut_down(
     }
     let waited = tokio::time::timeout_at(deadline, lifecycle.no_connections()).await;
     if waited.is_err() {
+        let what = match lifecycle.settings().unit {
+            crate::drain::Unit::Request => {
+                "connections still open at drain-max: ending their responses"
+            }
+            crate::drain::Unit::Connection => "connections still open at drain-max: closing them",
+        };
         tracing::warn!(
             connections = lifecycle.connections(),
             in_flight = lifecycle.in_flight(),
-            "connections still open at drain-max: ending their responses"
+            "{what}"
         );
         lifecycle.cut();
         if tokio::time::timeout(CUT_FLUSH, lifecycle.no_connections())

@@ -76,6 +76,120 @@ fn invalid_combinations_exit_2_with_one_line() {
     );
 }
 
+/// Configuration that would loop, drain at once or leave /drain open (issue 21): refused at
+/// start, exit 2, one line naming the flags. Before: each of these was accepted.
+#[test]
+fn dangerous_configuration_is_refused_with_one_line() {
+    // (flags, environment, what the one line must say)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: &[Case] = &[
+        // The upstream is the proxy's own traffic port: one request fanned out into ~10,000
+        // self-connections.
+        (
+            &[
+                "--listen",
+                "127.0.0.1:18080",
+                "--upstream",
+                "127.0.0.1:18080",
+            ],
+            &[],
+            &["--upstream 127.0.0.1:18080", "own --listen"],
+        ),
+        // ... on every address, reached through loopback.
+        (
+            &["--listen", "0.0.0.0:18080", "--upstream", "127.0.0.1:18080"],
+            &[],
+            &["own --listen 0.0.0.0:18080"],
+        ),
+        (
+            &["--listen", "[::]:18080", "--upstream", "127.0.0.1:18080"],
+            &[],
+            &["own --listen [::]:18080"],
+        ),
+        (
+            &["--admin", "0.0.0.0:19901", "--upstream", "localhost:19901"],
+            &[],
+            &["own --admin 0.0.0.0:19901"],
+        ),
+        (
+            &["--upstream", "127.0.0.1:0"],
+            &[],
+            &["--upstream", "port 0"],
+        ),
+        (
+            &["--quiet", "0s"],
+            &[],
+            &["--quiet (0s) must be at least 1s"],
+        ),
+        (
+            &["--quiet-fallback", "0s"],
+            &[],
+            &["--quiet-fallback (0s) must be at least 1s"],
+        ),
+        (&["--quiet", "500ms"], &[], &["--quiet (500ms)"]),
+        (
+            &["--drain-token", ""],
+            &[],
+            &["--drain-token", "0 characters", "16 to 256"],
+        ),
+        (
+            &["--drain-token", "short"],
+            &[],
+            &["--drain-token", "5 characters"],
+        ),
+        (
+            &["--drain-token", "abcdefghijklmnop\nq"],
+            &[],
+            &["--drain-token", "'\\n'"],
+        ),
+        // An empty variable is a mistake, not "no token": unset it for that.
+        (
+            &[],
+            &[("LAMEDUCK_DRAIN_TOKEN", "")],
+            &["LAMEDUCK_DRAIN_TOKEN", "unset it for no token"],
+        ),
+    ];
+    for (flags, env, needles) in cases {
+        let mut args = vec!["proxy"];
+        args.extend_from_slice(flags);
+        let out = Command::new(BIN)
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?} {env:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{flags:?}: {err}");
+        for needle in *needles {
+            assert!(err.contains(needle), "{flags:?}: no {needle:?} in\n{err}");
+        }
+    }
+}
+
+/// A negative duration or number names the flag and the problem. Before: clap's
+/// "unexpected argument '-1'", which named neither.
+#[test]
+fn negative_values_name_the_flag() {
+    for (flag, value, needle) in [
+        ("--drain-max", "-1s", "-1s is negative"),
+        ("--quiet", "-5s", "-5s is negative"),
+        ("--idle-timeout", "-1s", "-1s is negative"),
+        ("--threads", "-1", "--threads"),
+        ("--max-connections", "-1", "--max-connections"),
+    ] {
+        let (code, err) = run(&["proxy", flag, value]);
+        assert_eq!(code, Some(2), "{flag} {value}: {err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '{flag}")),
+            "{flag} {value}: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "{flag} {value}: no {needle:?} in\n{err}"
+        );
+    }
+}
+
 /// TLS flags that cannot work: exit 2, one line naming the flag or the file, before
 /// anything is served.
 #[test]

@@ -236,7 +236,7 @@ async fn auto_quiet_falls_back_without_health_checks() {
             "--quiet",
             "auto",
             "--quiet-fallback",
-            "700ms",
+            "1200ms",
             "--drain-min",
             "0s",
         ],
@@ -244,7 +244,7 @@ async fn auto_quiet_falls_back_without_health_checks() {
     assert_eq!(get(p.traffic, "/").await.status, 200);
     let s = get(p.admin, "/status").await.json();
     assert_eq!(s["quiet_window"], "fallback");
-    assert_eq!(s["quiet_window_seconds"], 0.7);
+    assert_eq!(s["quiet_window_seconds"], 1.2);
     let t = Instant::now();
     let v = post(p.admin, "/drain").await.json();
     assert_eq!(
@@ -256,7 +256,7 @@ async fn auto_quiet_falls_back_without_health_checks() {
         v["quiet_window_why"]
             .as_str()
             .unwrap()
-            .starts_with("fallback 0.70s"),
+            .starts_with("fallback 1.20s"),
         "{v}"
     );
 }

@@ -939,7 +939,7 @@ fn proxy_with_events_posts_the_drain_on_its_pod() {
             "--admin=127.0.0.1:0",
             "--upstream=127.0.0.1:1",
             "--drain-min=0s",
-            "--quiet=0s",
+            "--quiet=1s",
             "--drain-max=30s",
             "--log-format=json",
             "--events",

@@ -133,7 +133,7 @@ async fn drain_max_caps_a_drain_held_open_by_a_long_request() {
     let up = upstream(UpOpts::default()).await;
     let p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "1s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "1s"],
     );
     let traffic = p.traffic;
     let long = tokio::spawn(async move { get(traffic, "/sleep/8000").await });
@@ -171,7 +171,7 @@ async fn concurrent_drain_callers_all_return() {
             "--drain-min",
             "300ms",
             "--quiet",
-            "0s",
+            "1s",
             "--drain-max",
             "10s",
         ],
@@ -200,14 +200,7 @@ async fn sigterm_drains_then_exits_zero_and_answers_drain_waiters_first() {
     let up = upstream(UpOpts::default()).await;
     let mut p = Proxy::start(
         up.addr,
-        &[
-            "--drain-min",
-            "0s",
-            "--quiet",
-            "500ms",
-            "--drain-max",
-            "10s",
-        ],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "10s"],
     );
     let traffic = p.traffic;
     let admin = p.admin;
@@ -236,7 +229,7 @@ async fn second_signal_exits_promptly() {
     let up = upstream(UpOpts::default()).await;
     let mut p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "60s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "60s"],
     );
     let traffic = p.traffic;
     let _long = tokio::spawn(async move { get(traffic, "/sleep/30000").await });
@@ -274,14 +267,7 @@ async fn after_drained_idle_connections_close_and_late_requests_are_still_served
     let up = upstream(UpOpts::default()).await;
     let p = Proxy::start(
         up.addr,
-        &[
-            "--drain-min",
-            "0s",
-            "--quiet",
-            "300ms",
-            "--drain-max",
-            "10s",
-        ],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "10s"],
     );
     let mut idle = H1::connect(p.traffic).await;
     assert_eq!(idle.get("/").await.unwrap().status, 200);
@@ -356,9 +342,9 @@ async fn drain_token_guards_drain() {
         up.addr,
         &[
             "--drain-token",
-            "s3cret",
+            "s3cret-s3cret-s3cret",
             "--quiet",
-            "0s",
+            "1s",
             "--drain-min",
             "0s",
         ],
@@ -376,7 +362,13 @@ async fn drain_token_guards_drain() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
     // The right token drains; the client prints the JSON and exits 0.
     let out = std::process::Command::new(BIN)
-        .args(["drain", "--admin", &admin, "--token", "s3cret"])
+        .args([
+            "drain",
+            "--admin",
+            &admin,
+            "--token",
+            "s3cret-s3cret-s3cret",
+        ])
         .output()
         .unwrap();
     assert_eq!(

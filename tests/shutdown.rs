@@ -65,7 +65,7 @@ async fn post_whose_head_arrives_after_the_drain_ended_is_answered_before_exit()
     let up = upstream(UpOpts::default()).await;
     let mut p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "20s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "20s"],
     );
     ready(&p).await;
     let mut c = TcpStream::connect(p.traffic).await.unwrap();
@@ -107,7 +107,7 @@ async fn response_tail_is_written_in_full_before_exit() {
     let up = upstream(UpOpts::default()).await;
     let mut p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "20s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "20s"],
     );
     ready(&p).await;
     const N: usize = 2 * 1024 * 1024;
@@ -147,7 +147,7 @@ async fn h2_open_stream_completes_after_goaway_and_new_streams_are_refused() {
     let up = upstream(UpOpts::default()).await;
     let p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "1s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "1s"],
     );
     ready(&p).await;
     let mut h = H2::connect(p.traffic).await;
@@ -224,7 +224,7 @@ async fn sigterm_h2_stream_opened_during_the_close_completes_before_exit() {
     let up = upstream(UpOpts::default()).await;
     let mut p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "20s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "20s"],
     );
     ready(&p).await;
     let mut h = H2::connect(p.traffic).await;
@@ -301,7 +301,7 @@ async fn h2_connection_accepted_after_drained_gets_goaway() {
     let up = upstream(UpOpts::default()).await;
     let p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "30s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "30s"],
     );
     ready(&p).await;
     assert_eq!(post(p.admin, "/drain").await.status, 200);
@@ -330,7 +330,7 @@ async fn h2_connection_accepted_after_drained_gets_goaway() {
 /// does the process exit. Before: the process exited ~1 ms after the first GOAWAY.
 #[tokio::test]
 async fn sigterm_lets_a_server_streaming_call_finish_then_goaway_and_fin() {
-    let (_up, mut p) = h2c_app_and_proxy("200ms", "20s").await;
+    let (_up, mut p) = h2c_app_and_proxy("1s", "20s").await;
     ready(&p).await;
     let mut h = H2::connect(p.traffic).await;
     // The client is a network away: its PING ack takes a round trip.
@@ -386,7 +386,7 @@ async fn sigterm_lets_a_server_streaming_call_finish_then_goaway_and_fin() {
 /// (RST_STREAM CANCEL; gRPC: trailers, `grpc-status: 14`), the final GOAWAY and a FIN.
 #[tokio::test]
 async fn drain_max_cuts_streams_cleanly() {
-    let (_up, mut p) = h2c_app_and_proxy("0s", "1s").await;
+    let (_up, mut p) = h2c_app_and_proxy("1s", "1s").await;
     ready(&p).await;
     let mut h = H2::connect(p.traffic).await;
     // Stream 1: plain HTTP/2; stream 3: gRPC. Both far longer than drain-max.
@@ -450,7 +450,7 @@ async fn peer_that_never_acks_the_goaway_ping_is_closed_by_the_idle_timeout() {
             "--drain-min",
             "0s",
             "--quiet",
-            "0s",
+            "1s",
             "--drain-max",
             "30s",
             "--idle-timeout",
@@ -493,7 +493,7 @@ async fn drained_without_termination_exits_3() {
     let up = upstream(UpOpts::default()).await;
     let mut p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "1s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "1s"],
     );
     ready(&p).await;
     let t = Instant::now();
@@ -556,7 +556,7 @@ async fn requests_after_the_drain_are_counted_apart() {
     let up = upstream(UpOpts::default()).await;
     let p = Proxy::start(
         up.addr,
-        &["--drain-min", "0s", "--quiet", "0s", "--drain-max", "30s"],
+        &["--drain-min", "0s", "--quiet", "1s", "--drain-max", "30s"],
     );
     ready(&p).await;
     let v = post(p.admin, "/drain").await.json();
@@ -639,7 +639,7 @@ async fn websockets_are_tunnels_with_their_own_grace() {
             "--drain-min",
             "0s",
             "--quiet",
-            "300ms",
+            "1s",
             "--drain-max",
             "30s",
             "--tunnel-grace",

@@ -635,7 +635,7 @@ async fn a_long_lived_connection_holds_the_drain_to_drain_max_and_is_reported() 
     let app = App::start(Behaviour::Echo).await;
     let mut p = tcp_proxy(
         &app,
-        &["--quiet", "200ms", "--drain-min", "0s", "--drain-max", "2s"],
+        &["--quiet", "1s", "--drain-min", "0s", "--drain-max", "2s"],
     );
     let mut s = TcpStream::connect(p.traffic).await.unwrap();
     s.write_all(b"ping").await.unwrap();
