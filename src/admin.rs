@@ -31,9 +31,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::drain::{Lifecycle, Phase, Snapshot, State, Trigger};
+use crate::lifecycle::drain::{Lifecycle, Phase, Snapshot, State, Trigger};
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::traffic::upstream::Upstream;
 
 /// Header carrying the drain token.
 pub const TOKEN_HEADER: &str = "x-lameduck-token";
@@ -439,8 +439,8 @@ pub async fn request_drain(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drain::DrainSettings;
-    use crate::upstream::{Config, Protocol};
+    use crate::lifecycle::drain::DrainSettings;
+    use crate::traffic::upstream::{Config, Protocol};
 
     fn admin(token: Option<&str>) -> Admin {
         let lc = Lifecycle::new(DrainSettings::fixed(
@@ -534,7 +534,7 @@ mod tests {
         let (lc2, slot2) = (lc.clone(), slot.clone());
         lc.on_decide(move || {
             *slot2.lock().unwrap() = Some(lc2.request(
-                crate::drain::RequestKind::Traffic,
+                crate::lifecycle::drain::RequestKind::Traffic,
                 std::net::Ipv4Addr::LOCALHOST.into(),
             ));
         });

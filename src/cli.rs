@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::cadence::Quiet;
-use crate::drain::{DrainSettings, Unit};
-use crate::proxy_protocol::ProxyProtocol;
-use crate::upstream::Protocol;
+use crate::lifecycle::cadence::Quiet;
+use crate::lifecycle::drain::{DrainSettings, Unit};
+use crate::traffic::proxy_protocol::ProxyProtocol;
+use crate::traffic::upstream::Protocol;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -470,7 +470,7 @@ impl ProxyArgs {
             }
         }
         if let Some(path) = &self.upstream_health {
-            if path.starts_with(crate::upstream::GRPC_HEALTH_SERVICE)
+            if path.starts_with(crate::traffic::upstream::GRPC_HEALTH_SERVICE)
                 && self.upstream_protocol != Protocol::H2c
             {
                 return Err(format!(

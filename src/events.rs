@@ -33,7 +33,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value as Json};
 
-use crate::drain::{DrainReason, State};
+use crate::lifecycle::drain::{DrainReason, State};
 
 /// Where a pod's ServiceAccount credentials are mounted.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -354,8 +354,8 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cadence::QuietWindow;
-    use crate::drain::Trigger;
+    use crate::lifecycle::cadence::QuietWindow;
+    use crate::lifecycle::drain::Trigger;
     use tokio::time::Instant;
 
     fn drained(reason: DrainReason, requests: u64) -> State {

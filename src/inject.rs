@@ -48,7 +48,7 @@ use serde_json::Value as Json;
 use yaml_serde::Value as Yaml;
 
 use crate::cli::{parse_duration, parse_path, parse_quiet, Mode, ProxyArgs, SidecarArgs};
-use crate::upstream::Protocol;
+use crate::traffic::upstream::Protocol;
 
 // === names ===
 

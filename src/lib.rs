@@ -1,44 +1,32 @@
 //! lameduck: a sidecar reverse proxy that keeps a terminating pod serving until its load
 //! balancer has really stopped sending, and only then lets the app be stopped.
 //!
-//! Data flows one way through these modules:
+//! Three parts, and what ties them together. Imports run one way, from the top of this
+//! table down; a part never imports one above it.
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`main`](../lameduck/index.html) (the binary) | parse the command line, logging, the runtime, exit codes |
 //! | [`cli`] | flags and their environment variables, validation |
-//! | [`drain`] | the lifecycle `State`, the pure drain decision, in-flight/connection guards |
-//! | [`cadence`] | the load balancer's health-check cadence and the learned quiet window |
-//! | [`signal`] | SIGTERM/SIGINT as a stream of triggers |
-//! | [`listener`] | the traffic port: accept loop, per-connection idle/header watchdog, close at Drained |
-//! | [`proxy`] | the per-connection hyper service: tracking, drain awareness, forwarding, hop-by-hop headers |
-//! | [`tcp`] | `--mode tcp`: the layer-4 forwarder, health checks recognised at layer 4 |
-//! | [`proxy_protocol`] | the pure PROXY protocol v2 header parser |
-//! | [`upstream`] | the pooled connection to the app, timeouts, safe retry, error classes |
+//! | [`sidecar`] | the `lameduck proxy` process: binding, wiring the parts, the path to exit |
 //! | [`admin`] | `/livez` `/readyz` `/drain` `/status` `/metrics`, and the `lameduck drain` client |
 //! | [`metrics`] | the Prometheus registry |
 //! | [`logging`] | log lines to stderr through a bounded queue: a failed or blocked write is dropped and counted, never a panic or a stall |
-//! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
-//! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
-//! | [`yaml`] | YAML out that YAML 1.1 readers read as meant (for `inject`) |
-//! | [`tls`] | serving certificates (files reloaded on change, or self-signed) and the rustls config |
-//! | [`webhook`] | `lameduck webhook`: the HTTPS AdmissionReview shell around [`inject`] |
-//! | [`events`] | `--events`: the drain's Kubernetes Event on the pod, and the API call posting it |
+//! | [`traffic`] | the traffic path: accept loop, connections, the HTTP proxy, the TCP forwarder, the app's connection pool, TLS |
+//! | [`lifecycle`] | the pod's lifecycle: the one `State`, the drain decision and the release, the health-check cadence, signals |
+//! | [`kube`] | the Kubernetes integration: `inject`, the webhook, the drain's Event, YAML out |
+//!
+//! `lifecycle` is a leaf; `traffic` reads `lifecycle` and records into `metrics`; `kube`
+//! imports nothing from `traffic`.
 
 pub mod admin;
-pub mod cadence;
 pub mod cli;
-pub mod drain;
 pub mod events;
 pub mod inject;
-pub mod listener;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
-pub mod proxy;
-pub mod proxy_protocol;
 pub mod sidecar;
-pub mod signal;
-pub mod tcp;
-pub mod tls;
-pub mod upstream;
+pub mod traffic;
 pub mod webhook;
 pub mod yaml;

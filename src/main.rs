@@ -66,7 +66,7 @@ fn proxy(args: ProxyArgs) -> ExitCode {
             Ok(bound) => bound,
             Err(e) => return fail(2, &e.to_string()),
         };
-        match lameduck::signal::listen() {
+        match lameduck::lifecycle::signal::listen() {
             Ok(terminations) => ExitCode::from(bound.run(terminations).await),
             Err(e) => fail(1, &format!("cannot register signal handlers: {e}")),
         }
@@ -154,7 +154,7 @@ fn webhook(args: WebhookArgs) -> ExitCode {
             Ok(bound) => bound,
             Err(e) => return fail(2, &e.to_string()),
         };
-        let mut terminations = match lameduck::signal::listen() {
+        let mut terminations = match lameduck::lifecycle::signal::listen() {
             Ok(t) => t,
             Err(e) => return fail(1, &format!("cannot register signal handlers: {e}")),
         };

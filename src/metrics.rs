@@ -53,7 +53,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::drain::{DrainReason, Lifecycle, Phase, RequestKind, State};
+use crate::lifecycle::drain::{DrainReason, Lifecycle, Phase, RequestKind, State};
 
 /// Request latency buckets, in seconds: from sub-millisecond proxy hops to the ALB's 60 s.
 const DURATION_BUCKETS: &[f64] = &[
@@ -203,7 +203,7 @@ impl TcpMetrics {
         for e in TcpEnd::ALL {
             self.ends.with_label_values(&[e.as_str()]);
         }
-        for k in crate::proxy_protocol::Error::KINDS
+        for k in crate::traffic::proxy_protocol::Error::KINDS
             .iter()
             .chain(&["timeout", "truncated"])
         {
@@ -611,7 +611,7 @@ impl Collector for LifecycleCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::drain::DrainSettings;
+    use crate::lifecycle::drain::DrainSettings;
 
     #[test]
     fn codes_format_without_allocating() {
@@ -645,7 +645,7 @@ mod tests {
             if reason == "max" {
                 lc.cut_short();
             } else {
-                lc.start_drain(crate::drain::Trigger::Signal);
+                lc.start_drain(crate::lifecycle::drain::Trigger::Signal);
             }
             lc.drained().await;
             assert_eq!(count(&m, reason), "1", "{reason}");

@@ -9,7 +9,7 @@
 //! the process exits 0. A second signal cuts the drain short and exits 1 at once (waiters
 //! are still answered).
 //!
-//! `--mode tcp` changes only the traffic port: [`crate::tcp::serve`] instead of
+//! `--mode tcp` changes only the traffic port: [`crate::traffic::tcp::serve`] instead of
 //! [`listener::serve`]. The same lifecycle, admin port and shutdown apply; a TCP connection
 //! has no graceful close, so the close step leaves open ones alone and drain-max's cut ends
 //! them.
@@ -26,14 +26,14 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, Admin};
 use crate::cli::{Mode, ProxyArgs};
-use crate::drain::{Lifecycle, State, Trigger};
-use crate::listener::{self, Timeouts};
+use crate::lifecycle::drain::{Lifecycle, State, Trigger};
+use crate::lifecycle::signal::Terminations;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
-use crate::signal::Terminations;
-use crate::tcp;
-use crate::tls::{self, CertStore};
-use crate::upstream::{self, Upstream};
+use crate::traffic::listener::{self, Timeouts};
+use crate::traffic::proxy::Proxy;
+use crate::traffic::tcp;
+use crate::traffic::tls::{self, CertStore};
+use crate::traffic::upstream::{self, Upstream};
 
 /// How long the admin port may take to answer its last requests at exit.
 const ADMIN_FLUSH: Duration = Duration::from_secs(2);
@@ -91,7 +91,7 @@ impl Bound {
             .expect("a bound socket has an address")
     }
 
-    /// Serves until a termination request (from [`crate::signal::listen`] in the binary)
+    /// Serves until a termination request (from [`crate::lifecycle::signal::listen`] in the binary)
     /// has been followed by the release of the drain, then shuts down in order. Returns the
     /// exit code. If the sender side of `terminations` is dropped, that counts as a
     /// termination request.
@@ -149,7 +149,7 @@ impl Bound {
                     lifecycle.clone(),
                     metrics.clone(),
                     upstream.clone(),
-                    crate::proxy::Options {
+                    crate::traffic::proxy::Options {
                         health_paths: args.health_path.clone(),
                         health_check_agents: args.health_check_agents.clone(),
                         keep_alive_while_draining: args.keep_alive_while_draining,
@@ -173,7 +173,7 @@ impl Bound {
                 ))
             }
             // The same lifecycle, admin port and ordered shutdown; only the traffic port
-            // differs (see `crate::tcp`).
+            // differs (see `crate::traffic::tcp`).
             Mode::Tcp => tokio::spawn(tcp::serve(
                 traffic,
                 lifecycle.clone(),
@@ -371,10 +371,12 @@ async fn shut_down(
     let waited = tokio::time::timeout_at(deadline, lifecycle.no_connections()).await;
     if waited.is_err() {
         let what = match lifecycle.settings().unit {
-            crate::drain::Unit::Request => {
+            crate::lifecycle::drain::Unit::Request => {
                 "connections still open at drain-max: ending their responses"
             }
-            crate::drain::Unit::Connection => "connections still open at drain-max: closing them",
+            crate::lifecycle::drain::Unit::Connection => {
+                "connections still open at drain-max: closing them"
+            }
         };
         tracing::warn!(
             connections = lifecycle.connections(),

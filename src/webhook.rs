@@ -44,7 +44,7 @@ use tokio::net::TcpListener;
 
 use crate::cli::WebhookArgs;
 use crate::inject::{self, Settings};
-use crate::tls::{self, CertStore, TlsError};
+use crate::traffic::tls::{self, CertStore, TlsError};
 
 /// Largest AdmissionReview accepted: the API server's own request size limit (3 MiB).
 pub const MAX_BODY: usize = 3 * 1024 * 1024;

@@ -795,13 +795,13 @@ fn injected_rollouts_are_stored_whole_and_their_template_validates() {
 
 // === --events ===
 
-fn drained_state(requests: u64) -> lameduck::drain::State {
-    lameduck::drain::State::Drained {
+fn drained_state(requests: u64) -> lameduck::lifecycle::drain::State {
+    lameduck::lifecycle::drain::State::Drained {
         since: tokio::time::Instant::now(),
         started_at: std::time::SystemTime::now() - Duration::from_secs(12),
-        trigger: lameduck::drain::Trigger::Admin,
-        window: lameduck::cadence::QuietWindow::fixed(Duration::from_secs(10)),
-        reason: lameduck::drain::DrainReason::Quiet,
+        trigger: lameduck::lifecycle::drain::Trigger::Admin,
+        window: lameduck::lifecycle::cadence::QuietWindow::fixed(Duration::from_secs(10)),
+        reason: lameduck::lifecycle::drain::DrainReason::Quiet,
         took: Duration::from_millis(12_300),
         requests_during_drain: requests,
         health_checks_during_drain: 4,

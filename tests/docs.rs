@@ -77,7 +77,7 @@ fn every_flag_is_documented() {
 
 #[test]
 fn every_metric_is_documented() {
-    use lameduck::drain::{DrainSettings, Lifecycle, RequestKind};
+    use lameduck::lifecycle::drain::{DrainSettings, Lifecycle, RequestKind};
     use std::time::Duration;
     let lc = Lifecycle::new(DrainSettings::fixed(
         Duration::ZERO,
@@ -89,7 +89,7 @@ fn every_metric_is_documented() {
     m.set_mode("tcp");
     // Labelled families appear once they have a sample.
     m.upstream_error("connect");
-    let serving = lameduck::drain::Phase::Serving;
+    let serving = lameduck::lifecycle::drain::Phase::Serving;
     m.record_request(200, serving, RequestKind::Traffic, Duration::from_millis(1));
     m.record_request(
         200,

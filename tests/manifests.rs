@@ -332,7 +332,7 @@ fn examples_target_named_ports_and_keep_the_canary() {
     );
     assert_eq!(
         alb["alb.ingress.kubernetes.io/healthcheck-path"],
-        lameduck::proxy::ALB_GRPC_HEALTH_PATH
+        lameduck::traffic::proxy::ALB_GRPC_HEALTH_PATH
     );
     let payments = &find(&docs, "Deployment", "payments")["spec"]["template"]["metadata"];
     assert_eq!(payments["annotations"][inject::ANN_TLS], "self-signed");

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use lameduck::drain::{DrainSettings, Lifecycle, Phase, RequestKind};
+use lameduck::lifecycle::drain::{DrainSettings, Lifecycle, Phase, RequestKind};
 use serde::Deserialize;
 use serde_json::Value as Json;
 

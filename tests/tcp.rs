@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use lameduck::proxy_protocol;
+use lameduck::traffic::proxy_protocol;
 use support::*;
 
 // === the app ===

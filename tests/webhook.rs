@@ -696,7 +696,7 @@ fn half_rotation_keeps_the_old_pair() {
     let (cert, key) = leaf(&ca);
     std::fs::write(&cert_path, &cert).unwrap();
     std::fs::write(&key_path, &key).unwrap();
-    let store = lameduck::tls::CertStore::load(&cert_path, &key_path).unwrap();
+    let store = lameduck::traffic::tls::CertStore::load(&cert_path, &key_path).unwrap();
     assert!(!store.reload().unwrap(), "unchanged files: nothing to do");
 
     let (new_cert, new_key) = leaf(&ca);

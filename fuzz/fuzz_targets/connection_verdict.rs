@@ -14,8 +14,8 @@
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use lameduck::drain::now_nanos;
-use lameduck::listener::{connection_verdict, ConnTrack, ConnVerdict, Timeouts};
+use lameduck::lifecycle::drain::now_nanos;
+use lameduck::traffic::listener::{connection_verdict, ConnTrack, ConnVerdict, Timeouts};
 use libfuzzer_sys::fuzz_target;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

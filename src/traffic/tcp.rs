@@ -50,13 +50,13 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use crate::drain::{
+use crate::lifecycle::drain::{
     now_nanos, ConnectionGuard, DrainReason, Lifecycle, OpenAtEnd, PendingGuard, Phase,
     RequestGuard, RequestKind, State,
 };
-use crate::listener::AcceptError;
 use crate::metrics::{Metrics, TcpEnd};
-use crate::proxy_protocol::{self, Parsed, ProxyProtocol};
+use crate::traffic::listener::AcceptError;
+use crate::traffic::proxy_protocol::{self, Parsed, ProxyProtocol};
 
 /// Bytes one direction of one connection may hold at a time.
 pub const BUF: usize = 16 * 1024;
@@ -82,7 +82,7 @@ pub struct Config {
 
 /// Serves the traffic port in tcp mode until [`Lifecycle::close`]; then drops the listening
 /// socket and returns `Ok` (connections still open go on until they close or are cut).
-/// Accept errors are classified as in [`crate::listener::serve`].
+/// Accept errors are classified as in [`crate::traffic::listener::serve`].
 pub async fn serve(
     listener: TcpListener,
     lifecycle: Lifecycle,
@@ -91,7 +91,7 @@ pub async fn serve(
 ) -> Result<(), AcceptError> {
     let cfg = Arc::new(cfg);
     tokio::spawn(report_drain(lifecycle.clone()));
-    while let Some((stream, peer)) = crate::listener::accept(
+    while let Some((stream, peer)) = crate::traffic::listener::accept(
         &listener,
         &lifecycle,
         cfg.max_connections,

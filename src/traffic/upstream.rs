@@ -67,7 +67,7 @@ pub struct Config {
     pub body_timeout: Duration,
     /// A request body must bring [`BODY_MIN_BYTES`] per this long (`--request-body-timeout`).
     pub request_body_timeout: Duration,
-    /// Cancelled when drain-max is over at exit ([`crate::drain::Lifecycle::cut`]): every
+    /// Cancelled when drain-max is over at exit ([`crate::lifecycle::drain::Lifecycle::cut`]): every
     /// app connection is ended, so responses still streaming from it end too.
     pub cut: tokio_util::sync::CancellationToken,
 }

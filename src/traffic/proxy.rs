@@ -27,10 +27,12 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::drain::{Lifecycle, Phase, RequestGuard, RequestKind};
-use crate::listener::{ConnRequest, ConnTrack};
+use crate::lifecycle::drain::{Lifecycle, Phase, RequestGuard, RequestKind};
 use crate::metrics::Metrics;
-use crate::upstream::{ClientBody, Protocol, RequestBody, Upstream, UpstreamBody, UpstreamError};
+use crate::traffic::listener::{ConnRequest, ConnTrack};
+use crate::traffic::upstream::{
+    ClientBody, Protocol, RequestBody, Upstream, UpstreamBody, UpstreamError,
+};
 
 /// Builds the per-connection services; cheap to clone.
 #[derive(Clone)]
@@ -387,7 +389,7 @@ pub struct Tracked {
 #[error("response cut at drain-max")]
 pub struct CutAtDrainMax(#[source] h2::Error);
 
-pub type BodyError = crate::upstream::BoxError;
+pub type BodyError = crate::traffic::upstream::BoxError;
 
 impl Body for Tracked {
     type Data = Bytes;
@@ -422,7 +424,7 @@ impl Body for Tracked {
                 }
                 tracing::debug!(error = %e, "upstream response body failed midway");
                 if let Some(d) = &done {
-                    let stalled = e.is::<crate::upstream::BodyStalled>();
+                    let stalled = e.is::<crate::traffic::upstream::BodyStalled>();
                     d.shared
                         .metrics
                         .upstream_error(if stalled { "body_timeout" } else { "body" });
@@ -880,7 +882,7 @@ mod tests {
     }
 
     fn shared(path: Option<&str>) -> TrackShared {
-        let lc = Lifecycle::new(crate::drain::DrainSettings::fixed(
+        let lc = Lifecycle::new(crate::lifecycle::drain::DrainSettings::fixed(
             std::time::Duration::ZERO,
             std::time::Duration::ZERO,
             std::time::Duration::from_secs(1),

@@ -10,7 +10,7 @@
 //! connections, when the last request started) and the RAII guards that keep them right
 //! whatever happens to a request: completion, error, or a client that disconnects; and the
 //! record of the load balancer's health checks from which `--quiet auto` learns its window
-//! (see [`crate::cadence`]). The window is fixed when the drain starts: from then on the
+//! (see [`crate::lifecycle::cadence`]). The window is fixed when the drain starts: from then on the
 //! checks are expected to stop, and their silence is what the drain waits for.
 //!
 //! **Release.** `Drained` says traffic has stopped; it does not say the app may go: a request
@@ -33,7 +33,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::cadence::{self, HealthChecks, Quiet, QuietWindow, SourceInterval};
+use crate::lifecycle::cadence::{self, HealthChecks, Quiet, QuietWindow, SourceInterval};
 // tokio's clock, so tests can pause and advance it; the same as std's in a release build.
 use tokio::time::Instant;
 

@@ -51,8 +51,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::drain::{now_nanos, ConnectionGuard, Lifecycle, Phase, State};
-use crate::proxy::Proxy;
+use crate::lifecycle::drain::{now_nanos, ConnectionGuard, Lifecycle, Phase, State};
+use crate::traffic::proxy::Proxy;
 
 /// Largest request head (request line and headers) accepted; larger gets 431. Matches the
 /// ALB's own 64 KiB limit on request headers.
@@ -234,7 +234,7 @@ async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    svc: crate::proxy::ProxyService,
+    svc: crate::traffic::proxy::ProxyService,
     track: Arc<ConnTrack>,
     open: ConnectionGuard,
 ) {
@@ -257,7 +257,7 @@ async fn tls_connection(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    svc: crate::proxy::ProxyService,
+    svc: crate::traffic::proxy::ProxyService,
     track: Arc<ConnTrack>,
     open: ConnectionGuard,
 ) {
@@ -401,8 +401,8 @@ pin_project_lite::pin_project! {
     /// A connection being served, HTTP/1 (with upgrades) or HTTP/2.
     #[project = ConnProj]
     enum Conn<S: Downstream> {
-        H1 { #[pin] c: http1::UpgradeableConnection<TokioIo<TrackedIo<S>>, crate::proxy::ProxyService> },
-        H2 { #[pin] c: http2::Connection<TokioIo<TrackedIo<S>>, crate::proxy::ProxyService, TokioExecutor> },
+        H1 { #[pin] c: http1::UpgradeableConnection<TokioIo<TrackedIo<S>>, crate::traffic::proxy::ProxyService> },
+        H2 { #[pin] c: http2::Connection<TokioIo<TrackedIo<S>>, crate::traffic::proxy::ProxyService, TokioExecutor> },
     }
 }
 
@@ -429,7 +429,7 @@ async fn serve_connection<S: Downstream>(
     shared: Arc<Shared>,
     stream: S,
     peer: SocketAddr,
-    svc: crate::proxy::ProxyService,
+    svc: crate::traffic::proxy::ProxyService,
     track: Arc<ConnTrack>,
     open: ConnectionGuard,
 ) {
@@ -849,7 +849,7 @@ impl Downstream for TlsStream<TcpStream> {
         self.into_inner().0
     }
     fn alpn_h2(&self) -> bool {
-        self.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2)
+        self.get_ref().1.alpn_protocol() == Some(crate::traffic::tls::ALPN_H2)
     }
     fn socket(&self) -> Option<&TcpStream> {
         None
