@@ -29,7 +29,9 @@ use crate::cli::{Mode, ProxyArgs};
 use crate::lifecycle::drain::{Lifecycle, State, Trigger};
 use crate::lifecycle::signal::Terminations;
 use crate::metrics::Metrics;
-use crate::traffic::listener::{self, Timeouts};
+use crate::traffic::accept;
+use crate::traffic::conn::Timeouts;
+use crate::traffic::listener;
 use crate::traffic::proxy::Proxy;
 use crate::traffic::tcp;
 use crate::traffic::tls::{self, CertStore};
@@ -123,7 +125,7 @@ impl Bound {
         tokio::spawn(trim_after_bursts(lifecycle.clone()));
         let max_connections = match args.max_connections {
             0 => {
-                let limit = match listener::raise_fd_limit() {
+                let limit = match accept::raise_fd_limit() {
                     Ok((before, after)) => {
                         if after > before {
                             tracing::info!(
@@ -139,7 +141,7 @@ impl Bound {
                         1024
                     }
                 };
-                listener::max_connections_for(limit)
+                accept::max_connections_for(limit)
             }
             n => n,
         };
@@ -168,7 +170,6 @@ impl Bound {
                         header_read: args.header_read_timeout,
                     },
                     max_connections,
-                    !args.keep_alive_while_draining,
                     acceptor,
                 ))
             }
@@ -342,7 +343,7 @@ async fn never_terminated(lifecycle: &Lifecycle) {
 /// the connections still open have had a moment to finish.
 fn listener_died(
     lifecycle: &Lifecycle,
-    res: Result<Result<(), listener::AcceptError>, tokio::task::JoinError>,
+    res: Result<Result<(), accept::AcceptError>, tokio::task::JoinError>,
 ) -> u8 {
     let why = match res {
         Ok(Ok(())) => "the accept loop returned".to_owned(),
@@ -360,7 +361,7 @@ fn listener_died(
 /// responses [`CUT_FLUSH`] to reach their clients.
 async fn shut_down(
     lifecycle: &Lifecycle,
-    serving: tokio::task::JoinHandle<Result<(), listener::AcceptError>>,
+    serving: tokio::task::JoinHandle<Result<(), accept::AcceptError>>,
     deadline: tokio::time::Instant,
 ) {
     lifecycle.close();

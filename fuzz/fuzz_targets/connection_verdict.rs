@@ -1,4 +1,4 @@
-//! The listener's watchdog inputs (src/listener.rs): the pure `connection_verdict`, and
+//! The listener's watchdog inputs (src/traffic/conn.rs): the pure `connection_verdict`, and
 //! `ConnTrack::on_read`, which turns the bytes a connection's reads bring into "a request
 //! head is pending" or "this is HTTP/2" (the preface detection behind issue 10's
 //! `P`-prefix slowloris).
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use lameduck::lifecycle::drain::now_nanos;
-use lameduck::traffic::listener::{connection_verdict, ConnTrack, ConnVerdict, Timeouts};
+use lameduck::traffic::conn::{connection_verdict, ConnTrack, ConnVerdict, Timeouts};
 use libfuzzer_sys::fuzz_target;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

@@ -38,7 +38,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -52,6 +52,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::lifecycle::drain::{now_nanos, ConnectionGuard, Lifecycle, Phase, State};
+use crate::traffic::accept::{accept, AcceptError};
+use crate::traffic::conn::{
+    h2_leave_after, persistence, ConnTrack, ConnVerdict, Persistence, Timeouts, LEAVE_IDLE, PREFACE,
+};
 use crate::traffic::proxy::Proxy;
 
 /// Largest request head (request line and headers) accepted; larger gets 431. Matches the
@@ -61,48 +65,6 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How long a closed connection's socket keeps reading (and discarding) after our FIN, so
 /// that late frames from the peer do not turn the close into an RST.
 const LINGER: Duration = Duration::from_secs(2);
-
-/// Downstream connection timeouts.
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    pub idle: Duration,
-    pub header_read: Duration,
-}
-
-/// File descriptors kept for the admin port, the app's health probes and the process.
-pub const RESERVED_FDS: u64 = 64;
-
-/// The downstream connection limit for a file descriptor limit: what is left after
-/// [`RESERVED_FDS`], halved, since every downstream connection may hold an app connection.
-pub fn max_connections_for(fd_limit: u64) -> usize {
-    (fd_limit.saturating_sub(RESERVED_FDS) / 2).clamp(1, usize::MAX as u64) as usize
-}
-
-/// Raises the soft file descriptor limit to the hard one; returns (before, after).
-pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct owned by this frame.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let before = lim.rlim_cur;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok((before, lim.rlim_cur))
-}
-
-/// Why the accept loop stopped serving, other than [`Lifecycle::close`].
-#[derive(Debug, thiserror::Error)]
-#[error("the traffic port stopped accepting: {0}")]
-pub struct AcceptError(#[source] pub io::Error);
 
 /// Serves the traffic port until [`Lifecycle::close`]; then drops the listening socket and
 /// returns `Ok`. Returns an error only if the socket itself fails (accept errors that say
@@ -119,7 +81,6 @@ pub async fn serve(
     proxy: Proxy,
     timeouts: Timeouts,
     max_connections: usize,
-    discourage: bool,
     tls: Option<TlsAcceptor>,
 ) -> Result<(), AcceptError> {
     let mut http1 = http1::Builder::new();
@@ -136,7 +97,7 @@ pub async fn serve(
         lifecycle: lifecycle.clone(),
         timeouts,
         metrics: proxy.metrics().clone(),
-        discourage,
+        keep_alive_while_draining: proxy.keep_alive_while_draining(),
         tls,
     });
     let refused = &proxy.metrics().connections_refused;
@@ -152,70 +113,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// The next connection to serve on `listener`; `Ok(None)` once the exit's close has begun.
-/// Errors that are the failed connection's own are skipped, a shortage of descriptors or
-/// memory is retried after 100 ms, and only a dead listening socket is an error. At
-/// `max_connections` open, a new connection is accepted and closed at once (counted in
-/// `refused`). Shared by the HTTP and TCP modes.
-pub(crate) async fn accept(
-    listener: &TcpListener,
-    lifecycle: &Lifecycle,
-    max_connections: usize,
-    refused: &prometheus::IntCounter,
-) -> Result<Option<(TcpStream, SocketAddr)>, AcceptError> {
-    let closing = lifecycle.closing_token();
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = closing.cancelled() => return Ok(None),
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => match AcceptClass::of(&e) {
-                AcceptClass::PerConnection => continue,
-                AcceptClass::Resources => {
-                    // Out of file descriptors or memory: back off instead of spinning.
-                    tracing::error!(error = %e, "accept failed; retrying in 100ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                AcceptClass::Fatal => return Err(AcceptError(e)),
-            },
-        };
-        if lifecycle.connections() >= max_connections {
-            refused.inc();
-            tracing::debug!(%peer, max_connections, "connection limit reached; refusing");
-            drop(stream);
-            continue;
-        }
-        return Ok(Some((stream, peer)));
-    }
-}
-
-/// What an `accept(2)` error means for the loop.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum AcceptClass {
-    /// The failed connection's own problem (accept(2): treat like EAGAIN and retry).
-    PerConnection,
-    /// The process or system is short of something: retry after a pause.
-    Resources,
-    /// The listening socket is unusable: retrying would spin on a dead port.
-    Fatal,
-}
-
-impl AcceptClass {
-    pub(crate) fn of(e: &io::Error) -> AcceptClass {
-        match e.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                AcceptClass::Resources
-            }
-            Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EFAULT) => AcceptClass::Fatal,
-            _ => AcceptClass::PerConnection,
-        }
-    }
-}
-
 /// What every connection task of one listener shares.
 struct Shared {
     http1: http1::Builder,
@@ -223,8 +120,8 @@ struct Shared {
     lifecycle: Lifecycle,
     timeouts: Timeouts,
     metrics: Arc<crate::metrics::Metrics>,
-    /// HTTP/2 connections get GOAWAY when draining starts (not `--keep-alive-while-draining`).
-    discourage: bool,
+    /// `--keep-alive-while-draining`, from the proxy's options.
+    keep_alive_while_draining: bool,
     /// The traffic port terminates TLS.
     tls: Option<TlsAcceptor>,
 }
@@ -359,22 +256,6 @@ async fn sniff<S: Downstream>(
     }
 }
 
-/// How long an HTTP/2 connection may stay while the pod drains before it gets its one graceful
-/// GOAWAY (counted from its accept): half the drain's quiet window.
-///
-/// A GOAWAY costs clients built on nghttp2 (Node's `http2`, curl, h2load) every stream they
-/// had queued but not yet sent when it arrives, even the graceful first one; so each
-/// connection gets at most one per drain, and never right after its first streams: a
-/// connection opened during the drain is one the load balancer (or client) just chose, and a
-/// GOAWAY per new connection turned one drain into hundreds of GOAWAYs (and dozens of lost
-/// requests). Connections already this old when the drain starts get it at once. Persistent
-/// clients still move before the drain can end: the drain cannot be quiet while one keeps
-/// sending, and it is asked to leave half a window after it arrived, so it adds at most half
-/// a window to a drain.
-pub fn h2_leave_after(window: Duration) -> Duration {
-    window / 2
-}
-
 /// An h2 connection's way to its GOAWAY while the pod drains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Leave {
@@ -389,10 +270,6 @@ enum Leave {
         by: tokio::time::Instant,
     },
 }
-
-/// An h2 connection with nothing in flight for this long is idle enough for its GOAWAY: its
-/// client is not sending back to back, so nothing is queued on it.
-const LEAVE_IDLE: Duration = Duration::from_millis(200);
 
 /// The size of the buffer [`sniff`] reads a connection's first bytes into.
 const SNIFF_BYTES: usize = 8 * 1024;
@@ -439,7 +316,7 @@ async fn serve_connection<S: Downstream>(
         lifecycle,
         timeouts,
         metrics,
-        discourage,
+        keep_alive_while_draining,
         tls: _,
     } = &*shared;
     let timeouts = *timeouts;
@@ -497,7 +374,14 @@ async fn serve_connection<S: Downstream>(
     let leave_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(leave_timer);
     let leave_at = |state: &State| match state {
-        State::Draining { window, .. } if *discourage && version == Version::H2 => {
+        State::Draining { window, .. }
+            if persistence(
+                Phase::Draining,
+                version == Version::H2,
+                *keep_alive_while_draining,
+                false,
+            ) == Persistence::LeaveWhenOld =>
+        {
             let age = Duration::from_nanos(now_nanos().saturating_sub(track.accepted));
             let after = h2_leave_after(window.window);
             Some((
@@ -627,194 +511,6 @@ async fn serve_connection<S: Downstream>(
                     }
                 }
             }
-        }
-    }
-}
-
-// === impl ConnTrack ===
-
-/// Per-connection activity, written by the IO wrapper and the request guards, read by the
-/// watchdog. Atomics only; nothing here is on a lock.
-pub struct ConnTrack {
-    /// `now_nanos()` at the accept.
-    accepted: u64,
-    in_flight: AtomicU32,
-    /// The most requests ever in flight at once on this connection: a client's concurrency.
-    max_in_flight: AtomicU32,
-    /// Requests started on this connection so far.
-    requests: AtomicU32,
-    /// Asks the connection task to close gracefully (an h2 request after `Drained`).
-    go_away: AtomicBool,
-    /// When the connection last became idle (accepted, or its last request ended).
-    idle_since: AtomicU64,
-    /// `now_nanos() + 1` when bytes of a new request head began arriving on an idle
-    /// connection; 0 when no head is pending.
-    head_since: AtomicU64,
-    /// An h2 connection (the whole preface arrived): it always has frames to read, so no
-    /// head timeout applies.
-    h2: AtomicBool,
-    /// Bytes of the h2 preface matched so far; [`PREFACE_NO`] once it cannot be h2.
-    preface: AtomicU8,
-}
-
-/// What the watchdog should do with a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnVerdict {
-    /// Look again after this long.
-    Keep(Duration),
-    /// Idle too long: close gracefully.
-    CloseIdle,
-    /// A request head has been arriving for too long: drop the connection.
-    SlowHeaders,
-}
-
-impl ConnTrack {
-    pub fn new() -> ConnTrack {
-        let now = now_nanos();
-        ConnTrack {
-            accepted: now,
-            in_flight: AtomicU32::new(0),
-            max_in_flight: AtomicU32::new(0),
-            requests: AtomicU32::new(0),
-            go_away: AtomicBool::new(false),
-            idle_since: AtomicU64::new(now),
-            head_since: AtomicU64::new(0),
-            h2: AtomicBool::new(false),
-            preface: AtomicU8::new(0),
-        }
-    }
-
-    /// A request's head has been parsed; hold the guard until the request ends. Also says
-    /// whether it is the first request on the connection.
-    pub fn request(this: &Arc<ConnTrack>) -> (ConnRequest, bool) {
-        let now = this.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
-        this.max_in_flight.fetch_max(now, Ordering::AcqRel);
-        let first = this.requests.fetch_add(1, Ordering::Relaxed) == 0;
-        this.head_since.store(0, Ordering::Release);
-        (ConnRequest(this.clone()), first)
-    }
-
-    /// Asks the connection's task to close it gracefully (h2: GOAWAY); its open streams
-    /// finish first.
-    /// Bytes of a request head (or of the h2 preface) have arrived and its request has not
-    /// started yet.
-    fn head_pending(&self) -> bool {
-        self.in_flight.load(Ordering::Acquire) == 0 && self.head_since.load(Ordering::Acquire) != 0
-    }
-
-    /// Whether a GOAWAY now is unlikely to cost the client a request. Clients built on
-    /// nghttp2 refuse every stream they have queued but not yet sent when a GOAWAY arrives;
-    /// a client has nothing queued when all its requests are here (as many in flight as it
-    /// ever had at once: each of its workers is waiting for an answer), or when it has sent
-    /// nothing for [`LEAVE_IDLE`].
-    fn safe_to_leave(&self, now: u64) -> bool {
-        leave_is_safe(
-            self.in_flight.load(Ordering::Acquire),
-            self.max_in_flight.load(Ordering::Acquire),
-            Duration::from_nanos(now.saturating_sub(self.idle_since.load(Ordering::Acquire))),
-        )
-    }
-
-    /// Call only from the connection's own service (it runs inside the connection's poll).
-    pub fn go_away(&self) {
-        self.go_away.store(true, Ordering::Release);
-    }
-
-    #[doc(hidden)] // pub for fuzz/fuzz_targets/connection_verdict.rs
-    pub fn on_read(&self, data: &[u8]) {
-        let matched = self.preface.load(Ordering::Acquire);
-        if matched != PREFACE_NO && (matched as usize) < PREFACE.len() {
-            let m = matched as usize;
-            let n = data.len().min(PREFACE.len() - m);
-            if data[..n] == PREFACE[m..m + n] {
-                self.preface.store((m + n) as u8, Ordering::Release);
-                if m + n == PREFACE.len() {
-                    self.h2.store(true, Ordering::Release);
-                    self.head_since.store(0, Ordering::Release);
-                    return;
-                }
-            } else {
-                self.preface.store(PREFACE_NO, Ordering::Release);
-            }
-        }
-        if self.in_flight.load(Ordering::Acquire) != 0 || self.h2.load(Ordering::Acquire) {
-            return;
-        }
-        if self.head_since.load(Ordering::Acquire) == 0 {
-            // The read that starts a request head.
-            self.head_since.store(now_nanos() + 1, Ordering::Release);
-        }
-    }
-
-    /// The watchdog's decision, from the connection's state and the current time.
-    pub fn verdict(&self, now: u64, t: Timeouts) -> ConnVerdict {
-        connection_verdict(
-            now,
-            self.in_flight.load(Ordering::Acquire),
-            self.idle_since.load(Ordering::Acquire),
-            self.head_since.load(Ordering::Acquire),
-            self.h2.load(Ordering::Acquire),
-            t,
-        )
-    }
-}
-
-/// The HTTP/2 connection preface (RFC 9113 §3.4).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// [`ConnTrack::preface`] once the bytes seen are not the preface.
-const PREFACE_NO: u8 = u8::MAX;
-
-impl Default for ConnTrack {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// [`ConnTrack::safe_to_leave`], pure: `idle` is how long nothing has been in flight.
-fn leave_is_safe(in_flight: u32, max_in_flight: u32, idle: Duration) -> bool {
-    match in_flight {
-        0 => idle >= LEAVE_IDLE,
-        n => n >= max_in_flight,
-    }
-}
-
-/// Pure watchdog decision. Times are `now_nanos()` values; `head_since` is 0 or `t + 1`.
-#[doc(hidden)] // pub for fuzz/fuzz_targets/connection_verdict.rs
-pub fn connection_verdict(
-    now: u64,
-    in_flight: u32,
-    idle_since: u64,
-    head_since: u64,
-    h2: bool,
-    t: Timeouts,
-) -> ConnVerdict {
-    if in_flight > 0 {
-        // Busy connections are never idle; look again later.
-        return ConnVerdict::Keep(t.idle.min(t.header_read));
-    }
-    if !h2 && head_since != 0 {
-        let waited = Duration::from_nanos(now.saturating_sub(head_since - 1));
-        return match t.header_read.checked_sub(waited) {
-            Some(left) if !left.is_zero() => ConnVerdict::Keep(left),
-            _ => ConnVerdict::SlowHeaders,
-        };
-    }
-    let idle = Duration::from_nanos(now.saturating_sub(idle_since));
-    match t.idle.checked_sub(idle) {
-        Some(left) if !left.is_zero() => ConnVerdict::Keep(left),
-        _ => ConnVerdict::CloseIdle,
-    }
-}
-
-/// A request in flight on one connection.
-pub struct ConnRequest(Arc<ConnTrack>);
-
-impl Drop for ConnRequest {
-    fn drop(&mut self) {
-        let t = &self.0;
-        if t.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            t.idle_since.store(now_nanos(), Ordering::Release);
-            t.head_since.store(0, Ordering::Release);
         }
     }
 }
@@ -1008,107 +704,5 @@ mod tests {
             task < cleartext + (tls - cleartext) / 2,
             "a cleartext connection's task is {task} bytes, its serving {cleartext}, TLS {tls}"
         );
-    }
-
-    const T: Timeouts = Timeouts {
-        idle: Duration::from_secs(75),
-        header_read: Duration::from_secs(10),
-    };
-    const SEC: u64 = 1_000_000_000;
-
-    #[test]
-    fn watchdog_table() {
-        use ConnVerdict::*;
-        let d = Duration::from_secs;
-        // (now, in_flight, idle_since, head_since, h2) -> verdict
-        let cases = [
-            // Fresh idle connection: wait out the idle timeout.
-            ((0, 0, 0, 0, false), Keep(d(75))),
-            // Idle 60 s (the ALB's own idle timeout): still open.
-            ((60 * SEC, 0, 0, 0, false), Keep(d(15))),
-            ((75 * SEC, 0, 0, 0, false), CloseIdle),
-            // Busy for longer than both timeouts: never closed.
-            ((500 * SEC, 1, 0, 0, false), Keep(d(10))),
-            // A head started arriving 3 s ago.
-            ((50 * SEC, 0, 0, 47 * SEC + 1, false), Keep(d(7))),
-            // ... and is still incomplete after 10 s: slowloris.
-            ((57 * SEC, 0, 0, 47 * SEC + 1, false), SlowHeaders),
-            // h2 reads frames all the time: only the idle rule applies.
-            ((57 * SEC, 0, 0, 47 * SEC + 1, true), Keep(d(18))),
-        ];
-        for ((now, f, idle, head, h2), want) in cases {
-            assert_eq!(
-                connection_verdict(now, f, idle, head, h2, T),
-                want,
-                "now={now} in_flight={f} idle_since={idle} head_since={head} h2={h2}"
-            );
-        }
-    }
-
-    #[test]
-    fn idle_gap_between_requests_does_not_count_as_header_time() {
-        let t = Arc::new(ConnTrack::new());
-        t.on_read(b"GET / HTTP/1.1\r\n");
-        assert_ne!(t.head_since.load(Ordering::Acquire), 0);
-        let (req, first) = ConnTrack::request(&t);
-        assert!(first);
-        t.on_read(b"body bytes");
-        assert_eq!(t.head_since.load(Ordering::Acquire), 0);
-        drop(req);
-        assert_eq!(t.head_since.load(Ordering::Acquire), 0);
-        assert!(!t.h2.load(Ordering::Acquire));
-    }
-
-    #[test]
-    fn h2_preface_is_detected() {
-        let t = ConnTrack::new();
-        t.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert!(t.h2.load(Ordering::Acquire));
-        assert!(!t.head_pending());
-        // Across reads, one byte at a time: h2 only once the whole preface is in.
-        let t = ConnTrack::new();
-        for (i, b) in PREFACE.iter().enumerate() {
-            assert!(!t.h2.load(Ordering::Acquire), "h2 after {i} bytes");
-            t.on_read(&[*b]);
-        }
-        assert!(t.h2.load(Ordering::Acquire));
-    }
-
-    /// A slowloris whose first byte is `P` (a prefix of the preface) is an HTTP/1 head in
-    /// progress: the header timeout applies. Before: marked h2 and exempt.
-    #[test]
-    fn a_head_starting_with_p_is_not_h2() {
-        let t = ConnTrack::new();
-        t.on_read(b"P");
-        t.on_read(b"OST / HTTP/1.1\r\n");
-        assert!(!t.h2.load(Ordering::Acquire));
-        assert!(t.head_pending());
-        let since = t.head_since.load(Ordering::Acquire);
-        assert_eq!(t.verdict(since - 1 + 11 * SEC, T), ConnVerdict::SlowHeaders);
-        // A partial preface is a head in progress too.
-        let t = ConnTrack::new();
-        t.on_read(b"PRI * HTTP/2");
-        assert!(!t.h2.load(Ordering::Acquire));
-        let since = t.head_since.load(Ordering::Acquire);
-        assert_eq!(t.verdict(since - 1 + 11 * SEC, T), ConnVerdict::SlowHeaders);
-    }
-
-    #[test]
-    fn connection_limit_follows_the_fd_limit() {
-        assert_eq!(max_connections_for(256), 96);
-        assert_eq!(max_connections_for(1_048_576), 524_256);
-        assert_eq!(max_connections_for(10), 1);
-    }
-
-    #[test]
-    fn accept_errors_are_classified() {
-        let class = |code| AcceptClass::of(&io::Error::from_raw_os_error(code));
-        assert_eq!(class(libc::EMFILE), AcceptClass::Resources);
-        assert_eq!(class(libc::ENFILE), AcceptClass::Resources);
-        assert_eq!(class(libc::ECONNABORTED), AcceptClass::PerConnection);
-        assert_eq!(class(libc::EPERM), AcceptClass::PerConnection);
-        // A listening socket that was shut down or closed: the port is dead.
-        assert_eq!(class(libc::EINVAL), AcceptClass::Fatal);
-        assert_eq!(class(libc::EBADF), AcceptClass::Fatal);
     }
 }

@@ -16,6 +16,8 @@
 //! [`crate::metrics`]; it imports nothing from the Kubernetes side ([`crate::kube`]), the
 //! admin port or the process's wiring ([`crate::sidecar`]).
 
+pub mod accept;
+pub mod conn;
 pub mod listener;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::lifecycle::drain::{Lifecycle, Phase, RequestGuard, RequestKind};
 use crate::metrics::Metrics;
-use crate::traffic::listener::{ConnRequest, ConnTrack};
+use crate::traffic::conn::{persistence, ConnRequest, ConnTrack, Persistence};
 use crate::traffic::upstream::{
     ClientBody, Protocol, RequestBody, Upstream, UpstreamBody, UpstreamError,
 };
@@ -80,7 +80,7 @@ impl Proxy {
                     .into_iter()
                     .filter(|a| !a.is_empty())
                     .collect(),
-                discourage: !options.keep_alive_while_draining,
+                keep_alive_while_draining: options.keep_alive_while_draining,
             }),
             forward: Arc::new(ForwardShared {
                 upstream,
@@ -89,6 +89,11 @@ impl Proxy {
                 hop: hop_mark(),
             }),
         }
+    }
+
+    /// `--keep-alive-while-draining`, for the connections' tasks.
+    pub fn keep_alive_while_draining(&self) -> bool {
+        self.track.keep_alive_while_draining
     }
 
     /// Counts an accepted downstream connection.
@@ -171,8 +176,8 @@ struct TrackShared {
     metrics: Arc<Metrics>,
     health_paths: Arc<[Box<str>]>,
     health_check_agents: Vec<String>,
-    /// Persistent connections are asked to go once draining starts.
-    discourage: bool,
+    /// `--keep-alive-while-draining` ([`Options`]).
+    keep_alive_while_draining: bool,
 }
 
 fn is_health_path(paths: &[Box<str>], path: &str) -> bool {
@@ -242,15 +247,14 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         let kind = shared.kind(&req, first);
         let request = shared.lifecycle.request(kind, self.peer);
         let phase = request.phase();
-        // While draining, an h2 connection is asked to leave by its connection task, once
-        // and only once it is old enough (`listener::h2_leave_after`), never with its first
-        // streams. Once drained (or at exit): GOAWAY with this request, which finishes, as
-        // do the other open streams. (`connection: close` means nothing in h2.)
-        let going = match phase {
-            Phase::Serving | Phase::Draining => shared.lifecycle.is_closing(),
-            Phase::Drained => true,
-        };
-        if going && req.version() == Version::HTTP_2 {
+        let h2 = req.version() == Version::HTTP_2;
+        let persistence = persistence(
+            phase,
+            h2,
+            shared.keep_alive_while_draining,
+            shared.lifecycle.is_closing(),
+        );
+        if persistence == Persistence::GoAway {
             self.conn.go_away();
         }
         let done = Some(Done {
@@ -280,16 +284,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 close: false,
             };
         }
-        // HTTP/1 while draining (unless `--keep-alive-while-draining`) and once drained: ask
-        // the client to reconnect (elsewhere) after this response. Idle connections are
-        // never closed for it: the close always travels with a response, so no request can
-        // race it.
-        let close = req.version() < Version::HTTP_2
-            && match phase {
-                Phase::Serving => false,
-                Phase::Draining => shared.discourage,
-                Phase::Drained => true,
-            };
+        let close = persistence == Persistence::CloseAfterResponse;
         let forward = self.forward.clone();
         ProxyFuture {
             answer: Answer::Forward(Box::pin(async move { forward.forward(req).await })),
@@ -892,7 +887,7 @@ mod tests {
             lifecycle: lc,
             health_paths: path.map(|p| p.into()).into_iter().collect(),
             health_check_agents: vec!["ELB-HealthChecker/".into()],
-            discourage: true,
+            keep_alive_while_draining: false,
         }
     }
 

@@ -55,7 +55,7 @@ use crate::lifecycle::drain::{
     RequestGuard, RequestKind, State,
 };
 use crate::metrics::{Metrics, TcpEnd};
-use crate::traffic::listener::AcceptError;
+use crate::traffic::accept::{self, AcceptError};
 use crate::traffic::proxy_protocol::{self, Parsed, ProxyProtocol};
 
 /// Bytes one direction of one connection may hold at a time.
@@ -91,7 +91,7 @@ pub async fn serve(
 ) -> Result<(), AcceptError> {
     let cfg = Arc::new(cfg);
     tokio::spawn(report_drain(lifecycle.clone()));
-    while let Some((stream, peer)) = crate::traffic::listener::accept(
+    while let Some((stream, peer)) = accept::accept(
         &listener,
         &lifecycle,
         cfg.max_connections,
