@@ -93,11 +93,18 @@ impl Bound {
             .expect("a bound socket has an address")
     }
 
-    /// Serves until a termination request (from [`crate::lifecycle::signal::listen`] in the binary)
-    /// has been followed by the release of the drain, then shuts down in order. Returns the
-    /// exit code. If the sender side of `terminations` is dropped, that counts as a
-    /// termination request.
-    pub async fn run(self, mut terminations: Terminations) -> u8 {
+    /// Serves until a termination request (from [`crate::lifecycle::signal::listen`] in the
+    /// binary) has been followed by the release of the drain, then shuts down in order.
+    /// Returns the exit code. If the sender side of `terminations` is dropped, that counts as
+    /// a termination request.
+    pub async fn run(self, terminations: Terminations) -> u8 {
+        let running = self.start();
+        running.until_exit(terminations).await
+    }
+
+    /// Wiring: the lifecycle, metrics and the app's pool, the traffic port in its mode, the
+    /// admin port and the drain's Event, each spawned; nothing here waits.
+    fn start(self) -> Running {
         let Bound {
             args,
             traffic,
@@ -111,51 +118,17 @@ impl Bound {
         let lifecycle = Lifecycle::new(args.settings());
         let metrics = Arc::new(Metrics::new(lifecycle.clone()));
         metrics.set_mode(args.mode.as_str());
-        let upstream = Arc::new(Upstream::new(upstream::Config {
-            addr: args.upstream,
-            protocol: args.upstream_protocol,
-            connect_timeout: args.upstream_connect_timeout,
-            idle_timeout: args.upstream_idle_timeout,
-            response_timeout: args.upstream_response_timeout,
-            body_timeout: args.upstream_body_timeout,
-            request_body_timeout: args.request_body_timeout,
-            cut: lifecycle.cut_token(),
-        }));
+        let upstream = Arc::new(Upstream::new(upstream_config(&args, &lifecycle)));
         upstream.spawn_reaper();
         tokio::spawn(trim_after_bursts(lifecycle.clone()));
-        let max_connections = match args.max_connections {
-            0 => {
-                let limit = match accept::raise_fd_limit() {
-                    Ok((before, after)) => {
-                        if after > before {
-                            tracing::info!(
-                                before,
-                                after,
-                                "file descriptor limit raised to the hard limit"
-                            );
-                        }
-                        after
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the file descriptor limit; assuming 1024");
-                        1024
-                    }
-                };
-                accept::max_connections_for(limit)
-            }
-            n => n,
-        };
-        let mut serving = match args.mode {
+        let max_connections = max_connections(&args);
+        let serving = match args.mode {
             Mode::Http => {
                 let proxy = Proxy::new(
                     lifecycle.clone(),
                     metrics.clone(),
                     upstream.clone(),
-                    crate::traffic::proxy::Options {
-                        health_paths: args.health_path.clone(),
-                        health_check_agents: args.health_check_agents.clone(),
-                        keep_alive_while_draining: args.keep_alive_while_draining,
-                    },
+                    proxy_options(&args),
                 );
                 let acceptor = tls.map(|certs| {
                     tokio::spawn(tls::reload_loop(certs.clone(), args.tls_reload_interval));
@@ -165,10 +138,7 @@ impl Bound {
                     traffic,
                     lifecycle.clone(),
                     proxy,
-                    Timeouts {
-                        idle: args.idle_timeout,
-                        header_read: args.header_read_timeout,
-                    },
+                    timeouts(&args),
                     max_connections,
                     acceptor,
                 ))
@@ -179,16 +149,7 @@ impl Bound {
                 traffic,
                 lifecycle.clone(),
                 metrics.clone(),
-                tcp::Config {
-                    upstream: args.upstream,
-                    connect_timeout: args.upstream_connect_timeout,
-                    idle_timeout: args.idle_timeout,
-                    proxy_protocol: args.proxy_protocol,
-                    header_timeout: args.header_read_timeout,
-                    health_check_within: args.tcp_health_check_within,
-                    health_check_agents: args.health_check_agents.clone(),
-                    max_connections,
-                },
+                tcp_config(&args, max_connections),
             )),
         };
         let admin_state = Arc::new(Admin::new(
@@ -198,21 +159,7 @@ impl Bound {
             args.upstream_health.clone(),
             args.drain_token.clone(),
         ));
-        let events = args.events.then(|| {
-            let pod = crate::events::PodRef {
-                namespace: args.pod_namespace.clone().unwrap_or_default(),
-                name: args.pod_name.clone().unwrap_or_default(),
-                uid: args.pod_uid.clone(),
-            };
-            let lifecycle = lifecycle.clone();
-            let dir = args.service_account_dir.clone();
-            tokio::spawn(async move {
-                let client = crate::events::ApiClient::in_cluster(&dir);
-                let events = crate::events::Events::start(client, pod).await;
-                let state = lifecycle.drained().await;
-                events.drained(&state).await;
-            })
-        });
+        let events = args.events.then(|| spawn_events(&args, &lifecycle));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = tokio::spawn(admin::serve(admin, admin_state, async {
             let _ = admin_stopped.await;
@@ -231,7 +178,40 @@ impl Bound {
             version = env!("CARGO_PKG_VERSION"),
             "lameduck proxy serving"
         );
+        Running {
+            lifecycle,
+            serving,
+            events,
+            stop_admin,
+            admin_task,
+        }
+    }
+}
 
+/// A proxy whose parts are running: what the exit waits for.
+struct Running {
+    lifecycle: Lifecycle,
+    /// The traffic port's accept loop.
+    serving: tokio::task::JoinHandle<Result<(), accept::AcceptError>>,
+    /// `--events`: the drain's Event being posted.
+    events: Option<tokio::task::JoinHandle<()>>,
+    stop_admin: tokio::sync::oneshot::Sender<()>,
+    admin_task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// What the exit waits for, in order: a termination request and then the release (or a
+    /// second signal, or the traffic port dying, or a drain on the admin port that no
+    /// termination followed), then the ordered shutdown of the traffic port, the drain's
+    /// Event, and last the admin port, so every `/drain` caller is answered.
+    async fn until_exit(self, mut terminations: Terminations) -> u8 {
+        let Running {
+            lifecycle,
+            mut serving,
+            events,
+            stop_admin,
+            admin_task,
+        } = self;
         let max = lifecycle.settings().max;
         let now = tokio::time::Instant::now;
         let (code, deadline) = tokio::select! {
@@ -272,6 +252,91 @@ impl Bound {
         tracing::info!(code, "lameduck exiting");
         code
     }
+}
+
+// === component configs from the command line: the one place flags become settings ===
+
+fn upstream_config(args: &ProxyArgs, lifecycle: &Lifecycle) -> upstream::Config {
+    upstream::Config {
+        addr: args.upstream,
+        protocol: args.upstream_protocol,
+        connect_timeout: args.upstream_connect_timeout,
+        idle_timeout: args.upstream_idle_timeout,
+        response_timeout: args.upstream_response_timeout,
+        body_timeout: args.upstream_body_timeout,
+        request_body_timeout: args.request_body_timeout,
+        cut: lifecycle.cut_token(),
+    }
+}
+
+fn proxy_options(args: &ProxyArgs) -> crate::traffic::proxy::Options {
+    crate::traffic::proxy::Options {
+        health_paths: args.health_path.clone(),
+        health_check_agents: args.health_check_agents.clone(),
+        keep_alive_while_draining: args.keep_alive_while_draining,
+    }
+}
+
+fn timeouts(args: &ProxyArgs) -> Timeouts {
+    Timeouts {
+        idle: args.idle_timeout,
+        header_read: args.header_read_timeout,
+    }
+}
+
+fn tcp_config(args: &ProxyArgs, max_connections: usize) -> tcp::Config {
+    tcp::Config {
+        upstream: args.upstream,
+        connect_timeout: args.upstream_connect_timeout,
+        idle_timeout: args.idle_timeout,
+        proxy_protocol: args.proxy_protocol,
+        header_timeout: args.header_read_timeout,
+        health_check_within: args.tcp_health_check_within,
+        health_check_agents: args.health_check_agents.clone(),
+        max_connections,
+    }
+}
+
+/// `--max-connections`, or with 0 the limit the file descriptor limit allows (raised to the
+/// hard limit first).
+fn max_connections(args: &ProxyArgs) -> usize {
+    if args.max_connections != 0 {
+        return args.max_connections;
+    }
+    let limit = match accept::raise_fd_limit() {
+        Ok((before, after)) => {
+            if after > before {
+                tracing::info!(
+                    before,
+                    after,
+                    "file descriptor limit raised to the hard limit"
+                );
+            }
+            after
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file descriptor limit; assuming 1024");
+            1024
+        }
+    };
+    accept::max_connections_for(limit)
+}
+
+/// `--events`: the drain's Event on this pod, posted once the drain is over.
+fn spawn_events(args: &ProxyArgs, lifecycle: &Lifecycle) -> tokio::task::JoinHandle<()> {
+    let pod = crate::events::PodRef {
+        namespace: args.pod_namespace.clone().unwrap_or_default(),
+        name: args.pod_name.clone().unwrap_or_default(),
+        uid: args.pod_uid.clone(),
+    };
+    let lifecycle = lifecycle.clone();
+    let dir = args.service_account_dir.clone();
+    tokio::spawn(async move {
+        let client = crate::events::ApiClient::in_cluster(&dir);
+        let events = crate::events::Events::start(client, pod).await;
+        let state = lifecycle.drained().await;
+        events.drained(&state).await;
+    })
 }
 
 /// Drain-max after the drain started: what is left of it bounds the ordered shutdown.

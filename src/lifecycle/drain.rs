@@ -281,11 +281,12 @@ struct Inner {
     phase: AtomicU8,
     settings: DrainSettings,
     health_checks: HealthChecks,
-    in_flight: AtomicUsize,
-    connections: AtomicUsize,
-    tunnels: AtomicUsize,
-    /// Woken each time `tunnels` drops to zero.
-    no_tunnels: Notify,
+    /// Requests (and TCP connections, and connections not yet told apart) in flight.
+    in_flight: Count,
+    /// Open downstream connections, lingering closes included.
+    connections: Count,
+    /// Open upgraded tunnels.
+    tunnels: Count,
     /// `now_nanos() + 1` when the last request started; 0 = none yet.
     last_request: AtomicU64,
     requests_during_drain: AtomicU64,
@@ -295,10 +296,6 @@ struct Inner {
     open_at_end: OnceLock<OpenAtEnd>,
     /// Start times (`now_nanos()`) of the [`Lifecycle::stream`] guards alive, with counts.
     streams: std::sync::Mutex<std::collections::BTreeMap<u64, u32>>,
-    /// Woken each time `in_flight` drops to zero.
-    idle: Notify,
-    /// Woken each time `connections` drops to zero.
-    no_connections: Notify,
     /// Set once, when the app may be stopped.
     released: watch::Sender<bool>,
     /// Exit step 1: stop accepting, close every connection gracefully.
@@ -322,18 +319,15 @@ impl Lifecycle {
             phase: AtomicU8::new(Phase::Serving as u8),
             settings,
             health_checks: HealthChecks::default(),
-            in_flight: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-            tunnels: AtomicUsize::new(0),
-            no_tunnels: Notify::new(),
+            in_flight: Count::default(),
+            connections: Count::default(),
+            tunnels: Count::default(),
             last_request: AtomicU64::new(0),
             requests_during_drain: AtomicU64::new(0),
             health_checks_during_drain: AtomicU64::new(0),
             requests_after_drained: AtomicU64::new(0),
             open_at_end: OnceLock::new(),
             streams: Default::default(),
-            idle: Notify::new(),
-            no_connections: Notify::new(),
             released: watch::channel(false).0,
             closing: CancellationToken::new(),
             cut: CancellationToken::new(),
@@ -381,7 +375,7 @@ impl Lifecycle {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.0.in_flight.load(Ordering::Acquire)
+        self.0.in_flight.get()
     }
 
     /// Starts draining. Idempotent: returns `true` only for the call that started it.
@@ -532,20 +526,12 @@ impl Lifecycle {
     }
 
     pub fn connections(&self) -> usize {
-        self.0.connections.load(Ordering::Acquire)
+        self.0.connections.get()
     }
 
     /// Resolves once no downstream connection is open (lingering closes included).
     pub async fn no_connections(&self) {
-        loop {
-            let notified = self.0.no_connections.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.connections() == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.0.connections.zero().await
     }
 
     /// Resolves with the `Drained` state once the drain is over.
@@ -560,15 +546,7 @@ impl Lifecycle {
 
     /// Resolves once nothing is in flight.
     pub async fn idle(&self) {
-        loop {
-            let notified = self.0.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.in_flight() == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.0.in_flight.zero().await
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -582,7 +560,7 @@ impl Lifecycle {
         Snapshot {
             state,
             in_flight: self.in_flight(),
-            connections: self.0.connections.load(Ordering::Acquire),
+            connections: self.0.connections.get(),
             tunnels: self.tunnels(),
             since_last_request: (last != 0)
                 .then(|| Duration::from_nanos(now_nanos().saturating_sub(last - 1))),
@@ -600,7 +578,7 @@ impl Lifecycle {
     /// included) is finished or abandoned.
     pub fn request(&self, kind: RequestKind, source: std::net::IpAddr) -> RequestGuard {
         let now = now_nanos();
-        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.0.in_flight.up();
         self.0.last_request.store(now + 1, Ordering::Release);
         let phase = self.phase();
         if kind == RequestKind::HealthCheck {
@@ -633,24 +611,16 @@ impl Lifecycle {
     /// drain run to drain-max); after the drain the release waits for tunnels only for
     /// `--tunnel-grace`.
     pub fn tunnel(&self) -> TunnelGuard {
-        self.0.tunnels.fetch_add(1, Ordering::AcqRel);
+        self.0.tunnels.up();
         TunnelGuard(self.clone())
     }
 
     pub fn tunnels(&self) -> usize {
-        self.0.tunnels.load(Ordering::Acquire)
+        self.0.tunnels.get()
     }
 
     async fn no_tunnels(&self) {
-        loop {
-            let notified = self.0.no_tunnels.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.tunnels() == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.0.tunnels.zero().await
     }
 
     /// A request that is a whole connection (TCP mode): counted like [`Lifecycle::request`]
@@ -693,20 +663,18 @@ impl Lifecycle {
     /// A connection not yet told apart (TCP mode: traffic or a health check?): holds off
     /// the end of the drain like a request in flight, without counting as one.
     pub fn pending(&self) -> PendingGuard {
-        self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.0.in_flight.up();
         PendingGuard(self.clone())
     }
 
     /// Counts an open downstream connection.
     pub fn connection(&self) -> ConnectionGuard {
-        self.0.connections.fetch_add(1, Ordering::AcqRel);
+        self.0.connections.up();
         ConnectionGuard(self.clone())
     }
 
     fn release(&self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
+        self.0.in_flight.down();
     }
 
     fn idle_for(&self, now: u64) -> Duration {
@@ -723,7 +691,8 @@ impl Lifecycle {
             _ => return,
         };
         loop {
-            let notified = self.0.idle.notified();
+            // Registered before the count is read: a last request ending in between wakes it.
+            let notified = self.0.in_flight.zeroed();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.phase() != Phase::Draining {
@@ -835,7 +804,7 @@ impl Lifecycle {
         let Some((took, window)) = done else { return };
         let why = window.why();
         let in_flight = self.in_flight();
-        let connections = self.0.connections.load(Ordering::Acquire);
+        let connections = self.0.connections.get();
         let idle = self.idle_for(now_nanos());
         let unit = self.0.settings.unit.plural();
         match reason {
@@ -899,14 +868,57 @@ impl Drop for RequestGuard {
     }
 }
 
+// === impl Count ===
+
+/// A count of things open (requests in flight, connections, tunnels) that can be awaited
+/// down to zero: the one "wait until a counter is 0" of the lifecycle.
+#[derive(Default)]
+struct Count {
+    n: AtomicUsize,
+    /// Woken each time `n` drops to zero.
+    zero: Notify,
+}
+
+impl Count {
+    fn get(&self) -> usize {
+        self.n.load(Ordering::Acquire)
+    }
+
+    fn up(&self) {
+        self.n.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn down(&self) {
+        if self.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.zero.notify_waiters();
+        }
+    }
+
+    /// Woken the next time the count drops to zero (enable it before reading the count).
+    fn zeroed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.zero.notified()
+    }
+
+    /// Resolves once the count is zero.
+    async fn zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// One open upgraded tunnel.
 pub struct TunnelGuard(Lifecycle);
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        if self.0 .0.tunnels.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0 .0.no_tunnels.notify_waiters();
-        }
+        self.0 .0.tunnels.down();
     }
 }
 
@@ -924,9 +936,7 @@ pub struct ConnectionGuard(Lifecycle);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        if self.0 .0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0 .0.no_connections.notify_waiters();
-        }
+        self.0 .0.connections.down();
     }
 }
 
