@@ -245,14 +245,7 @@ impl TcpMetrics {
 impl Metrics {
     pub fn new(lifecycle: Lifecycle) -> Metrics {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "lameduck_requests_total",
-                "Requests answered on the traffic port, by status code and lifecycle phase at the request's start.",
-            ),
-            &["code", "phase"],
-        )
-        .expect("valid metric");
+        let requests = counter_vec("lameduck_requests_total", "Requests answered on the traffic port, by status code and lifecycle phase at the request's start.", &["code", "phase"]);
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "lameduck_request_duration_seconds",
@@ -262,45 +255,25 @@ impl Metrics {
             &["phase"],
         )
         .expect("valid metric");
-        let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "lameduck_upstream_errors_total",
-                "Failures talking to the app, by kind (connect, timeout, reset, protocol, body).",
-            ),
+        let upstream_errors = counter_vec(
+            "lameduck_upstream_errors_total",
+            "Failures talking to the app, by kind (connect, timeout, reset, protocol, body).",
             &["kind"],
-        )
-        .expect("valid metric");
-        let client_errors = IntCounterVec::new(
-            Opts::new(
-                "lameduck_client_errors_total",
-                "Requests and connections ended for the client's own fault, by kind (request_body, request_body_timeout, header_read_timeout, tls_handshake, tls_handshake_timeout).",
-            ),
-            &["kind"],
-        )
-        .expect("valid metric");
-        let connections_refused = IntCounter::new(
+        );
+        let client_errors = counter_vec("lameduck_client_errors_total", "Requests and connections ended for the client's own fault, by kind (request_body, request_body_timeout, header_read_timeout, tls_handshake, tls_handshake_timeout).", &["kind"]);
+        let connections_refused = counter(
             "lameduck_connections_refused_total",
             "Downstream connections closed on arrival because --max-connections were open.",
-        )
-        .expect("valid metric");
-        let upstream_retries = IntCounter::new(
+        );
+        let upstream_retries = counter(
             "lameduck_upstream_retries_total",
             "Requests retried once on a fresh upstream connection after a reused one failed.",
-        )
-        .expect("valid metric");
-        let connections_total = IntCounter::new(
+        );
+        let connections_total = counter(
             "lameduck_connections_total",
             "Downstream connections accepted on the traffic port.",
-        )
-        .expect("valid metric");
-        let health_checks = IntCounterVec::new(
-            Opts::new(
-                "lameduck_health_checks_total",
-                "Load-balancer health checks seen on the traffic port (--health-path or --health-check-agents), by lifecycle phase.",
-            ),
-            &["phase"],
-        )
-        .expect("valid metric");
+        );
+        let health_checks = counter_vec("lameduck_health_checks_total", "Load-balancer health checks seen on the traffic port (--health-path or --health-check-agents), by lifecycle phase.", &["phase"]);
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "lameduck_build_info",
@@ -411,6 +384,16 @@ impl Metrics {
             .expect("writing to a Vec cannot fail");
         out
     }
+}
+
+/// A counter; the name and help are literals of this file, so they are valid.
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+/// A counter family with `labels`.
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 /// Status codes whose request counters are resolved once ([`Metrics::common`]).

@@ -302,6 +302,54 @@ impl<S: Downstream> std::future::Future for Conn<S> {
     }
 }
 
+/// Tells the connection's protocol (TLS: ALPN `h2`; otherwise its first bytes, as in
+/// cleartext) and hands it to hyper's HTTP/1 or HTTP/2 connection; `None` if it went, or
+/// sent no complete head in time, before that.
+async fn open_connection<S: Downstream>(
+    shared: &Shared,
+    stream: S,
+    peer: SocketAddr,
+    svc: crate::traffic::proxy::ProxyService,
+    track: &Arc<ConnTrack>,
+    open: ConnectionGuard,
+    accepted_drained: bool,
+) -> Option<(Conn<S>, Version)> {
+    let mut io = TrackedIo {
+        inner: Some(stream),
+        track: track.clone(),
+        open: Some(open),
+        shut_down: false,
+        prefix: Bytes::new(),
+    };
+    let version = match io.stream().alpn_h2() {
+        true => Version::H2,
+        false => match sniff(&mut io, shared, accepted_drained).await {
+            Ok(v) => v,
+            Err(Unsniffed::Gone) => return None,
+            Err(Unsniffed::SlowHeaders) => {
+                tracing::debug!(%peer, "request head not completed in time; closing");
+                shared.metrics.client_error("header_read_timeout");
+                return None;
+            }
+        },
+    };
+    let io = TokioIo::new(io);
+    let conn = match version {
+        Version::H1 => Conn::H1 {
+            c: shared.http1.serve_connection(io, svc).with_upgrades(),
+        },
+        Version::H2 => Conn::H2 {
+            c: shared.http2.serve_connection(io, svc),
+        },
+    };
+    Some((conn, version))
+}
+
+/// One connection's task once it speaks HTTP. Its `select!` loop is long on purpose: each
+/// branch is one thing a connection waits for (hyper's progress, the lifecycle's changes,
+/// the drain's GOAWAY timing, a request asking for GOAWAY, a head arriving, the idle/header
+/// watchdog) and they share the connection's pinned state, which a split would have to pass
+/// around as a handful of `&mut`s.
 async fn serve_connection<S: Downstream>(
     shared: Arc<Shared>,
     stream: S,
@@ -311,8 +359,8 @@ async fn serve_connection<S: Downstream>(
     open: ConnectionGuard,
 ) {
     let Shared {
-        http1,
-        http2,
+        http1: _,
+        http2: _,
         lifecycle,
         timeouts,
         metrics,
@@ -327,34 +375,10 @@ async fn serve_connection<S: Downstream>(
     // request, through `ConnTrack::go_away`). One that arrives as the exit begins is closed
     // at once (HTTP/1: after its first request, if it had one).
     let accepted_drained = lifecycle.phase() == Phase::Drained;
-    let mut io = TrackedIo {
-        inner: Some(stream),
-        track: track.clone(),
-        open: Some(open),
-        shut_down: false,
-        prefix: Bytes::new(),
-    };
-    // TLS: ALPN says h2; otherwise (http/1.1, or no ALPN) the bytes decide, as in cleartext.
-    let version = match io.stream().alpn_h2() {
-        true => Version::H2,
-        false => match sniff(&mut io, &shared, accepted_drained).await {
-            Ok(v) => v,
-            Err(Unsniffed::Gone) => return,
-            Err(Unsniffed::SlowHeaders) => {
-                tracing::debug!(%peer, "request head not completed in time; closing");
-                metrics.client_error("header_read_timeout");
-                return;
-            }
-        },
-    };
-    let io = TokioIo::new(io);
-    let conn = match version {
-        Version::H1 => Conn::H1 {
-            c: http1.serve_connection(io, svc).with_upgrades(),
-        },
-        Version::H2 => Conn::H2 {
-            c: http2.serve_connection(io, svc),
-        },
+    let Some((conn, version)) =
+        open_connection(&shared, stream, peer, svc, &track, open, accepted_drained).await
+    else {
+        return;
     };
     tokio::pin!(conn);
 
