@@ -40,17 +40,21 @@ use crate::traffic::upstream::{self, Upstream};
 /// How long the admin port may take to answer its last requests at exit.
 const ADMIN_FLUSH: Duration = Duration::from_secs(2);
 
-/// Why the proxy could not start (exit 2).
-#[derive(Debug)]
-pub struct StartError(String);
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the proxy could not start (exit 2); each names the flag behind it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--tls-cert/--tls-key: {0}")]
+    CertFiles(#[source] tls::TlsError),
+    #[error("--tls self-signed: {0}")]
+    SelfSigned(#[source] tls::TlsError),
+    #[error("cannot listen on {addr} ({flag}): {source}")]
+    Listen {
+        addr: SocketAddr,
+        flag: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
-
-impl std::error::Error for StartError {}
 
 /// A proxy whose ports are bound; [`Bound::run`] serves them.
 pub struct Bound {
@@ -468,7 +472,7 @@ fn certificate(args: &ProxyArgs) -> Result<Option<CertStore>, StartError> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         return CertStore::load(cert, key)
             .map(Some)
-            .map_err(|e| StartError(format!("--tls-cert/--tls-key: {e}")));
+            .map_err(StartError::CertFiles);
     }
     if args.tls.is_none() {
         return Ok(None);
@@ -485,7 +489,7 @@ fn certificate(args: &ProxyArgs) -> Result<Option<CertStore>, StartError> {
     }
     CertStore::self_signed(names)
         .map(Some)
-        .map_err(|e| StartError(format!("--tls self-signed: {e}")))
+        .map_err(StartError::SelfSigned)
 }
 
 /// What the start log says of TLS.
@@ -498,10 +502,8 @@ fn tls_source(args: &ProxyArgs) -> &'static str {
     }
 }
 
-async fn bind(addr: SocketAddr, flag: &str) -> Result<TcpListener, StartError> {
-    let err = |addr: SocketAddr, e: std::io::Error| {
-        StartError(format!("cannot listen on {addr} ({flag}): {e}"))
-    };
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
+    let err = |addr: SocketAddr, source: std::io::Error| StartError::Listen { addr, flag, source };
     match TcpListener::bind(addr).await {
         Ok(l) => Ok(l),
         Err(e) => match ipv4_fallback(addr, &e) {

@@ -136,8 +136,6 @@ impl ConnTrack {
         (ConnRequest(this.clone()), first)
     }
 
-    /// Asks the connection's task to close it gracefully (h2: GOAWAY); its open streams
-    /// finish first.
     /// Bytes of a request head (or of the h2 preface) have arrived and its request has not
     /// started yet.
     pub(crate) fn head_pending(&self) -> bool {
@@ -157,7 +155,9 @@ impl ConnTrack {
         )
     }
 
-    /// Call only from the connection's own service (it runs inside the connection's poll).
+    /// Asks the connection's task to close it gracefully (h2: GOAWAY); its open streams
+    /// finish first. Call only from the connection's own service (it runs inside the
+    /// connection's poll).
     pub fn go_away(&self) {
         self.go_away.store(true, Ordering::Release);
     }

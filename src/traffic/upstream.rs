@@ -697,28 +697,6 @@ pub fn grpc_health_verdict(grpc_status: Option<&[u8]>, body: &[u8]) -> Result<()
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_health_answers() {
-        assert_eq!(
-            grpc_health_verdict(Some(b"0"), &[0, 0, 0, 0, 2, 8, 1]),
-            Ok(())
-        );
-        assert!(grpc_health_verdict(Some(b"0"), &[0, 0, 0, 0, 2, 8, 2])
-            .unwrap_err()
-            .contains("status 2"));
-        assert!(grpc_health_verdict(Some(b"0"), &[0, 0, 0, 0, 0]).is_err());
-        assert!(grpc_health_verdict(Some(b"12"), &[])
-            .unwrap_err()
-            .contains("12"));
-        assert!(grpc_health_verdict(None, &[0, 0, 0, 0, 2, 8, 1]).is_err());
-        assert!(grpc_health_verdict(Some(b"0"), &[0, 0, 0, 0, 9, 8, 1]).is_err());
-    }
-}
-
 #[derive(Debug)]
 struct ConnectError {
     addr: SocketAddr,
@@ -989,5 +967,27 @@ impl Drop for UpstreamBody {
                 pool.checkin(tx);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_health_answers() {
+        assert_eq!(
+            grpc_health_verdict(Some(b"0"), &[0, 0, 0, 0, 2, 8, 1]),
+            Ok(())
+        );
+        assert!(grpc_health_verdict(Some(b"0"), &[0, 0, 0, 0, 2, 8, 2])
+            .unwrap_err()
+            .contains("status 2"));
+        assert!(grpc_health_verdict(Some(b"0"), &[0, 0, 0, 0, 0]).is_err());
+        assert!(grpc_health_verdict(Some(b"12"), &[])
+            .unwrap_err()
+            .contains("12"));
+        assert!(grpc_health_verdict(None, &[0, 0, 0, 0, 2, 8, 1]).is_err());
+        assert!(grpc_health_verdict(Some(b"0"), &[0, 0, 0, 0, 9, 8, 1]).is_err());
     }
 }
