@@ -42,8 +42,8 @@ fn count_the_tests_this_run_skipped() {
         let tools: Vec<String> = by_tool.iter().map(|(t, n)| format!("{t} {n}")).collect();
         format!(
             "SKIPPED: {} tests in this cargo test run did not run for want of an outside tool \
-             ({}); each has its `SKIPPED` line above. They count as passed. To run them: \
-             `sudo bash .ci/install-tools`, see docs/development.md",
+             ({}); each has its `SKIPPED` line above, and cargo counted it as passed. To run \
+             them: `sudo bash .ci/install-tools` (docs/development.md)",
             tests.len(),
             tools.join(", ")
         )

@@ -208,7 +208,7 @@ impl Spec {
             path,
             ..
         } = self;
-        let fix = format!("install it with `bash {installer}` (as root), or set {var} to it");
+        let fix = format!("install it as root with `bash {installer}`, or set {var} to its path");
         if !path.is_file() {
             return Err(format!("not found at {} ({fix})", path.display()));
         }
