@@ -212,7 +212,7 @@ pub struct Cluster {
 pub fn cluster() -> Option<&'static Cluster> {
     /// Started, or why not: a skip (something is missing) or a failed start (a panic).
     enum State {
-        Up(Cluster),
+        Up(Box<Cluster>),
         Missing(&'static str, String),
     }
     static CLUSTER: OnceLock<Result<State, String>> = OnceLock::new();
@@ -227,7 +227,7 @@ pub fn cluster() -> Option<&'static Cluster> {
                 Ok(kubectl) => kubectl,
                 Err(why) => return State::Missing("kubectl", why),
             };
-            State::Up(start(bin, kubectl))
+            State::Up(Box::new(start(bin, kubectl)))
         })
         .map_err(|panic| {
             panic
