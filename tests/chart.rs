@@ -22,9 +22,11 @@
 //! where it fails.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+#[path = "support/tools.rs"]
+mod tools;
 
 use clap::Parser as _;
 use lameduck::cli::{Cli, Command as Sub};
@@ -45,27 +47,10 @@ fn documents(yaml: &str) -> Vec<Json> {
         .collect()
 }
 
-/// The tool's path, or None after saying plainly that the test is skipped (a failure
-/// instead with LAMEDUCK_REQUIRE_TOOLS=1).
-fn tool(name: &str, installer: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let msg = format!("{name} not found on PATH (install it with {installer})");
-        assert!(
-            std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-        );
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-    }
-    found
-}
-
+/// helm as `.ci/install-helm.sh` built it (never the first `helm` on `PATH`), or None after
+/// a `SKIPPED` line naming the test (a failure instead with LAMEDUCK_REQUIRE_TOOLS=1).
 fn helm() -> Option<PathBuf> {
-    tool("helm", ".ci/install-helm.sh")
+    tools::helm()
 }
 
 fn output(program: &Path, args: &[&str]) -> std::process::Output {
@@ -89,9 +74,14 @@ fn run(program: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The chart refuses its placeholder image (no image is published); these tests render it
+/// anyway, to compare the defaults with k8s/webhook, which names the same placeholder.
+const ALLOW_PLACEHOLDER: [&str; 2] = ["--set", "image.allowPlaceholder=true"];
+
 /// `helm template <release> charts/lameduck --namespace <ns> <args>`, parsed.
 fn template(helm: &Path, release: &str, namespace: &str, args: &[&str]) -> Vec<Json> {
     let mut all = vec!["template", release, CHART, "--namespace", namespace];
+    all.extend_from_slice(&ALLOW_PLACEHOLDER);
     all.extend_from_slice(args);
     documents(&run(helm, &all))
 }
@@ -184,7 +174,7 @@ fn chart_files_are_k8s_observability_copies() {
 
 #[test]
 fn default_values_render_k8s_webhook() {
-    let (Some(helm), Some(kubectl)) = (helm(), tool("kubectl", ".ci/install-k8s-tools.sh")) else {
+    let (Some(helm), Some(kubectl)) = (helm(), tools::kubectl()) else {
         return;
     };
     let mut kustomized = by_kind_and_name(
@@ -202,7 +192,7 @@ fn default_values_render_k8s_webhook() {
 
 #[test]
 fn metrics_values_render_k8s_observability() {
-    let (Some(helm), Some(kubectl)) = (helm(), tool("kubectl", ".ci/install-k8s-tools.sh")) else {
+    let (Some(helm), Some(kubectl)) = (helm(), tools::kubectl()) else {
         return;
     };
     let kustomized = by_kind_and_name(
@@ -286,6 +276,7 @@ fn helm_lint_passes_for_every_values_set() {
     };
     for (label, _, namespace, args) in values_sets() {
         let mut all = vec!["lint", "--strict", CHART, "--namespace", namespace];
+        all.extend_from_slice(&ALLOW_PLACEHOLDER);
         all.extend_from_slice(&args);
         let out = run(&helm, &all);
         assert!(out.contains("0 chart(s) failed"), "{label}: {out}");
@@ -297,7 +288,7 @@ fn every_values_set_renders_a_wired_webhook_that_validates() {
     let Some(helm) = helm() else {
         return;
     };
-    let validator = tool("kubernetes-validate", ".ci/install-k8s-tools.sh");
+    let validator = tools::kubernetes_validate();
     for (label, release, namespace, args) in values_sets() {
         let docs = template(&helm, release, namespace, &args);
         check_wiring(label, release, namespace, &docs);
@@ -529,12 +520,45 @@ fn invalid_values_are_refused() {
         ),
     ] {
         let mut all = vec!["template", "lameduck", CHART];
+        all.extend_from_slice(&ALLOW_PLACEHOLDER);
         all.extend_from_slice(&args);
         let out = output(&helm, &all);
         assert!(!out.status.success(), "{args:?} rendered");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+}
+
+/// Issue 24: no image is published, so the defaults' image is a placeholder the chart
+/// refuses, saying what to do; any other repository renders.
+#[test]
+fn the_placeholder_image_is_refused_until_one_is_set() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    let out = output(&helm, &["template", "lameduck", CHART]);
+    assert!(!out.status.success(), "the placeholder image rendered");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("image.repository is ghcr.io/lameduck/lameduck, a placeholder")
+            && stderr.contains("set image.repository"),
+        "{stderr}"
+    );
+    let out = output(
+        &helm,
+        &[
+            "template",
+            "lameduck",
+            CHART,
+            "--set",
+            "image.repository=registry.example.com/lameduck",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Validates the documents against the Kubernetes schemas; custom kinds have none.
@@ -569,4 +593,85 @@ fn validate(validator: &Path, label: &str, docs: &[Json]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+// === which helm ===
+
+/// Issue 24: another `helm` first on `PATH` (here a script that says it is v3.0.0-decoy, as
+/// a helm built without Helm's version stamp says v3.x and assumes Kubernetes 1.20) is never
+/// the one the chart tests run; a wrong helm named by `LAMEDUCK_HELM` is reported with both
+/// versions. Runs this test binary again, as a child, with the decoy in place.
+#[test]
+fn a_decoy_helm_first_on_path_is_not_the_one_used() {
+    use std::os::unix::fs::PermissionsExt as _;
+    const TEST: &str = "helm_lint_passes_for_every_values_set";
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("lameduck-decoy-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let decoy = dir.join("helm");
+    std::fs::write(&decoy, "#!/bin/sh\necho v3.0.0-decoy\n").unwrap();
+    std::fs::set_permissions(&decoy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = |helm_var: Option<&Path>, require: bool| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", TEST, "--nocapture"])
+            .env("PATH", &path)
+            // The child's skips are not this run's.
+            .env("LAMEDUCK_SKIP_LOG", dir.join("skips.log"))
+            .env_remove("LAMEDUCK_HELM")
+            .env_remove("LAMEDUCK_REQUIRE_TOOLS");
+        if let Some(helm) = helm_var {
+            cmd.env("LAMEDUCK_HELM", helm);
+        }
+        if require {
+            cmd.env("LAMEDUCK_REQUIRE_TOOLS", "1");
+        }
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    // The decoy first on PATH: the real helm is used, or the test skips naming where it
+    // looked; the decoy is never run.
+    let spec = tools::helm_spec();
+    let (ok, text) = child(None, false);
+    assert!(ok, "{text}");
+    assert!(!text.contains("decoy"), "{text}");
+    let ran = text.contains("1 passed") && !text.contains("SKIPPED");
+    let skipped = text.contains(&format!("SKIPPED chart::{TEST}: helm: not found at "));
+    assert!(ran || skipped, "{text}");
+    if std::env::var_os("LAMEDUCK_HELM").is_none() {
+        // The child looked where this process looks: it ran iff helm is installed there.
+        assert_eq!(ran, spec.find().is_ok(), "{text}");
+        if skipped {
+            assert!(text.contains(&spec.path.display().to_string()), "{text}");
+        }
+    }
+
+    // The decoy named by LAMEDUCK_HELM: what is wrong, in so many words.
+    let want = spec.version.unwrap();
+    let wrong = format!(
+        "reports version \"v3.0.0-decoy\", the tests need {want} (pinned in tests/helm/go.mod)"
+    );
+    let (ok, text) = child(Some(&decoy), false);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("SKIPPED chart::{TEST}: helm: {}", decoy.display()))
+            && text.contains(&wrong),
+        "{text}"
+    );
+    // And under LAMEDUCK_REQUIRE_TOOLS=1, a failure that says the same.
+    let (ok, text) = child(Some(&decoy), true);
+    assert!(!ok, "{text}");
+    assert!(text.contains(&wrong), "{text}");
+
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,7 +10,7 @@
 //!   `restricted`. The MutatingWebhookConfiguration is only dry-run: nothing serves it here.
 //!
 //! Needs the control plane (`tests/cluster/build.sh`), kubectl and helm; without them it
-//! prints `SKIPPED:` and passes, unless `LAMEDUCK_REQUIRE_TOOLS=1`.
+//! prints its own `SKIPPED` line and passes, unless `LAMEDUCK_REQUIRE_TOOLS=1`.
 //!
 //! On branch `install` this file waits in tests/after-cluster-merge/ (not a test target),
 //! because that branch predates tests/support/cluster.rs: at the merge,
@@ -20,9 +20,10 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/tools.rs"]
+mod tools;
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use cluster::{cluster, poll, API_PATIENCE};
@@ -44,23 +45,6 @@ fn list(items: Vec<Json>) -> String {
     json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
 }
 
-fn helm() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("helm"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let msg = "helm not found on PATH (install it with .ci/install-helm.sh)";
-        assert!(
-            std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-        );
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-    }
-    found
-}
-
 fn template(helm: &Path, release: &str, namespace: &str, args: &[&str]) -> Vec<Json> {
     let mut all = vec![
         "template",
@@ -68,6 +52,9 @@ fn template(helm: &Path, release: &str, namespace: &str, args: &[&str]) -> Vec<J
         "charts/lameduck",
         "--namespace",
         namespace,
+        // The placeholder image (no image is published): the API server pulls nothing.
+        "--set",
+        "image.allowPlaceholder=true",
     ];
     all.extend_from_slice(args);
     let out = Command::new(helm)
@@ -88,7 +75,7 @@ fn the_chart_applies_and_its_pods_pass_restricted() {
     let Some(cluster) = cluster() else {
         return;
     };
-    let Some(helm) = helm() else {
+    let Some(helm) = tools::helm() else {
         return;
     };
     let ns = cluster.namespace("chart");

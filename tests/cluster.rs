@@ -4,7 +4,7 @@
 //! `inject` goldens, Argo Rollouts with the real CRD, and the drain Event (`events`).
 //!
 //! Needs the binaries from `tests/cluster/build.sh` and kubectl; without them every test
-//! prints `SKIPPED:` and passes, unless `LAMEDUCK_REQUIRE_TOOLS=1`.
+//! prints its own `SKIPPED` line and passes, unless `LAMEDUCK_REQUIRE_TOOLS=1`.
 //!
 //! The tests share one apiserver and the webhook configuration is cluster-scoped (one name,
 //! as kustomize renders it), so they run one at a time ([`serial`]); each installs the
@@ -12,6 +12,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/tools.rs"]
+mod tools;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;

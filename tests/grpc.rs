@@ -9,7 +9,7 @@
 //! connection by lameduck's GOAWAY; the process exits 0.
 //!
 //! Needs `grpcio` and `grpcio-health-checking` for Python (`.ci/install-grpc.sh`); without
-//! them every test prints `SKIPPED:` and passes, unless `LAMEDUCK_REQUIRE_TOOLS=1`.
+//! them every test prints a `SKIPPED` line and passes, unless `LAMEDUCK_REQUIRE_TOOLS=1`.
 
 mod support;
 
@@ -40,34 +40,10 @@ const PY_PATIENCE: Duration = Duration::from_secs(30);
 // === the tools ===
 
 /// The Python with grpcio: `LAMEDUCK_GRPC_PYTHON`, else the venv `.ci/install-grpc.sh`
-/// makes, else `python3`. `None` (after saying so) when it cannot import grpc.
+/// makes (never a `python3` from `PATH`). `None` (after a `SKIPPED` line naming the test)
+/// when it is missing or cannot import grpc.
 fn python() -> Option<String> {
-    let py = std::env::var("LAMEDUCK_GRPC_PYTHON").unwrap_or_else(|_| {
-        let venv = "/opt/lameduck-grpc/bin/python";
-        if Path::new(venv).is_file() {
-            venv
-        } else {
-            "python3"
-        }
-        .to_owned()
-    });
-    let out = Command::new(&py)
-        .args(["-c", "import grpc, grpc_health.v1.health"])
-        .stdin(Stdio::null())
-        .output();
-    let why = match out {
-        Ok(o) if o.status.success() => return Some(py),
-        Ok(o) => String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .to_owned(),
-        Err(e) => e.to_string(),
-    };
-    skip(&format!(
-        "tests/grpc.rs: {py} cannot import grpc and grpc_health ({why}); install them with .ci/install-grpc.sh"
-    ));
-    None
+    support::tools::grpc_python().map(|p| p.to_string_lossy().into_owned())
 }
 
 /// A Python helper: one command a line on its stdin, one JSON line each on its stdout.

@@ -14,8 +14,10 @@
 //! Needs bash, helm and kubectl; skipped with a plain message when helm or kubectl is
 //! missing, unless `LAMEDUCK_REQUIRE_TOOLS=1`, where it fails.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::path::Path;
 use std::process::Command;
 
 use serde::Deserialize;
@@ -30,23 +32,6 @@ fn documents(yaml: &str) -> Vec<Json> {
         .map(|d| Json::deserialize(d).unwrap())
         .filter(|d| !d.is_null())
         .collect()
-}
-
-fn tool(name: &str, installer: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let msg = format!("{name} not found on PATH (install it with {installer})");
-        assert!(
-            std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-        );
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-    }
-    found
 }
 
 /// The README's install block: the first ```sh block after the `<!-- install` marker.
@@ -131,10 +116,7 @@ fn webhook_images(label: &str, yaml: &str) -> (String, String) {
 
 #[test]
 fn the_readme_install_block_renders_one_image_everywhere() {
-    let (Some(helm), Some(kubectl)) = (
-        tool("helm", ".ci/install-helm.sh"),
-        tool("kubectl", ".ci/install-k8s-tools.sh"),
-    ) else {
+    let (Some(helm), Some(kubectl)) = (tools::helm(), tools::kubectl()) else {
         return;
     };
     let block = install_block();

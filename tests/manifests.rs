@@ -12,6 +12,9 @@
 //! Dockerfile. A missing tool skips that test with a plain message, unless
 //! `LAMEDUCK_REQUIRE_TOOLS=1`, where it fails.
 
+#[path = "support/tools.rs"]
+mod tools;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -404,26 +407,6 @@ fn dockerfile_is_multi_stage_non_root() {
 
 // === with outside tools ===
 
-/// The tool's path, or None after saying plainly that the test is skipped (a failure
-/// instead with LAMEDUCK_REQUIRE_TOOLS=1).
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let msg = format!("{name} not found on PATH (install it with .ci/install-k8s-tools.sh)");
-        assert!(
-            std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-        );
-        // Straight to stderr, past the test harness's capture, so a skip is visible.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-    }
-    found
-}
-
 fn run(program: &Path, args: &[&str]) -> String {
     let out = Command::new(program).args(args).output().unwrap();
     assert!(
@@ -488,7 +471,7 @@ fn validate(validator: &Path, label: &str, docs: &[Json]) {
 
 #[test]
 fn kustomize_renders_and_manifests_validate() {
-    let Some(kubectl) = tool("kubectl") else {
+    let Some(kubectl) = tools::kubectl() else {
         return;
     };
     let webhook = documents(&kustomize(&kubectl, "k8s/webhook"));
@@ -500,7 +483,7 @@ fn kustomize_renders_and_manifests_validate() {
         .filter(|d| d["kind"] != "Namespace")
         .all(|d| d["metadata"]["namespace"] == "shop"));
 
-    let Some(validator) = tool("kubernetes-validate") else {
+    let Some(validator) = tools::kubernetes_validate() else {
         return;
     };
     validate(&validator, "k8s-webhook", &webhook);
@@ -564,7 +547,7 @@ fn kustomize_renders_and_manifests_validate() {
 /// it injects together.
 #[test]
 fn an_overlay_sets_the_image_once() {
-    let Some(kubectl) = tool("kubectl") else {
+    let Some(kubectl) = tools::kubectl() else {
         return;
     };
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -604,7 +587,7 @@ fn an_overlay_sets_the_image_once() {
 /// Every golden output validates, so the goldens cannot drift into invalid pods.
 #[test]
 fn inject_goldens_validate() {
-    let Some(validator) = tool("kubernetes-validate") else {
+    let Some(validator) = tools::kubernetes_validate() else {
         return;
     };
     let dir = root().join("tests/golden/inject");
@@ -634,7 +617,7 @@ fn inject_goldens_validate() {
 
 #[test]
 fn hadolint_dockerfile() {
-    let Some(hadolint) = tool("hadolint") else {
+    let Some(hadolint) = tools::hadolint() else {
         return;
     };
     let dockerfile = root().join("Dockerfile");

@@ -11,9 +11,11 @@
 //! on the ones it is not). Skipped with a plain message when promtool is missing, unless
 //! `LAMEDUCK_REQUIRE_TOOLS=1`, where it fails.
 
+#[path = "support/tools.rs"]
+mod tools;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -313,26 +315,9 @@ fn podmonitor_scrapes_the_sidecar_admin_port() {
 
 // === with promtool ===
 
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let msg = format!("{name} not found on PATH (install it with .ci/install-promtool.sh)");
-        assert!(
-            std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-        );
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-    }
-    found
-}
-
 #[test]
 fn promtool_checks_and_tests_the_rules() {
-    let Some(promtool) = tool("promtool") else {
+    let Some(promtool) = tools::promtool() else {
         return;
     };
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))

@@ -9,8 +9,10 @@
 //! the `run:` scripts): no finding. Skipped with a plain message when missing, unless
 //! `LAMEDUCK_REQUIRE_TOOLS=1`, where it fails.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+#[path = "support/tools.rs"]
+mod tools;
+
+use std::path::Path;
 use std::process::Command;
 
 use serde::Deserialize;
@@ -86,26 +88,9 @@ fn attached_manifests_and_chart_name_the_pushed_image() {
     }
 }
 
-fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        let msg = format!("{name} not found on PATH (install it with .ci/install-actionlint.sh)");
-        assert!(
-            std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-        );
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-    }
-    found
-}
-
 #[test]
 fn actionlint_workflows() {
-    let Some(actionlint) = tool("actionlint") else {
+    let Some(actionlint) = tools::actionlint() else {
         return;
     };
     let out = Command::new(actionlint)

@@ -4,8 +4,8 @@
 //! made here. No kubelet: pods are created, admitted and validated, never run.
 //!
 //! [`cluster()`] finds the binaries (`LAMEDUCK_CLUSTER_BIN`, else the build script's cache
-//! directory) and starts everything on first use; without binaries it prints a `SKIPPED:`
-//! line and returns `None`, or panics under `LAMEDUCK_REQUIRE_TOOLS=1`. The processes get
+//! directory) and starts everything on first use; without binaries every test that asks for
+//! it prints its own `SKIPPED` line and gets `None`, or panics under `LAMEDUCK_REQUIRE_TOOLS=1`. The processes get
 //! `PR_SET_PDEATHSIG` from a thread that lives as long as the test binary, and an `atexit`
 //! hook kills them and removes the data directory, so nothing outlives the tests.
 //!
@@ -206,16 +206,28 @@ pub struct Cluster {
     next_namespace: AtomicUsize,
 }
 
-/// The control plane, started on first use; `None` (after a `SKIPPED:` line) when the
-/// binaries or kubectl are missing and `LAMEDUCK_REQUIRE_TOOLS` is not `1`.
+/// The control plane, started on first use; `None` (after a `SKIPPED` line naming the
+/// calling test: every test that needs it says so) when the binaries or kubectl are missing
+/// and `LAMEDUCK_REQUIRE_TOOLS` is not `1`.
 pub fn cluster() -> Option<&'static Cluster> {
-    static CLUSTER: OnceLock<Result<Option<Cluster>, String>> = OnceLock::new();
+    /// Started, or why not: a skip (something is missing) or a failed start (a panic).
+    enum State {
+        Up(Box<Cluster>),
+        Missing(&'static str, String),
+    }
+    static CLUSTER: OnceLock<Result<State, String>> = OnceLock::new();
     let started = CLUSTER.get_or_init(|| {
         // A failed start fails every test with the same reason, without trying again.
         std::panic::catch_unwind(|| {
-            let bin = binaries()?;
-            let kubectl = kubectl()?;
-            Some(start(bin, kubectl))
+            let bin = match binaries() {
+                Ok(bin) => bin,
+                Err(why) => return State::Missing("control plane", why),
+            };
+            let kubectl = match crate::tools::kubectl_spec().find() {
+                Ok(kubectl) => kubectl,
+                Err(why) => return State::Missing("kubectl", why),
+            };
+            State::Up(Box::new(start(bin, kubectl)))
         })
         .map_err(|panic| {
             panic
@@ -226,21 +238,18 @@ pub fn cluster() -> Option<&'static Cluster> {
         })
     });
     match started {
-        Ok(cluster) => cluster.as_ref(),
+        Ok(State::Up(cluster)) => Some(cluster),
+        Ok(State::Missing(tool, why)) => {
+            crate::tools::skip_tool(tool, why);
+            None
+        }
         Err(reason) => panic!("the control plane did not start: {reason}"),
     }
 }
 
-fn skip(msg: &str) {
-    assert!(
-        std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-        "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-    );
-    // Straight to stderr, past the test harness's capture, so a skip is visible.
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-}
-
-fn binaries() -> Option<PathBuf> {
+/// The directory of the control plane's binaries and CRDs (`LAMEDUCK_CLUSTER_BIN`, else
+/// `tests/cluster/build.sh`'s cache), or what is missing.
+fn binaries() -> Result<PathBuf, String> {
     let dir = match std::env::var_os("LAMEDUCK_CLUSTER_BIN") {
         Some(dir) => PathBuf::from(dir),
         None => {
@@ -266,31 +275,13 @@ fn binaries() -> Option<PathBuf> {
     .filter(|f| !dir.join(f).is_file())
     .collect();
     if missing.is_empty() {
-        return Some(dir);
+        return Ok(dir);
     }
-    skip(&format!(
-        "the cluster tests: no control plane in {} (missing {}); run tests/cluster/build.sh",
+    Err(format!(
+        "not built in {} (missing {}); build it with `bash .ci/install-cluster.sh`",
         dir.display(),
         missing.join(", ")
-    ));
-    None
-}
-
-fn kubectl() -> Option<PathBuf> {
-    // install-k8s-tools.sh puts the pinned kubectl in /usr/local/bin; prefer it to any other
-    // kubectl on PATH.
-    let pinned = PathBuf::from("/usr/local/bin/kubectl");
-    let found = std::iter::once(pinned)
-        .chain(std::env::var_os("PATH").into_iter().flat_map(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("kubectl"))
-                .collect::<Vec<_>>()
-        }))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        skip("kubectl not found (install it with .ci/install-k8s-tools.sh)");
-    }
-    found
+    ))
 }
 
 /// Starts the control plane, retrying when a port picked by [`free_port`] was taken by

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod h2raw;
+pub mod tools;
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -55,17 +56,12 @@ impl Drop for TempDir {
     }
 }
 
-/// A test that needs a tool from outside cargo says plainly that it skipped; under
-/// `LAMEDUCK_REQUIRE_TOOLS=1` (CI) a missing tool is a failure instead.
-pub fn skip(msg: &str) {
-    assert!(
-        std::env::var("LAMEDUCK_REQUIRE_TOOLS").as_deref() != Ok("1"),
-        "LAMEDUCK_REQUIRE_TOOLS=1: {msg}"
-    );
-    // Straight to stderr, past the test harness's capture, so a skip is visible.
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "SKIPPED: {msg}");
-}
+/// A test that needs a tool from outside cargo says plainly that it skipped, in one line that
+/// names the test (`SKIPPED <binary>::<test>: ...`), and is counted in the run's summary;
+/// under `LAMEDUCK_REQUIRE_TOOLS=1` (CI) a missing tool is a failure instead. [`skip_tool`]
+/// names the tool apart from the reason. See [`tools`].
+#[allow(unused_imports)]
+pub use tools::{skip, skip_tool};
 
 /// Upper bound for any single wait in the tests.
 pub const PATIENCE: Duration = Duration::from_secs(20);

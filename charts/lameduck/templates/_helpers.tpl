@@ -34,6 +34,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/* The image, set once: the webhook's, and the sidecar's unless sidecar.image is set. */}}
 {{- define "lameduck.image" -}}
+{{- if and (eq .Values.image.repository "ghcr.io/lameduck/lameduck") (not .Values.image.allowPlaceholder) -}}
+{{- fail "image.repository is ghcr.io/lameduck/lameduck, a placeholder: no lameduck image is published there yet. Build and push the image (README, Install), then set image.repository to it, e.g. --set image.repository=123456789012.dkr.ecr.eu-west-1.amazonaws.com/lameduck" -}}
+{{- end -}}
 {{- if .Values.image.digest -}}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
 {{- else -}}
