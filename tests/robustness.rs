@@ -8,7 +8,7 @@ mod support;
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -277,30 +277,9 @@ async fn a_request_looping_back_through_the_upstream_is_a_508() {
 
 // === Node's http2 client across a drain ===
 
-/// Node, found where `.ci/install-nodejs.sh` puts it (`LAMEDUCK_NODE` to name another).
-fn node() -> Option<PathBuf> {
-    let path = std::env::var_os("LAMEDUCK_NODE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/node"));
-    let ok = Command::new(&path)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        skip(&format!(
-            "{}: node not found at {} (install it with .ci/install-nodejs.sh, or set \
-             LAMEDUCK_NODE)",
-            std::thread::current().name().unwrap_or("?"),
-            path.display()
-        ));
-        return None;
-    }
-    Some(path)
-}
-
 /// Runs `tests/support/node/h2client.js` (N workers sharing one session, back to back) for
 /// `ms` against `addr`; its JSON summary.
-fn node_h2_client(node: &PathBuf, addr: SocketAddr, workers: u32, ms: u64) -> Child {
+fn node_h2_client(node: &Path, addr: SocketAddr, workers: u32, ms: u64) -> Child {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/support/node/h2client.js"
@@ -326,7 +305,9 @@ fn summary(child: Child) -> serde_json::Value {
 /// arrives, and 24-120 requests failed per drain over hundreds of sessions.
 #[tokio::test]
 async fn node_http2_loses_no_request_across_a_drain() {
-    let Some(node) = node() else { return };
+    let Some(node) = support::tools::node() else {
+        return;
+    };
     for trigger in ["TERM", "drain"] {
         let up = upstream(UpOpts::default()).await;
         let mut p = Proxy::start(

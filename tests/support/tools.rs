@@ -347,6 +347,19 @@ pub fn grpc_python_spec() -> Spec {
     }
 }
 
+/// Node.js (`.ci/install-nodejs.sh`: Debian's `nodejs`), for its built-in `http2` client.
+pub fn node_spec() -> Spec {
+    Spec {
+        name: "node",
+        var: "LAMEDUCK_NODE",
+        installer: ".ci/install-nodejs.sh",
+        path: env_path("LAMEDUCK_NODE", || PathBuf::from("/usr/bin/node")),
+        version: None,
+        pinned_in: ".ci/install-nodejs.sh",
+        version_args: &["-e", "require('node:http2')"],
+    }
+}
+
 /// The Python of the k8s-tools venv, which has PyYAML (kubernetes-validate needs it): the
 /// YAML 1.1 reader of tests/inject.rs.
 pub fn pyyaml_python_spec() -> Spec {
@@ -424,4 +437,9 @@ tool_fn!(
     /// The Python with PyYAML (`.ci/install-k8s-tools.sh`'s venv).
     pyyaml_python,
     pyyaml_python_spec
+);
+tool_fn!(
+    /// Node.js with `node:http2` (`.ci/install-nodejs.sh`).
+    node,
+    node_spec
 );
