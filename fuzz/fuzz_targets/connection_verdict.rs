@@ -1,5 +1,5 @@
 //! The listener's watchdog inputs (src/traffic/conn.rs): the pure `connection_verdict`, and
-//! `ConnTrack::on_read`, which turns the bytes a connection's reads bring into "a request
+//! `ConnState::on_read`, which turns the bytes a connection's reads bring into "a request
 //! head is pending" or "this is HTTP/2" (the preface detection behind issue 10's
 //! `P`-prefix slowloris).
 //!
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use lameduck::lifecycle::drain::now_nanos;
-use lameduck::traffic::conn::{connection_verdict, ConnTrack, ConnVerdict, Timeouts};
+use lameduck::traffic::conn::{connection_verdict, ConnState, ConnVerdict, Timeouts};
 use libfuzzer_sys::fuzz_target;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -69,7 +69,7 @@ fuzz_target!(|input: Input| {
     }
 
     // The reads: what the connection is after them.
-    let track = ConnTrack::new();
+    let track = ConnState::new();
     let mut seen = Vec::new();
     let mut reads = input.reads;
     if input.preface_first.is_multiple_of(4) {

@@ -1,7 +1,7 @@
 //! One downstream connection's state, shared by its task ([`super::listener`]) and its
 //! service ([`super::proxy`]): the requests on it, the watchdog's verdict (idle, slow
 //! head), and how it is asked to go while the pod drains ([`persistence`],
-//! [`h2_leave_after`], [`ConnTrack::safe_to_leave`]). Atomics only; nothing here is on a lock.
+//! [`h2_leave_after`], [`ConnState::safe_to_leave`]). Atomics only; nothing here is on a lock.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ pub enum Persistence {
     /// HTTP/2: GOAWAY now, this and the other open streams finishing.
     GoAway,
     /// HTTP/2 while draining: one GOAWAY once the connection is old enough
-    /// ([`h2_leave_after`]) and its client has nothing queued ([`ConnTrack::safe_to_leave`]);
+    /// ([`h2_leave_after`]) and its client has nothing queued ([`ConnState::safe_to_leave`]);
     /// the connection's task times it, never a request.
     LeaveWhenOld,
 }
@@ -77,7 +77,7 @@ pub(crate) const LEAVE_IDLE: Duration = Duration::from_millis(200);
 
 /// Per-connection activity, written by the IO wrapper and the request guards, read by the
 /// watchdog. Atomics only; nothing here is on a lock.
-pub struct ConnTrack {
+pub struct ConnState {
     /// `now_nanos()` at the accept.
     pub(crate) accepted: u64,
     pub(crate) in_flight: AtomicU32,
@@ -110,10 +110,10 @@ pub enum ConnVerdict {
     SlowHeaders,
 }
 
-impl ConnTrack {
-    pub fn new() -> ConnTrack {
+impl ConnState {
+    pub fn new() -> ConnState {
         let now = now_nanos();
-        ConnTrack {
+        ConnState {
             accepted: now,
             in_flight: AtomicU32::new(0),
             max_in_flight: AtomicU32::new(0),
@@ -128,7 +128,7 @@ impl ConnTrack {
 
     /// A request's head has been parsed; hold the guard until the request ends. Also says
     /// whether it is the first request on the connection.
-    pub fn request(this: &Arc<ConnTrack>) -> (ConnRequest, bool) {
+    pub fn request(this: &Arc<ConnState>) -> (ConnRequest, bool) {
         let now = this.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         this.max_in_flight.fetch_max(now, Ordering::AcqRel);
         let first = this.requests.fetch_add(1, Ordering::Relaxed) == 0;
@@ -203,16 +203,16 @@ impl ConnTrack {
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// [`ConnTrack::preface`] once the bytes seen are not the preface.
+/// [`ConnState::preface`] once the bytes seen are not the preface.
 const PREFACE_NO: u8 = u8::MAX;
 
-impl Default for ConnTrack {
+impl Default for ConnState {
     fn default() -> Self {
         Self::new()
     }
 }
 
-/// [`ConnTrack::safe_to_leave`], pure: `idle` is how long nothing has been in flight.
+/// [`ConnState::safe_to_leave`], pure: `idle` is how long nothing has been in flight.
 fn leave_is_safe(in_flight: u32, max_in_flight: u32, idle: Duration) -> bool {
     match in_flight {
         0 => idle >= LEAVE_IDLE,
@@ -249,7 +249,7 @@ pub fn connection_verdict(
 }
 
 /// A request in flight on one connection.
-pub struct ConnRequest(Arc<ConnTrack>);
+pub struct ConnRequest(Arc<ConnState>);
 
 impl Drop for ConnRequest {
     fn drop(&mut self) {
@@ -333,10 +333,10 @@ mod tests {
 
     #[test]
     fn idle_gap_between_requests_does_not_count_as_header_time() {
-        let t = Arc::new(ConnTrack::new());
+        let t = Arc::new(ConnState::new());
         t.on_read(b"GET / HTTP/1.1\r\n");
         assert_ne!(t.head_since.load(Ordering::Acquire), 0);
-        let (req, first) = ConnTrack::request(&t);
+        let (req, first) = ConnState::request(&t);
         assert!(first);
         t.on_read(b"body bytes");
         assert_eq!(t.head_since.load(Ordering::Acquire), 0);
@@ -347,12 +347,12 @@ mod tests {
 
     #[test]
     fn h2_preface_is_detected() {
-        let t = ConnTrack::new();
+        let t = ConnState::new();
         t.on_read(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
         assert!(t.h2.load(Ordering::Acquire));
         assert!(!t.head_pending());
         // Across reads, one byte at a time: h2 only once the whole preface is in.
-        let t = ConnTrack::new();
+        let t = ConnState::new();
         for (i, b) in PREFACE.iter().enumerate() {
             assert!(!t.h2.load(Ordering::Acquire), "h2 after {i} bytes");
             t.on_read(&[*b]);
@@ -364,7 +364,7 @@ mod tests {
     /// progress: the header timeout applies. Before: marked h2 and exempt.
     #[test]
     fn a_head_starting_with_p_is_not_h2() {
-        let t = ConnTrack::new();
+        let t = ConnState::new();
         t.on_read(b"P");
         t.on_read(b"OST / HTTP/1.1\r\n");
         assert!(!t.h2.load(Ordering::Acquire));
@@ -372,7 +372,7 @@ mod tests {
         let since = t.head_since.load(Ordering::Acquire);
         assert_eq!(t.verdict(since - 1 + 11 * SEC, T), ConnVerdict::SlowHeaders);
         // A partial preface is a head in progress too.
-        let t = ConnTrack::new();
+        let t = ConnState::new();
         t.on_read(b"PRI * HTTP/2");
         assert!(!t.h2.load(Ordering::Acquire));
         let since = t.head_since.load(Ordering::Acquire);

@@ -30,7 +30,7 @@
 //! When the lifecycle reaches `Drained`, each open one is shut down gracefully (HTTP/1:
 //! closed once idle; h2: GOAWAY, two-phase). Connections accepted after that are still
 //! served: HTTP/1 ones one request each (`connection: close`), h2 ones get GOAWAY with their
-//! first request ([`ConnTrack::go_away`]). At exit ([`Lifecycle::close`]) the accept loop
+//! first request ([`ConnState::go_away`]). At exit ([`Lifecycle::close`]) the accept loop
 //! returns, dropping the socket, and every connection is closed gracefully; the socket of a
 //! closed connection lingers briefly (FIN sent, reads drained) so the peer sees a FIN, not
 //! an RST for data it sent after our last frame.
@@ -54,7 +54,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::lifecycle::drain::{now_nanos, ConnectionGuard, Lifecycle, Phase, State};
 use crate::traffic::accept::{accept, AcceptError};
 use crate::traffic::conn::{
-    h2_leave_after, persistence, ConnTrack, ConnVerdict, Persistence, Timeouts, LEAVE_IDLE, PREFACE,
+    h2_leave_after, persistence, ConnState, ConnVerdict, Persistence, Timeouts, LEAVE_IDLE, PREFACE,
 };
 use crate::traffic::proxy::Proxy;
 
@@ -106,7 +106,7 @@ pub async fn serve(
         proxy.accepted();
         // Counted from the accept, so the limit in `accept` sees every connection at once.
         let open = lifecycle.connection();
-        let track = Arc::new(ConnTrack::new());
+        let track = Arc::new(ConnState::new());
         let svc = proxy.service(track.clone(), peer.ip().to_canonical());
         tokio::spawn(connection(shared.clone(), stream, peer, svc, track, open));
     }
@@ -132,7 +132,7 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     svc: crate::traffic::proxy::ProxyService,
-    track: Arc<ConnTrack>,
+    track: Arc<ConnState>,
     open: ConnectionGuard,
 ) {
     let _ = stream.set_nodelay(true);
@@ -155,7 +155,7 @@ async fn tls_connection(
     stream: TcpStream,
     peer: SocketAddr,
     svc: crate::traffic::proxy::ProxyService,
-    track: Arc<ConnTrack>,
+    track: Arc<ConnState>,
     open: ConnectionGuard,
 ) {
     let closing = shared.lifecycle.closing_token();
@@ -264,7 +264,7 @@ enum Leave {
     Old {
         give_up: Duration,
     },
-    /// Old enough: the GOAWAY goes at the first safe moment ([`ConnTrack::safe_to_leave`]),
+    /// Old enough: the GOAWAY goes at the first safe moment ([`ConnState::safe_to_leave`]),
     /// or at `by` whatever.
     Due {
         by: tokio::time::Instant,
@@ -310,7 +310,7 @@ async fn open_connection<S: Downstream>(
     stream: S,
     peer: SocketAddr,
     svc: crate::traffic::proxy::ProxyService,
-    track: &Arc<ConnTrack>,
+    track: &Arc<ConnState>,
     open: ConnectionGuard,
     accepted_drained: bool,
 ) -> Option<(Conn<S>, Version)> {
@@ -355,7 +355,7 @@ async fn serve_connection<S: Downstream>(
     stream: S,
     peer: SocketAddr,
     svc: crate::traffic::proxy::ProxyService,
-    track: Arc<ConnTrack>,
+    track: Arc<ConnState>,
     open: ConnectionGuard,
 ) {
     let Shared {
@@ -372,7 +372,7 @@ async fn serve_connection<S: Downstream>(
     let mut state = lifecycle.subscribe();
     // A connection that arrives after the drain is served, not shut down on arrival: it may
     // carry a late request (HTTP/1 gets `connection: close`; h2 gets GOAWAY with its first
-    // request, through `ConnTrack::go_away`). One that arrives as the exit begins is closed
+    // request, through `ConnState::go_away`). One that arrives as the exit begins is closed
     // at once (HTTP/1: after its first request, if it had one).
     let accepted_drained = lifecycle.phase() == Phase::Drained;
     let Some((conn, version)) =
@@ -581,7 +581,7 @@ impl Downstream for TlsStream<TcpStream> {
 /// open until its socket is closed, lingering included.
 struct TrackedIo<S: Downstream> {
     inner: Option<S>,
-    track: Arc<ConnTrack>,
+    track: Arc<ConnState>,
     open: Option<ConnectionGuard>,
     /// hyper closed our side (FIN sent): the socket lingers when dropped.
     shut_down: bool,

@@ -1,7 +1,7 @@
 //! The traffic path: one hyper `Service` per connection that forwards each request to the app.
 //!
 //! ```text
-//! track        in-flight guard, last-request instant, health-check recognition, metrics
+//! service      in-flight guard, last-request instant, health-check recognition, metrics
 //!              (held until the body ends)
 //! drain-aware  health path answered 503 while draining; `connection: close` once drained
 //! forward      hop-by-hop headers, URI and Host, upgrades, upstream errors → 502/504
@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::lifecycle::drain::{Lifecycle, Phase, RequestGuard, RequestKind};
 use crate::metrics::Metrics;
-use crate::traffic::conn::{persistence, ConnRequest, ConnTrack, Persistence};
+use crate::traffic::conn::{persistence, ConnRequest, ConnState, Persistence};
 use crate::traffic::upstream::{
     ClientBody, Protocol, RequestBody, Upstream, UpstreamBody, UpstreamError,
 };
@@ -37,7 +37,7 @@ use crate::traffic::upstream::{
 /// Builds the per-connection services; cheap to clone.
 #[derive(Clone)]
 pub struct Proxy {
-    track: Arc<TrackShared>,
+    service: Arc<ServiceShared>,
     forward: Arc<ForwardShared>,
 }
 
@@ -71,7 +71,7 @@ impl Proxy {
         }
         let health_paths: Arc<[Box<str>]> = paths.into_iter().map(String::into_boxed_str).collect();
         Proxy {
-            track: Arc::new(TrackShared {
+            service: Arc::new(ServiceShared {
                 lifecycle: lifecycle.clone(),
                 metrics: metrics.clone(),
                 health_paths: health_paths.clone(),
@@ -93,22 +93,22 @@ impl Proxy {
 
     /// `--keep-alive-while-draining`, for the connections' tasks.
     pub fn keep_alive_while_draining(&self) -> bool {
-        self.track.keep_alive_while_draining
+        self.service.keep_alive_while_draining
     }
 
     /// Counts an accepted downstream connection.
     pub fn accepted(&self) {
-        self.track.metrics.connections_total.inc();
+        self.service.metrics.connections_total.inc();
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.track.metrics
+        &self.service.metrics
     }
 
     /// The service for one accepted connection from `peer`.
-    pub fn service(&self, conn: Arc<ConnTrack>, peer: std::net::IpAddr) -> ProxyService {
+    pub fn service(&self, conn: Arc<ConnState>, peer: std::net::IpAddr) -> ProxyService {
         ProxyService {
-            track: self.track.clone(),
+            service: self.service.clone(),
             forward: self.forward.clone(),
             conn,
             peer,
@@ -171,7 +171,7 @@ fn local(status: StatusCode, text: impl Into<Bytes>) -> Response<ResBody> {
 
 // === impl Track ===
 
-struct TrackShared {
+struct ServiceShared {
     lifecycle: Lifecycle,
     metrics: Arc<Metrics>,
     health_paths: Arc<[Box<str>]>,
@@ -199,7 +199,7 @@ const PROXIED: [HeaderName; 6] = [
     header::VIA,
 ];
 
-impl TrackShared {
+impl ServiceShared {
     /// A load-balancer health check: the health path or a known checker's User-Agent, on
     /// what only a health check looks like. The ALB's checks come on a new connection each
     /// time (so as the connection's first request) and carry none of the [`PROXIED`]
@@ -230,20 +230,20 @@ impl TrackShared {
 /// response body ends or is abandoned, answers health checks while draining, and forwards
 /// the rest.
 pub struct ProxyService {
-    track: Arc<TrackShared>,
+    service: Arc<ServiceShared>,
     forward: Arc<ForwardShared>,
-    conn: Arc<ConnTrack>,
+    conn: Arc<ConnState>,
     peer: std::net::IpAddr,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
-    type Response = Response<Tracked>;
+    type Response = Response<CountedBody>;
     type Error = Infallible;
     type Future = ProxyFuture;
 
     fn call(&self, req: Request<Incoming>) -> ProxyFuture {
-        let shared = &self.track;
-        let (conn, first) = ConnTrack::request(&self.conn);
+        let shared = &self.service;
+        let (conn, first) = ConnState::request(&self.conn);
         let kind = shared.kind(&req, first);
         let request = shared.lifecycle.request(kind, self.peer);
         let phase = request.phase();
@@ -257,7 +257,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         if persistence == Persistence::GoAway {
             self.conn.go_away();
         }
-        let done = Some(Done {
+        let done = Some(RequestRecord {
             request,
             _conn: conn,
             shared: shared.clone(),
@@ -296,16 +296,16 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
 /// Records a request when dropped: by the body at its end, or by the future if the client
 /// went away before the response (recorded as 499, as nginx does).
-struct Done {
+struct RequestRecord {
     request: RequestGuard,
     _conn: ConnRequest,
-    shared: Arc<TrackShared>,
+    shared: Arc<ServiceShared>,
     status: u16,
     /// A gRPC call: cut with `grpc-status` trailers rather than a stream reset.
     grpc: bool,
 }
 
-impl Drop for Done {
+impl Drop for RequestRecord {
     fn drop(&mut self) {
         let status = if self.status == 0 { 499 } else { self.status };
         self.shared.metrics.record_request(
@@ -330,13 +330,13 @@ enum Answer {
 /// into the response body.
 pub struct ProxyFuture {
     answer: Answer,
-    done: Option<Done>,
+    done: Option<RequestRecord>,
     /// HTTP/1: `connection: close` on a forwarded response (decided at the request's start).
     close: bool,
 }
 
 impl Future for ProxyFuture {
-    type Output = Result<Response<Tracked>, Infallible>;
+    type Output = Result<Response<CountedBody>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -361,7 +361,7 @@ impl Future for ProxyFuture {
             Some(e) => e.0.as_u16(),
             None => resp.status().as_u16(),
         };
-        Poll::Ready(Ok(resp.map(|inner| Tracked {
+        Poll::Ready(Ok(resp.map(|inner| CountedBody {
             inner,
             done: Some(done),
             ended: false,
@@ -370,9 +370,9 @@ impl Future for ProxyFuture {
 }
 
 /// The response body as sent downstream; ends the request's tracking when it ends.
-pub struct Tracked {
+pub struct CountedBody {
     inner: ResBody,
-    done: Option<Done>,
+    done: Option<RequestRecord>,
     /// Cut at drain-max: gRPC trailers sent, nothing more.
     ended: bool,
 }
@@ -386,7 +386,7 @@ pub struct CutAtDrainMax(#[source] h2::Error);
 
 pub type BodyError = crate::traffic::upstream::BoxError;
 
-impl Body for Tracked {
+impl Body for CountedBody {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -876,13 +876,13 @@ mod tests {
         h
     }
 
-    fn shared(path: Option<&str>) -> TrackShared {
+    fn shared(path: Option<&str>) -> ServiceShared {
         let lc = Lifecycle::new(crate::lifecycle::drain::DrainSettings::fixed(
             std::time::Duration::ZERO,
             std::time::Duration::ZERO,
             std::time::Duration::from_secs(1),
         ));
-        TrackShared {
+        ServiceShared {
             metrics: Arc::new(Metrics::new(lc.clone())),
             lifecycle: lc,
             health_paths: path.map(|p| p.into()).into_iter().collect(),
