@@ -31,7 +31,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::lifecycle::drain::{Lifecycle, Phase, Snapshot, State, Trigger};
+use crate::lifecycle::drain::{Lifecycle, Phase, ReadinessWhileDraining, Snapshot, State, Trigger};
 use crate::metrics::Metrics;
 use crate::traffic::upstream::Upstream;
 
@@ -48,6 +48,8 @@ pub struct Admin {
     upstream: Arc<Upstream>,
     upstream_health: Option<String>,
     drain_token: Option<String>,
+    /// `--readiness-while-draining`.
+    readiness_while_draining: ReadinessWhileDraining,
     /// The app has been reachable at least once: before that, not ready is `starting`.
     seen_up: AtomicBool,
     /// The last probe of the app and when it finished: `/readyz` calls within
@@ -75,9 +77,16 @@ impl Admin {
             upstream,
             upstream_health,
             drain_token,
+            readiness_while_draining: ReadinessWhileDraining::Fail,
             seen_up: AtomicBool::new(false),
             last_probe: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// What `/readyz` answers while draining (`--readiness-while-draining`; default: fail).
+    pub fn with_readiness_while_draining(mut self, policy: ReadinessWhileDraining) -> Admin {
+        self.readiness_while_draining = policy;
+        self
     }
 
     /// Routes one admin request.
@@ -112,10 +121,17 @@ impl Admin {
         if self.lifecycle.failure().is_some() {
             return text(StatusCode::SERVICE_UNAVAILABLE, "failed");
         }
-        match self.lifecycle.phase() {
-            Phase::Draining => return text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
-            Phase::Drained => return text(StatusCode::SERVICE_UNAVAILABLE, "drained"),
-            Phase::Serving => {}
+        match self.lifecycle.state() {
+            // Kept ready for consumers that route to a terminating endpoint only while it is
+            // serving (`--readiness-while-draining`); the app is not probed: it is up.
+            State::Draining { since, .. }
+                if self.readiness_while_draining.ready(since.elapsed()) =>
+            {
+                return text(StatusCode::OK, "draining");
+            }
+            State::Draining { .. } => return text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+            State::Drained { .. } => return text(StatusCode::SERVICE_UNAVAILABLE, "drained"),
+            State::Serving => {}
         }
         let probe = self.probe().await;
         // Draining may have started while the probe ran: that answer wins.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::lifecycle::cadence::Quiet;
-use crate::lifecycle::drain::{DrainSettings, Unit};
+use crate::lifecycle::drain::{DrainSettings, ReadinessWhileDraining, Unit};
 use crate::traffic::proxy_protocol::ProxyProtocol;
 use crate::traffic::upstream::Protocol;
 
@@ -196,6 +196,17 @@ pub struct ProxyArgs {
         help_heading = "Drain"
     )]
     pub keep_alive_while_draining: bool,
+
+    /// What /readyz answers while draining: `fail` (503 at once: ALB/NLB IP targets, and
+    /// the only way out where nothing deletes the pod), `keep` (200 until the drain is over:
+    /// kube-proxy with externalTrafficPolicy Local, Cilium, Envoy Gateway and other
+    /// consumers that keep routing to a serving terminating endpoint), or DUR (200 for DUR
+    /// after the drain starts, then 503). The load balancer's health path (--health-path)
+    /// fails at once whatever this says.
+    #[arg(long, env = "LAMEDUCK_READINESS_WHILE_DRAINING", value_name = "fail|keep|DUR",
+          default_value = "fail", value_parser = parse_readiness, allow_hyphen_values = true,
+          help_heading = "Drain")]
+    pub readiness_while_draining: ReadinessWhileDraining,
 
     /// Readiness also needs GET PATH on the app to answer 2xx (default: a TCP connect).
     #[arg(long, env = "LAMEDUCK_UPSTREAM_HEALTH", value_name = "PATH", value_parser = parse_path,
@@ -790,6 +801,17 @@ pub fn check_drain_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Parses `fail`, `keep` or a duration.
+pub fn parse_readiness(s: &str) -> Result<ReadinessWhileDraining, String> {
+    match s.trim() {
+        "fail" => Ok(ReadinessWhileDraining::Fail),
+        "keep" => Ok(ReadinessWhileDraining::Keep),
+        other => parse_duration(other)
+            .map(ReadinessWhileDraining::For)
+            .map_err(|e| format!("{e}; or fail, or keep")),
+    }
+}
+
 /// Parses `auto` or a duration.
 pub fn parse_quiet(s: &str) -> Result<QuietArg, String> {
     if s.trim() == "auto" {
@@ -886,6 +908,22 @@ mod tests {
         for (up, own, want) in cases {
             assert_eq!(reaches(a(up), a(own)), want, "{up} -> {own}");
         }
+    }
+
+    #[test]
+    fn readiness_while_draining_values() {
+        use ReadinessWhileDraining::*;
+        assert_eq!(proxy(&[]).unwrap().readiness_while_draining, Fail);
+        for (v, want) in [
+            ("fail", Fail),
+            ("keep", Keep),
+            ("10s", For(Duration::from_secs(10))),
+        ] {
+            let p = proxy(&["--readiness-while-draining", v]).unwrap();
+            assert_eq!(p.readiness_while_draining, want, "{v}");
+        }
+        let e = proxy(&["--readiness-while-draining", "sometimes"]).unwrap_err();
+        assert!(e.contains("or fail, or keep"), "{e}");
     }
 
     #[test]

@@ -156,13 +156,16 @@ impl Bound {
                 tcp_config(&args, max_connections),
             )),
         };
-        let admin_state = Arc::new(Admin::new(
-            lifecycle.clone(),
-            metrics,
-            upstream,
-            args.upstream_health.clone(),
-            args.drain_token.clone(),
-        ));
+        let admin_state = Arc::new(
+            Admin::new(
+                lifecycle.clone(),
+                metrics,
+                upstream,
+                args.upstream_health.clone(),
+                args.drain_token.clone(),
+            )
+            .with_readiness_while_draining(args.readiness_while_draining),
+        );
         let events = args.events.then(|| spawn_events(&args, &lifecycle));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let admin_task = tokio::spawn(admin::serve(admin, admin_state, async {

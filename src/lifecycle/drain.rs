@@ -153,6 +153,28 @@ impl State {
     }
 }
 
+/// `--readiness-while-draining`: what `/readyz` answers while the pod drains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadinessWhileDraining {
+    /// 503 from the drain's first moment (the default).
+    Fail,
+    /// 200 until the drain is over.
+    Keep,
+    /// 200 for this long after the drain starts (or until it is over), then 503.
+    For(Duration),
+}
+
+impl ReadinessWhileDraining {
+    /// Whether `/readyz` still answers 200 `elapsed` into a drain that is not over yet.
+    pub fn ready(self, elapsed: Duration) -> bool {
+        match self {
+            ReadinessWhileDraining::Fail => false,
+            ReadinessWhileDraining::Keep => true,
+            ReadinessWhileDraining::For(d) => elapsed < d,
+        }
+    }
+}
+
 /// The drain settings from the command line. Validated by the CLI: `min <= max`, a fixed
 /// quiet or the fallback `<= max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1105,6 +1127,23 @@ mod tests {
         lc.released().await;
         assert!(t.elapsed() >= S(10), "{:?}", t.elapsed());
         assert_eq!(lc.in_flight(), 1);
+    }
+
+    #[test]
+    fn readiness_while_draining() {
+        use ReadinessWhileDraining::*;
+        let s = Duration::from_secs;
+        for (policy, elapsed, want) in [
+            (Fail, s(0), false),
+            (Keep, s(0), true),
+            (Keep, s(3600), true),
+            (For(s(6)), s(0), true),
+            (For(s(6)), s(5), true),
+            (For(s(6)), s(6), false),
+            (For(Duration::ZERO), s(0), false),
+        ] {
+            assert_eq!(policy.ready(elapsed), want, "{policy:?} at {elapsed:?}");
+        }
     }
 
     /// Whatever happens to the drain clock's task, the release comes at drain-max. Before: a
