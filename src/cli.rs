@@ -148,12 +148,13 @@ pub struct ProxyArgs {
 
     /// User-Agent prefixes that mark a request as a load-balancer health check (besides
     /// requests to --health-path), comma-separated. Checks are learned from for --quiet
-    /// auto and counted apart from application requests.
+    /// auto and counted apart from application requests. Default: AWS's ELB health checks
+    /// and Google Cloud's (GKE container-native load balancing).
     #[arg(
         long,
         env = "LAMEDUCK_HEALTH_CHECK_AGENTS",
         value_name = "LIST",
-        default_value = "ELB-HealthChecker",
+        default_value = "ELB-HealthChecker,GoogleHC",
         value_delimiter = ',',
         help_heading = "Drain"
     )]
@@ -955,7 +956,7 @@ mod tests {
         assert_eq!(p.drain_min, Duration::from_secs(5));
         assert_eq!(p.quiet, QuietArg::Auto);
         assert_eq!(p.quiet_fallback, Duration::from_secs(30));
-        assert_eq!(p.health_check_agents, ["ELB-HealthChecker"]);
+        assert_eq!(p.health_check_agents, ["ELB-HealthChecker", "GoogleHC"]);
         assert_eq!(p.drain_max, Duration::from_secs(120));
         assert!(
             p.idle_timeout > Duration::from_secs(60),
