@@ -18,18 +18,14 @@
 //! | [`metrics`] | the Prometheus registry |
 //! | [`logging`] | log lines to stderr through a bounded queue: a failed or blocked write is dropped and counted, never a panic or a stall |
 //! | [`sidecar`] | the `lameduck proxy` process: binding, wiring, the path to exit |
-//! | [`inject`] | the pure pod transformation behind `inject` and `webhook`; manifest rewriting |
-//! | [`yaml`] | YAML out that YAML 1.1 readers read as meant (for `inject`) |
 //! | [`tls`] | serving certificates (files reloaded on change, or self-signed) and the rustls config |
-//! | [`webhook`] | `lameduck webhook`: the HTTPS AdmissionReview shell around [`inject`] |
-//! | [`events`] | `--events`: the drain's Kubernetes Event on the pod, and the API call posting it |
+//! | [`kube`] | the Kubernetes integration: `inject`, the `webhook`, the drain's `events`, YAML out |
 
 pub mod admin;
 pub mod cadence;
 pub mod cli;
 pub mod drain;
-pub mod events;
-pub mod inject;
+pub mod kube;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
@@ -40,5 +36,6 @@ pub mod signal;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
-pub mod webhook;
-pub mod yaml;
+
+/// The drain's Event, where `sidecar` and `cli` name it (now [`kube::events`]).
+pub use kube::events;

@@ -102,7 +102,7 @@ fn drain(args: DrainArgs) -> ExitCode {
 /// cannot be injected exits 2 naming it.
 fn inject(args: InjectArgs) -> ExitCode {
     use std::io::{Read, Write};
-    if let Err(e) = lameduck::inject::Settings::from(&args.sidecar).check() {
+    if let Err(e) = lameduck::kube::inject::Settings::from(&args.sidecar).check() {
         return fail(2, &e);
     }
     let mut input = String::new();
@@ -114,9 +114,9 @@ fn inject(args: InjectArgs) -> ExitCode {
     if let Err(e) = read {
         return fail(2, &format!("cannot read {}: {e}", args.filename.display()));
     }
-    match lameduck::inject::inject_manifests(
+    match lameduck::kube::inject::inject_manifests(
         &input,
-        &lameduck::inject::Settings::from(&args.sidecar),
+        &lameduck::kube::inject::Settings::from(&args.sidecar),
         args.all,
     ) {
         Ok(out) => {
@@ -137,7 +137,7 @@ fn inject(args: InjectArgs) -> ExitCode {
 }
 
 fn webhook(args: WebhookArgs) -> ExitCode {
-    if let Err(e) = lameduck::inject::Settings::from(&args.sidecar).check() {
+    if let Err(e) = lameduck::kube::inject::Settings::from(&args.sidecar).check() {
         return fail(2, &e);
     }
     init_tracing(args.log_format, args.log_level);
@@ -150,7 +150,7 @@ fn webhook(args: WebhookArgs) -> ExitCode {
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
     let code = runtime.block_on(async move {
-        let bound = match lameduck::webhook::Bound::bind(&args).await {
+        let bound = match lameduck::kube::webhook::Bound::bind(&args).await {
             Ok(bound) => bound,
             Err(e) => return fail(2, &e.to_string()),
         };

@@ -1452,7 +1452,7 @@ pub fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
 /// back. A document injection does not change is copied byte for byte (comments, quoting,
 /// anchors and all); a changed one keeps the comments above it and is written with every
 /// string quoted that a YAML 1.1 reader (kubectl, Argo CD, kustomize) could read as
-/// something else ([`crate::yaml::emit_document`]).
+/// something else ([`crate::kube::yaml::emit_document`]).
 ///
 /// Refused: a document that cannot be injected, and a Service that targets an injected
 /// app's port by number (it would reach the app directly), unless that pod template allows
@@ -1598,11 +1598,12 @@ pub fn inject_manifests(
             continue;
         }
         let (header, _) = document_header(doc.text);
-        let body = crate::yaml::emit_document(&doc.value).map_err(|reason| ManifestError {
-            index: numbers[i],
-            what: describe(&doc.value),
-            reason: format!("cannot be written back as YAML: {reason}"),
-        })?;
+        let body =
+            crate::kube::yaml::emit_document(&doc.value).map_err(|reason| ManifestError {
+                index: numbers[i],
+                what: describe(&doc.value),
+                reason: format!("cannot be written back as YAML: {reason}"),
+            })?;
         if !out.yaml.is_empty() && !out.yaml.ends_with('\n') {
             out.yaml.push('\n');
         }

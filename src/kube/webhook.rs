@@ -1,6 +1,6 @@
 //! `lameduck webhook`: the mutating admission webhook, a thin HTTPS shell around
-//! [`crate::inject`]. It owns the AdmissionReview wire format, the TLS listener and the
-//! certificate reload; what a pod becomes is decided by [`crate::inject::template_patch`] alone.
+//! [`crate::kube::inject`]. It owns the AdmissionReview wire format, the TLS listener and the
+//! certificate reload; what a pod becomes is decided by [`crate::kube::inject::template_patch`] alone.
 //!
 //! | endpoint | method | answers |
 //! |---|---|---|
@@ -8,7 +8,7 @@
 //! | `/healthz` | GET, HEAD | readiness: 200 `ok`; 503 `draining` once SIGTERM has arrived |
 //! | `/livez` | GET, HEAD | liveness: 200 `ok` until the process exits |
 //!
-//! Every pod gets its own random drain token ([`crate::inject::random_token`]) unless it
+//! Every pod gets its own random drain token ([`crate::kube::inject::random_token`]) unless it
 //! sets `lameduck.io/drain-token`. Each answer is logged with the pod's namespace and
 //! owner (`ReplicaSet/web-7d4b9c5f6`, or its generateName or name), and the reason of a
 //! denial or the warnings of an injection.
@@ -43,7 +43,7 @@ use serde_json::{json, Value as Json};
 use tokio::net::TcpListener;
 
 use crate::cli::WebhookArgs;
-use crate::inject::{self, Settings};
+use crate::kube::inject::{self, Settings};
 use crate::tls::{self, CertStore, TlsError};
 
 /// Largest AdmissionReview accepted: the API server's own request size limit (3 MiB).
