@@ -1,0 +1,638 @@
+//! The pure pod transformation: [`inject`] puts lameduck in front of the app in one pod
+//! spec, as a short recipe of named steps (app port, sidecar ports, preStop wiring, sidecar
+//! arguments, TLS and environment, grace period, marks). No I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, HTTPHeader, Lifecycle,
+    LifecycleHandler, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::annotations::*;
+use super::ports::*;
+use super::{typed_json, InjectError};
+use crate::cli::{Mode, ProxyArgs};
+use crate::upstream::Protocol;
+
+/// The injected container's name.
+pub const CONTAINER_NAME: &str = "lameduck";
+
+/// The environment variable the sidecar reads its `--drain-token` from (the proxy's own
+/// `env =` on that flag), and the header the preStop hook sends it in.
+pub const TOKEN_ENV: &str = "LAMEDUCK_DRAIN_TOKEN";
+pub const TOKEN_HEADER: &str = "X-Lameduck-Token";
+
+/// terminationGracePeriodSeconds ≥ drain-max + this: time for the app's own shutdown
+/// after `/drain` answers.
+pub const GRACE_MARGIN_SECS: i64 = 30;
+const K8S_DEFAULT_GRACE_SECS: i64 = 30;
+
+/// An injected pod (or the untouched input, when it was injected already).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Injection {
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+    /// Things the user should know: the pod works, but not the way they may think.
+    pub warnings: Vec<String>,
+}
+
+// === the pure function ===
+
+/// What the pod gives up under `lameduck.io/allow-degraded`, or the refusal without it.
+struct Degraded {
+    allowed: bool,
+    what: Vec<String>,
+}
+
+impl Degraded {
+    /// `refusal` ends with the fix; `what` is the short form for the annotation.
+    fn note(&mut self, refusal: String, what: &str) -> Result<(), InjectError> {
+        if !self.allowed {
+            return Err(InjectError::Refused(format!(
+                "{refusal} (or set annotation {ANN_ALLOW_DEGRADED}: \"true\" to inject anyway, \
+                 marked {ANN_DEGRADED})"
+            )));
+        }
+        self.what.push(what.to_owned());
+        Ok(())
+    }
+}
+
+/// Puts lameduck in front of the app in one pod. Pure: no I/O, same input, same output.
+/// A pod already marked `lameduck.io/status: injected` comes back unchanged.
+pub fn inject(
+    spec: &PodSpec,
+    metadata: &ObjectMeta,
+    settings: &Settings,
+) -> Result<Injection, InjectError> {
+    let mut out = Injection {
+        metadata: metadata.clone(),
+        spec: spec.clone(),
+        warnings: Vec::new(),
+    };
+    if annotation(metadata, STATUS_ANNOTATION) == Some(STATUS_INJECTED) {
+        return Ok(out);
+    }
+    if all_containers(spec).any(|c| c.name == CONTAINER_NAME) {
+        out.warnings.push(format!(
+            "the pod already has a container named {CONTAINER_NAME} and no {STATUS_ANNOTATION} \
+             annotation: left as it is (wired by hand?)"
+        ));
+        return Ok(out);
+    }
+    if spec.containers.is_empty() {
+        return Err(InjectError::InvalidPod("it has no containers".into()));
+    }
+
+    let opts = Options::from_annotations(metadata, settings)?;
+    let mut degraded = Degraded {
+        allowed: opts.allow_degraded,
+        what: Vec::new(),
+    };
+    let app = find_app_port(
+        spec,
+        opts.container.as_deref(),
+        opts.port.as_deref(),
+        annotation(metadata, KUBECTL_DEFAULT_CONTAINER),
+    )?;
+
+    // A regular sidecar never exits on its own: a pod that must complete never would.
+    if !opts.native_sidecar
+        && matches!(
+            out.spec.restart_policy.as_deref(),
+            Some("Never" | "OnFailure")
+        )
+    {
+        return Err(InjectError::Refused(format!(
+            "the pod's restartPolicy is {}: lameduck as a regular container never exits on its \
+             own, so the pod (and its Job) would never complete; use the native sidecar \
+             (annotation {ANN_NATIVE_SIDECAR}: \"true\", Kubernetes >= 1.29)",
+            out.spec.restart_policy.as_deref().unwrap_or_default()
+        )));
+    }
+
+    // Every port number and name the pod declares, so the proxy's own clash with none.
+    let mut taken_ports = BTreeSet::new();
+    let mut taken_names = BTreeSet::new();
+    for c in all_containers(spec) {
+        for p in c.ports.iter().flatten() {
+            taken_ports.insert(p.container_port);
+            if let Some(n) = &p.name {
+                taken_names.insert(n.clone());
+            }
+        }
+    }
+    let proxy_port = pick_port(
+        ANN_PROXY_PORT,
+        opts.proxy_port.as_deref(),
+        DEFAULT_PROXY_PORT,
+        &taken_ports,
+        None,
+    )?;
+    let admin_port = pick_port(
+        ANN_ADMIN_PORT,
+        opts.admin_port.as_deref(),
+        DEFAULT_ADMIN_PORT,
+        &taken_ports,
+        Some(proxy_port),
+    )?;
+
+    let token = match (&opts.drain_token, &settings.drain_token) {
+        (Some(t), _) | (None, Some(t)) => t.clone(),
+        (None, None) => derived_token(metadata, spec),
+    };
+
+    // Move the app port's name to the proxy: a Service targeting that name, and the load
+    // balancer's ip targets behind it, now reach the proxy.
+    let guaranteed = is_guaranteed(spec);
+    let app_container = &mut out.spec.containers[app.container];
+    let app_container_name = app_container.name.clone();
+    let app_port = &mut app_container.ports.as_mut().expect("the app port exists")[app.port];
+    let app_port_number = app_port.container_port;
+    let original_name = app_port.name.clone();
+    let traffic_name = match app_port.name.clone() {
+        Some(name) => {
+            taken_names.remove(&name);
+            let renamed = pick_name(app_port_names(&name), &taken_names);
+            taken_names.insert(renamed.clone());
+            app_port.name = Some(renamed.clone());
+            // The app's own probes and hooks resolve named ports within the container:
+            // they follow the rename, or they would point at a port that is gone.
+            rename_port_refs(app_container, &name, &renamed);
+            name
+        }
+        None => {
+            degraded.note(
+                format!(
+                    "container {app_container_name} port {app_port_number} has no name, so a \
+                     Service can only target it by number, which reaches the app directly, \
+                     bypassing lameduck: name the port (e.g. http) and use that name as the \
+                     Service's targetPort"
+                ),
+                &format!(
+                    "port {app_port_number} has no name: a Service reaches lameduck only at \
+                     targetPort {proxy_port}"
+                ),
+            )?;
+            pick_name(
+                numbered(CONTAINER_NAME.to_owned(), "lameduck"),
+                &taken_names,
+            )
+        }
+    };
+    taken_names.insert(traffic_name.clone());
+    let admin_name = pick_name(
+        std::iter::once("lameduck-admin".to_owned()).chain(numbered("ld-admin".into(), "ld-admin")),
+        &taken_names,
+    );
+    let protocol = opts
+        .upstream_protocol
+        .unwrap_or_else(|| match original_name.as_deref() {
+            // A byte stream in tcp mode: what it carries is the app's business.
+            Some(n) if is_h2c_port_name(n) && opts.mode == Mode::Http => Protocol::H2c,
+            _ => Protocol::Http1,
+        });
+
+    // The app is signalled only once /drain answers. The kubelet resolves a named port
+    // against the hook's own container, so the admin port goes in by number.
+    let pre_stop = LifecycleHandler {
+        http_get: Some(HTTPGetAction {
+            path: Some("/drain".into()),
+            port: IntOrString::Int(admin_port.into()),
+            http_headers: Some(vec![HTTPHeader {
+                name: TOKEN_HEADER.into(),
+                value: token.clone(),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let lifecycle = app_container
+        .lifecycle
+        .get_or_insert_with(Lifecycle::default);
+    match (&lifecycle.pre_stop, opts.replace_prestop) {
+        (None, _) | (Some(_), true) => lifecycle.pre_stop = Some(pre_stop),
+        (Some(_), false) => degraded.note(
+            format!(
+                "container {app_container_name} already has a preStop hook, so lameduck's \
+                 /drain hook cannot be wired (the app would be signalled without waiting for \
+                 traffic to stop): remove the hook (lameduck's /drain already waits until the \
+                 load balancer has stopped sending, so a sleep is not needed), or set \
+                 annotation {ANN_REPLACE_PRESTOP}: \"true\" to replace it"
+            ),
+            &format!(
+                "container {app_container_name} keeps its own preStop hook: /drain is not \
+                 called, the app is signalled without waiting for traffic to stop"
+            ),
+        )?,
+    }
+
+    let bind = opts.bind_address.unwrap_or(DEFAULT_BIND_ADDRESS);
+    let mut args = vec![
+        "proxy".to_owned(),
+        format!("--listen={}", std::net::SocketAddr::new(bind, proxy_port)),
+        format!("--upstream=127.0.0.1:{app_port_number}"),
+        format!("--admin={}", std::net::SocketAddr::new(bind, admin_port)),
+    ];
+    if protocol == Protocol::H2c {
+        args.push("--upstream-protocol=h2c".into());
+    }
+    for (flag, _, value) in &opts.flags {
+        args.push(format!("{flag}={value}"));
+    }
+    if opts.events {
+        // The kubelet expands $(VAR) in args from the container's env (set below from the
+        // downward API), so the proxy's validation sees the flags --events needs.
+        args.extend(
+            [
+                "--events",
+                "--pod-name=$(LAMEDUCK_POD_NAME)",
+                "--pod-namespace=$(LAMEDUCK_POD_NAMESPACE)",
+                "--pod-uid=$(LAMEDUCK_POD_UID)",
+            ]
+            .map(String::from),
+        );
+    }
+    // The proxy's own parser and validation decide whether these arguments make sense.
+    let proxy = ProxyArgs::parse_and_validate(&args[1..]).map_err(|e| opts.flag_error(&e))?;
+
+    let resources = sidecar_resources(&opts, guaranteed, &mut out.warnings)?;
+    let mut sidecar = sidecar_container(
+        settings,
+        args,
+        (proxy_port, traffic_name),
+        (admin_port, admin_name),
+        resources,
+    );
+    let mut env = vec![EnvVar {
+        name: TOKEN_ENV.into(),
+        value: Some(token),
+        ..Default::default()
+    }];
+    if opts.events {
+        for (name, path) in [
+            ("LAMEDUCK_POD_NAME", "metadata.name"),
+            ("LAMEDUCK_POD_NAMESPACE", "metadata.namespace"),
+            ("LAMEDUCK_POD_UID", "metadata.uid"),
+        ] {
+            env.push(EnvVar {
+                name: name.into(),
+                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
+                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                        field_path: path.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    sidecar.env = Some(env);
+    if let Some(secret) = &opts.tls_secret {
+        // The kubelet updates a mounted Secret in place when cert-manager renews it; the
+        // proxy re-reads the files (--tls-reload-interval).
+        let taken: BTreeSet<String> = out
+            .spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.clone())
+            .collect();
+        let volume = pick_name(numbered("lameduck-tls".into(), "lameduck-tls"), &taken);
+        sidecar.volume_mounts = Some(vec![VolumeMount {
+            name: volume.clone(),
+            mount_path: TLS_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]);
+        out.spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: volume,
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    if opts.native_sidecar {
+        sidecar.restart_policy = Some("Always".into());
+        out.spec
+            .init_containers
+            .get_or_insert_with(Vec::new)
+            .push(sidecar);
+    } else {
+        out.spec.containers.push(sidecar);
+    }
+
+    let needed = i64::try_from(proxy.drain_max.as_secs())
+        .unwrap_or(i64::MAX)
+        .saturating_add(i64::from(proxy.drain_max.subsec_nanos() > 0))
+        .saturating_add(GRACE_MARGIN_SECS);
+    match out.spec.termination_grace_period_seconds {
+        Some(current) if current >= needed => {}
+        // 30 is Kubernetes' own default, which the API server fills in before admission:
+        // raising it is the expected case, not news.
+        Some(current) if current != K8S_DEFAULT_GRACE_SECS => {
+            out.warnings.push(format!(
+                "terminationGracePeriodSeconds raised from {current} to {needed} (drain-max \
+                 {} + {GRACE_MARGIN_SECS}s for the app's own shutdown)",
+                humantime::format_duration(proxy.drain_max)
+            ));
+            out.spec.termination_grace_period_seconds = Some(needed);
+        }
+        Some(_) | None => out.spec.termination_grace_period_seconds = Some(needed),
+    }
+    if out.spec.host_network == Some(true) {
+        out.warnings.push(format!(
+            "the pod uses hostNetwork: lameduck's ports {proxy_port} and {admin_port} are \
+             bound on the node and must be free there"
+        ));
+    }
+
+    let annotations = out
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    annotations.insert(STATUS_ANNOTATION.into(), STATUS_INJECTED.into());
+    if !degraded.what.is_empty() {
+        out.warnings.extend(
+            degraded
+                .what
+                .iter()
+                .map(|w| format!("degraded ({ANN_ALLOW_DEGRADED}): {w}")),
+        );
+        annotations.insert(ANN_DEGRADED.into(), degraded.what.join("; "));
+    }
+    Ok(out)
+}
+
+/// The drain token of a pod without one: a hash of the pod template as given, so
+/// `lameduck inject` writes the same token for the same input (golden files, GitOps diffs
+/// that do not churn) and a different one for every other template. It keeps stray
+/// requests and scanners on the pod network from draining the pod; anyone who can read
+/// the pod spec can read it, as they can read the token itself.
+pub fn derived_token(metadata: &ObjectMeta, spec: &PodSpec) -> String {
+    let template = typed_json(metadata.clone(), spec.clone());
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"lameduck drain token v1\n");
+    ctx.update(&serde_json::to_vec(&template).expect("Kubernetes types serialize to JSON"));
+    hex(&ctx.finish().as_ref()[..16])
+}
+
+/// A random drain token (the webhook's, one per pod).
+pub fn random_token() -> Result<String, String> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "the system's random number generator failed".to_owned())?;
+    Ok(hex(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether every container (init containers included) requests exactly its limits for
+/// CPU and memory: the pod's QoS class is Guaranteed.
+fn is_guaranteed(spec: &PodSpec) -> bool {
+    all_containers(spec).all(|c| {
+        let Some(r) = &c.resources else {
+            return false;
+        };
+        ["cpu", "memory"].iter().all(|res| {
+            let limit = r.limits.as_ref().and_then(|l| l.get(*res));
+            let request = r.requests.as_ref().and_then(|l| l.get(*res));
+            match (limit.and_then(|q| parse_quantity(&q.0)), request) {
+                (Some(_), None) => true, // requests default to limits
+                (Some(l), Some(q)) => parse_quantity(&q.0).is_some_and(|q| same_quantity(q, l)),
+                (None, _) => false,
+            }
+        })
+    })
+}
+
+fn sidecar_resources(
+    opts: &Options,
+    guaranteed: bool,
+    warnings: &mut Vec<String>,
+) -> Result<ResourceRequirements, InjectError> {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    let pairs = [
+        (
+            "cpu",
+            &opts.cpu_request,
+            &opts.cpu_limit,
+            DEFAULT_CPU_REQUEST,
+            GUARANTEED_CPU,
+            ANN_CPU_REQUEST,
+            ANN_CPU_LIMIT,
+        ),
+        (
+            "memory",
+            &opts.memory_request,
+            &opts.memory_limit,
+            DEFAULT_MEMORY_REQUEST,
+            GUARANTEED_MEMORY,
+            ANN_MEMORY_REQUEST,
+            ANN_MEMORY_LIMIT,
+        ),
+    ];
+    for (res, request, limit, default, guaranteed_default, req_ann, lim_ann) in pairs {
+        let (request, limit) = match (request, limit) {
+            (Some((r, rq)), Some((l, lq))) => {
+                if rq > lq && !same_quantity(*rq, *lq) {
+                    return Err(InjectError::annotation_because(
+                        req_ann,
+                        r,
+                        format!("more than {lim_ann} ({l})"),
+                        "a quantity no larger than the limit",
+                    ));
+                }
+                if guaranteed && !same_quantity(*rq, *lq) {
+                    warnings.push(format!(
+                        "every container requests its limits (QoS Guaranteed), but {req_ann} \
+                         ({r}) differs from {lim_ann} ({l}): the pod becomes Burstable"
+                    ));
+                }
+                (r.clone(), Some(l.clone()))
+            }
+            (None, Some((l, _))) if guaranteed => (l.clone(), Some(l.clone())),
+            (None, Some((l, lq))) => {
+                let d = parse_quantity(default).expect("the defaults parse");
+                if d > *lq {
+                    (l.clone(), Some(l.clone()))
+                } else {
+                    (default.to_owned(), Some(l.clone()))
+                }
+            }
+            (Some((r, _)), None) if guaranteed => (r.clone(), Some(r.clone())),
+            (Some((r, _)), None) => (r.clone(), None),
+            (None, None) if guaranteed => (
+                guaranteed_default.to_owned(),
+                Some(guaranteed_default.to_owned()),
+            ),
+            (None, None) => (default.to_owned(), None),
+        };
+        requests.insert(res.to_owned(), Quantity(request));
+        if let Some(l) = limit {
+            limits.insert(res.to_owned(), Quantity(l));
+        }
+    }
+    Ok(ResourceRequirements {
+        requests: Some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..Default::default()
+    })
+}
+
+fn sidecar_container(
+    settings: &Settings,
+    args: Vec<String>,
+    (proxy_port, proxy_name): (u16, String),
+    (admin_port, admin_name): (u16, String),
+    resources: ResourceRequirements,
+) -> Container {
+    let admin_get = |path: &str| HTTPGetAction {
+        path: Some(path.into()),
+        port: IntOrString::Int(admin_port.into()),
+        ..Default::default()
+    };
+    Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(settings.sidecar_image.clone()),
+        args: Some(args),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(proxy_name),
+                container_port: proxy_port.into(),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some(admin_name),
+                container_port: admin_port.into(),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        // /livez does not depend on the app: with a native sidecar the app container
+        // starts only once this probe has passed.
+        startup_probe: Some(Probe {
+            http_get: Some(admin_get("/livez")),
+            period_seconds: Some(1),
+            failure_threshold: Some(30),
+            ..Default::default()
+        }),
+        // 503 while draining or while the app is unreachable; counts toward Pod Ready.
+        readiness_probe: Some(Probe {
+            http_get: Some(admin_get("/readyz")),
+            period_seconds: Some(5),
+            failure_threshold: Some(2),
+            ..Default::default()
+        }),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before: accepted, and the proxy then panicked on clock overflow at the end of the drain.
+    #[test]
+    fn absurd_drain_max_is_refused() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}]
+        }))
+        .unwrap();
+        let meta = ObjectMeta {
+            annotations: Some(
+                [
+                    (ANN_DRAIN_MAX.to_owned(), "300000000000y".to_owned()),
+                    (ANN_QUIET.to_owned(), "1s".to_owned()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let err = inject(&spec, &meta, &Settings::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lameduck.io/drain-max"), "{err}");
+        let meta = ObjectMeta {
+            annotations: Some([(ANN_DRAIN_MAX.to_owned(), "48h".to_owned())].into()),
+            ..Default::default()
+        };
+        let err = inject(&spec, &meta, &Settings::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 24h"), "{err}");
+    }
+
+    #[test]
+    fn guaranteed_pods() {
+        let pod = |resources: serde_json::Value| -> PodSpec {
+            serde_json::from_value(serde_json::json!({
+                "containers": [{"name": "a", "resources": resources}]
+            }))
+            .unwrap()
+        };
+        let equal = serde_json::json!({
+            "requests": {"cpu": "1", "memory": "1Gi"},
+            "limits": {"cpu": "1000m", "memory": "1Gi"}});
+        assert!(is_guaranteed(&pod(equal)));
+        let limits_only = serde_json::json!({"limits": {"cpu": "1", "memory": "1Gi"}});
+        assert!(is_guaranteed(&pod(limits_only)));
+        let burstable = serde_json::json!({
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "1", "memory": "1Gi"}});
+        assert!(!is_guaranteed(&pod(burstable)));
+        assert!(!is_guaranteed(&pod(serde_json::json!({}))));
+    }
+
+    #[test]
+    fn tokens() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}]
+        }))
+        .unwrap();
+        let meta = ObjectMeta::default();
+        assert_eq!(derived_token(&meta, &spec), derived_token(&meta, &spec));
+        let mut other = spec.clone();
+        other.containers[0].image = Some("b".into());
+        assert_ne!(derived_token(&meta, &spec), derived_token(&meta, &other));
+        assert!(is_token(&derived_token(&meta, &spec)));
+        assert_ne!(random_token().unwrap(), random_token().unwrap());
+        assert!(!is_token("short"));
+        assert!(!is_token("has a space in it, long enough"));
+    }
+}
