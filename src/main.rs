@@ -44,7 +44,7 @@ fn fail(code: u8, msg: &str) -> ExitCode {
 
 fn proxy(args: ProxyArgs) -> ExitCode {
     if let Err(e) = args.validate() {
-        return fail(2, &e);
+        return fail(2, &e.to_string());
     }
     init_tracing(args.log_format, args.log_level);
     let runtime = if args.threads == 1 {

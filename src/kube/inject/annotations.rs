@@ -5,13 +5,13 @@
 //! parsers), and the few checks that need the pod itself (does the named container or port
 //! exist, is the port free, is a request above its limit) are the functions at the end.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::InjectError;
-use crate::cli::{parse_duration, parse_path, parse_quiet, Mode, SidecarArgs};
+use crate::cli::{parse_duration, parse_path, parse_quiet, ConfigError, Mode, SidecarArgs};
 use crate::upstream::Protocol;
 
 // === names ===
@@ -396,25 +396,20 @@ impl Options {
 
     /// The proxy's complaint about its arguments, with the annotations behind the flags
     /// it names (a flag no annotation set is the proxy's default).
-    pub(super) fn flag_error(&self, message: &str) -> InjectError {
-        let mut notes = Vec::new();
-        let mut seen = BTreeSet::new();
-        for word in message.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
-            let flag = word.trim_end_matches([':', ',', ';', '.']);
-            if !flag.starts_with("--") || !seen.insert(flag.to_owned()) {
-                continue;
-            }
-            let note = match self.flags.iter().find(|(f, _, _)| *f == flag) {
+    pub(super) fn flag_error(&self, e: &ConfigError) -> InjectError {
+        let notes: Vec<String> = e
+            .flags
+            .iter()
+            .map(|flag| match self.flags.iter().find(|(f, _, _)| f == flag) {
                 Some((_, Some(annotation), _)) => format!("{flag} from {annotation}"),
                 Some((_, None, _)) => format!("{flag} is lameduck's default"),
                 None => format!("{flag} is the proxy's default"),
-            };
-            notes.push(note);
-        }
+            })
+            .collect();
         if notes.is_empty() {
-            InjectError::Flags(message.to_owned())
+            InjectError::Flags(e.message.clone())
         } else {
-            InjectError::Flags(format!("{message} ({})", notes.join(", ")))
+            InjectError::Flags(format!("{} ({})", e.message, notes.join(", ")))
         }
     }
 }
