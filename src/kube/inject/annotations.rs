@@ -11,8 +11,9 @@ use std::net::IpAddr;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::InjectError;
-use crate::cli::{parse_duration, parse_path, parse_quiet, ConfigError, Mode, SidecarArgs};
-use crate::upstream::Protocol;
+use crate::cli::{
+    parse_duration, parse_path, parse_quiet, ConfigError, Mode, ProxyArgs, SidecarArgs,
+};
 
 // === names ===
 
@@ -228,7 +229,8 @@ pub(super) struct Options {
     /// `(flag, annotation, value)` for every proxy flag injection sets beyond the ports,
     /// in flag order; no annotation: lameduck's own default ([`DEFAULT_QUIET`]).
     pub(super) flags: Vec<(&'static str, Option<&'static str>, String)>,
-    pub(super) upstream_protocol: Option<Protocol>,
+    /// `lameduck.io/upstream-protocol`: whether it says h2c (the other value is http1).
+    pub(super) upstream_h2c: Option<bool>,
     pub(super) mode: Mode,
     pub(super) bind_address: Option<IpAddr>,
     pub(super) proxy_port: Option<String>,
@@ -318,16 +320,21 @@ impl Options {
                 (None, _) => {}
             }
         }
-        let upstream_protocol =
-            match get(ANN_UPSTREAM_PROTOCOL) {
-                None => None,
-                Some(v) => Some(<Protocol as clap::ValueEnum>::from_str(v, false).map_err(
+        // Which values mean what is the proxy's own parser's call (its `--upstream-protocol`
+        // and `--mode`), not a second copy of it here.
+        let upstream_h2c = match get(ANN_UPSTREAM_PROTOCOL) {
+            None => None,
+            Some(v) => {
+                ProxyArgs::parse_and_validate([format!("--upstream-protocol={v}")]).map_err(
                     |_| InjectError::annotation(ANN_UPSTREAM_PROTOCOL, v, PROTOCOL_FORM),
-                )?),
-            };
+                )?;
+                Some(v == "h2c")
+            }
+        };
         let mode = match get(ANN_MODE) {
             None => Mode::Http,
-            Some(v) => <Mode as clap::ValueEnum>::from_str(v, false)
+            Some(v) => ProxyArgs::parse_and_validate([format!("--mode={v}")])
+                .map(|p| p.mode)
                 .map_err(|_| InjectError::annotation(ANN_MODE, v, MODE_FORM))?,
         };
         let tls_secret = match get(ANN_TLS) {
@@ -380,7 +387,7 @@ impl Options {
             events: boolean(ANN_EVENTS, false)?,
             allow_degraded: boolean(ANN_ALLOW_DEGRADED, false)?,
             flags,
-            upstream_protocol,
+            upstream_h2c,
             mode,
             bind_address,
             proxy_port: get(ANN_PROXY_PORT).map(str::to_owned),

@@ -17,7 +17,6 @@ use super::annotations::*;
 use super::ports::*;
 use super::{typed_json, InjectError};
 use crate::cli::{Mode, ProxyArgs};
-use crate::upstream::Protocol;
 
 /// The injected container's name.
 pub const CONTAINER_NAME: &str = "lameduck";
@@ -190,13 +189,10 @@ pub fn inject(
         std::iter::once("lameduck-admin".to_owned()).chain(numbered("ld-admin".into(), "ld-admin")),
         &taken_names,
     );
-    let protocol = opts
-        .upstream_protocol
-        .unwrap_or_else(|| match original_name.as_deref() {
-            // A byte stream in tcp mode: what it carries is the app's business.
-            Some(n) if is_h2c_port_name(n) && opts.mode == Mode::Http => Protocol::H2c,
-            _ => Protocol::Http1,
-        });
+    let h2c = opts.upstream_h2c.unwrap_or_else(|| {
+        // A byte stream in tcp mode: what it carries is the app's business.
+        original_name.as_deref().is_some_and(is_h2c_port_name) && opts.mode == Mode::Http
+    });
 
     // The app is signalled only once /drain answers. The kubelet resolves a named port
     // against the hook's own container, so the admin port goes in by number.
@@ -239,7 +235,7 @@ pub fn inject(
         format!("--upstream=127.0.0.1:{app_port_number}"),
         format!("--admin={}", std::net::SocketAddr::new(bind, admin_port)),
     ];
-    if protocol == Protocol::H2c {
+    if h2c {
         args.push("--upstream-protocol=h2c".into());
     }
     for (flag, _, value) in &opts.flags {
