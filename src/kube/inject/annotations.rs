@@ -125,6 +125,51 @@ const TLS_FORM: &str = "self-signed, secret:<name of a kubernetes.io/tls Secret>
 pub const TLS_MOUNT: &str = "/etc/lameduck/tls";
 const ADDRESS_FORM: &str = "an IP address such as :: (dual-stack) or 0.0.0.0 (IPv4 only)";
 const TOKEN_FORM: &str = "16 to 256 characters of A-Z a-z 0-9 . _ ~ + / = -";
+const QUANTITY_FORM: &str =
+    "a Kubernetes quantity above 0 such as 100m, 0.5 (CPU) or 64Mi (memory)";
+
+/// The annotations whose value is a proxy flag's value as it is: `(flag, annotation, the
+/// flag's own parser, the form)`, in the order the flags are passed.
+#[allow(clippy::type_complexity)]
+const FLAG_ANNOTATIONS: [(&str, &str, fn(&str) -> bool, &str); 7] = [
+    (
+        "--drain-min",
+        ANN_DRAIN_MIN,
+        |v| parse_duration(v).is_ok(),
+        DURATION_FORM,
+    ),
+    ("--quiet", ANN_QUIET, |v| parse_quiet(v).is_ok(), QUIET_FORM),
+    (
+        "--quiet-fallback",
+        ANN_QUIET_FALLBACK,
+        |v| parse_duration(v).is_ok(),
+        DURATION_FORM,
+    ),
+    (
+        "--drain-max",
+        ANN_DRAIN_MAX,
+        |v| parse_duration(v).is_ok(),
+        DURATION_FORM,
+    ),
+    (
+        "--health-path",
+        ANN_HEALTH_PATH,
+        |v| parse_path(v).is_ok(),
+        PATH_FORM,
+    ),
+    (
+        "--upstream-health",
+        ANN_UPSTREAM_HEALTH,
+        |v| parse_path(v).is_ok(),
+        PATH_FORM,
+    ),
+    (
+        "--idle-timeout",
+        ANN_IDLE_TIMEOUT,
+        |v| parse_duration(v).is_ok(),
+        DURATION_FORM,
+    ),
+];
 pub(super) const PORT_NUMBER_FORM: &str =
     "a port number 1-65535 that no container in the pod declares, different from the other lameduck port";
 
@@ -216,6 +261,10 @@ pub(super) fn is_token(s: &str) -> bool {
     crate::cli::check_drain_token(s).is_ok()
 }
 
+/// A proxy flag injection sets: `(flag, the annotation that set it, value)`; no
+/// annotation: lameduck's own default ([`DEFAULT_QUIET`]).
+pub(super) type Flag = (&'static str, Option<&'static str>, String);
+
 /// The settings a pod's annotations give. Each value's form is checked here, with the
 /// proxy's own parsers; how they fit together is checked by the proxy's validation.
 #[derive(Debug)]
@@ -228,7 +277,7 @@ pub(super) struct Options {
     pub(super) allow_degraded: bool,
     /// `(flag, annotation, value)` for every proxy flag injection sets beyond the ports,
     /// in flag order; no annotation: lameduck's own default ([`DEFAULT_QUIET`]).
-    pub(super) flags: Vec<(&'static str, Option<&'static str>, String)>,
+    pub(super) flags: Vec<Flag>,
     /// `lameduck.io/upstream-protocol`: whether it says h2c (the other value is http1).
     pub(super) upstream_h2c: Option<bool>,
     pub(super) mode: Mode,
@@ -245,157 +294,43 @@ pub(super) struct Options {
 }
 
 impl Options {
+    /// Reads and checks every `lameduck.io/*` annotation (the pod's own, else its
+    /// `--sidecar-default`), in a fixed order, so the first error is always the same one.
     pub(super) fn from_annotations(
         meta: &ObjectMeta,
         settings: &Settings,
     ) -> Result<Options, InjectError> {
-        for key in meta.annotations.iter().flat_map(|a| a.keys()) {
-            if key.starts_with("lameduck.io/") && !KNOWN_ANNOTATIONS.contains(&key.as_str()) {
-                let hint = if key == INJECT_LABEL {
-                    " (lameduck.io/inject is a label on the pod template, not an annotation)"
-                        .to_owned()
-                } else {
-                    let normalized = key.replace('_', "-").to_ascii_lowercase();
-                    KNOWN_ANNOTATIONS
-                        .iter()
-                        .find(|k| **k == normalized)
-                        .map(|k| format!(" (did you mean {k}?)"))
-                        .unwrap_or_default()
-                };
-                return Err(InjectError::UnknownAnnotation(key.clone(), hint));
-            }
-        }
-        // The pod's own annotation, else the cluster-wide default (`--sidecar-default`).
-        let get = |name: &'static str| {
-            annotation(meta, name)
-                .or_else(|| settings.defaults.get(name).map(String::as_str))
-                .map(str::trim)
-        };
-        let boolean = |name: &'static str, default: bool| match get(name) {
-            None => Ok(default),
-            Some("true") => Ok(true),
-            Some("false") => Ok(false),
-            Some(v) => Err(InjectError::annotation(name, v, BOOL_FORM)),
-        };
-        let quantity = |name: &'static str| match get(name) {
-            None => Ok(None),
-            Some(v) => match parse_quantity(v) {
-                Some(q) if q > 0.0 => Ok(Some((v.to_owned(), q))),
-                _ => Err(InjectError::annotation(
-                    name,
-                    v,
-                    "a Kubernetes quantity above 0 such as 100m, 0.5 (CPU) or 64Mi (memory)",
-                )),
-            },
-        };
-
-        let mut flags = Vec::new();
-        type Check = fn(&str) -> bool;
-        let duration: Check = |v| parse_duration(v).is_ok();
-        let quiet: Check = |v| parse_quiet(v).is_ok();
-        let path: Check = |v| parse_path(v).is_ok();
-        let table: [(&str, &'static str, Check, &str); 7] = [
-            ("--drain-min", ANN_DRAIN_MIN, duration, DURATION_FORM),
-            ("--quiet", ANN_QUIET, quiet, QUIET_FORM),
-            (
-                "--quiet-fallback",
-                ANN_QUIET_FALLBACK,
-                duration,
-                DURATION_FORM,
-            ),
-            ("--drain-max", ANN_DRAIN_MAX, duration, DURATION_FORM),
-            ("--health-path", ANN_HEALTH_PATH, path, PATH_FORM),
-            ("--upstream-health", ANN_UPSTREAM_HEALTH, path, PATH_FORM),
-            ("--idle-timeout", ANN_IDLE_TIMEOUT, duration, DURATION_FORM),
-        ];
-        for (flag, name, valid, form) in table {
-            match (get(name), flag) {
-                (Some(v), _) if !valid(v) => return Err(InjectError::annotation(name, v, form)),
-                (Some(v), _) => flags.push((flag, Some(name), v.to_owned())),
-                (None, "--quiet") => {
-                    if let Some(q) = DEFAULT_QUIET {
-                        flags.push((flag, None, q.to_owned()));
-                    }
-                }
-                (None, _) => {}
-            }
-        }
-        // Which values mean what is the proxy's own parser's call (its `--upstream-protocol`
-        // and `--mode`), not a second copy of it here.
-        let upstream_h2c = match get(ANN_UPSTREAM_PROTOCOL) {
-            None => None,
-            Some(v) => {
-                ProxyArgs::parse_and_validate([format!("--upstream-protocol={v}")]).map_err(
-                    |_| InjectError::annotation(ANN_UPSTREAM_PROTOCOL, v, PROTOCOL_FORM),
-                )?;
-                Some(v == "h2c")
-            }
-        };
-        let mode = match get(ANN_MODE) {
-            None => Mode::Http,
-            Some(v) => ProxyArgs::parse_and_validate([format!("--mode={v}")])
-                .map(|p| p.mode)
-                .map_err(|_| InjectError::annotation(ANN_MODE, v, MODE_FORM))?,
-        };
-        let tls_secret = match get(ANN_TLS) {
-            None | Some("off") => None,
-            Some("self-signed") => {
-                flags.push(("--tls", Some(ANN_TLS), "self-signed".to_owned()));
-                None
-            }
-            Some(v) => match v.strip_prefix("secret:").map(str::trim) {
-                Some(name) if is_dns_subdomain(name) => {
-                    for (flag, file) in [("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")] {
-                        flags.push((flag, Some(ANN_TLS), format!("{TLS_MOUNT}/{file}")));
-                    }
-                    Some(name.to_owned())
-                }
-                _ => return Err(InjectError::annotation(ANN_TLS, v, TLS_FORM)),
-            },
-        };
+        check_known(meta)?;
+        let values = Values { meta, settings };
+        let mut flags = values.flags()?;
+        let upstream_h2c = values.upstream_h2c()?;
+        let mode = values.mode()?;
+        let tls_secret = values.tls(&mut flags)?;
         if mode == Mode::Tcp {
             // Last: it is the last of the proxy's flags.
             flags.push(("--mode", Some(ANN_MODE), "tcp".to_owned()));
         }
-        let bind_address = match get(ANN_BIND_ADDRESS) {
-            None => None,
-            Some(v) => Some(
-                v.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<IpAddr>()
-                    .map_err(|_| InjectError::annotation(ANN_BIND_ADDRESS, v, ADDRESS_FORM))?,
-            ),
-        };
-        let drain_token = match get(ANN_DRAIN_TOKEN) {
-            Some(v) if is_token(v) => Some(v.to_owned()),
-            Some(v) => {
-                return Err(InjectError::annotation(
-                    ANN_DRAIN_TOKEN,
-                    &"*".repeat(v.len().min(8)),
-                    TOKEN_FORM,
-                ))
-            }
-            None => None,
-        };
-        let container = get(ANN_CONTAINER).map(str::to_owned);
+        let bind_address = values.bind_address()?;
+        let drain_token = values.drain_token()?;
+        let container = values.get(ANN_CONTAINER).map(str::to_owned);
 
         Ok(Options {
-            port: get(ANN_PORT).map(str::to_owned),
+            port: values.get(ANN_PORT).map(str::to_owned),
             container,
-            native_sidecar: boolean(ANN_NATIVE_SIDECAR, settings.native_sidecar)?,
-            replace_prestop: boolean(ANN_REPLACE_PRESTOP, false)?,
-            events: boolean(ANN_EVENTS, false)?,
-            allow_degraded: boolean(ANN_ALLOW_DEGRADED, false)?,
+            native_sidecar: values.boolean(ANN_NATIVE_SIDECAR, settings.native_sidecar)?,
+            replace_prestop: values.boolean(ANN_REPLACE_PRESTOP, false)?,
+            events: values.boolean(ANN_EVENTS, false)?,
+            allow_degraded: values.boolean(ANN_ALLOW_DEGRADED, false)?,
             flags,
             upstream_h2c,
             mode,
             bind_address,
-            proxy_port: get(ANN_PROXY_PORT).map(str::to_owned),
-            admin_port: get(ANN_ADMIN_PORT).map(str::to_owned),
-            cpu_request: quantity(ANN_CPU_REQUEST)?,
-            cpu_limit: quantity(ANN_CPU_LIMIT)?,
-            memory_request: quantity(ANN_MEMORY_REQUEST)?,
-            memory_limit: quantity(ANN_MEMORY_LIMIT)?,
+            proxy_port: values.get(ANN_PROXY_PORT).map(str::to_owned),
+            admin_port: values.get(ANN_ADMIN_PORT).map(str::to_owned),
+            cpu_request: values.quantity(ANN_CPU_REQUEST)?,
+            cpu_limit: values.quantity(ANN_CPU_LIMIT)?,
+            memory_request: values.quantity(ANN_MEMORY_REQUEST)?,
+            memory_limit: values.quantity(ANN_MEMORY_LIMIT)?,
             drain_token,
             tls_secret,
         })
@@ -417,6 +352,149 @@ impl Options {
             InjectError::Flags(e.message.clone())
         } else {
             InjectError::Flags(format!("{} ({})", e.message, notes.join(", ")))
+        }
+    }
+}
+
+/// Refuses a `lameduck.io/*` annotation that is not one of [`KNOWN_ANNOTATIONS`] (a typo
+/// would otherwise be silently ignored), with a hint when it is close to one.
+fn check_known(meta: &ObjectMeta) -> Result<(), InjectError> {
+    for key in meta.annotations.iter().flat_map(|a| a.keys()) {
+        if key.starts_with("lameduck.io/") && !KNOWN_ANNOTATIONS.contains(&key.as_str()) {
+            let hint = if key == INJECT_LABEL {
+                " (lameduck.io/inject is a label on the pod template, not an annotation)".to_owned()
+            } else {
+                let normalized = key.replace('_', "-").to_ascii_lowercase();
+                KNOWN_ANNOTATIONS
+                    .iter()
+                    .find(|k| **k == normalized)
+                    .map(|k| format!(" (did you mean {k}?)"))
+                    .unwrap_or_default()
+            };
+            return Err(InjectError::UnknownAnnotation(key.clone(), hint));
+        }
+    }
+    Ok(())
+}
+
+/// A pod's annotation values: its own, else the cluster-wide default
+/// (`--sidecar-default`), trimmed; each reader checks one value's form.
+struct Values<'a> {
+    meta: &'a ObjectMeta,
+    settings: &'a Settings,
+}
+
+impl<'a> Values<'a> {
+    fn get(&self, name: &'static str) -> Option<&'a str> {
+        annotation(self.meta, name)
+            .or_else(|| self.settings.defaults.get(name).map(String::as_str))
+            .map(str::trim)
+    }
+
+    /// [`BOOL_FORM`].
+    fn boolean(&self, name: &'static str, default: bool) -> Result<bool, InjectError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(v) => Err(InjectError::annotation(name, v, BOOL_FORM)),
+        }
+    }
+
+    /// A Kubernetes quantity above 0: as written, and its value.
+    fn quantity(&self, name: &'static str) -> Result<Option<(String, f64)>, InjectError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => match parse_quantity(v) {
+                Some(q) if q > 0.0 => Ok(Some((v.to_owned(), q))),
+                _ => Err(InjectError::annotation(name, v, QUANTITY_FORM)),
+            },
+        }
+    }
+
+    /// The annotations that are a proxy flag's value as they are ([`FLAG_ANNOTATIONS`]),
+    /// checked with that flag's own parser; `--quiet` gets [`DEFAULT_QUIET`] when unset.
+    fn flags(&self) -> Result<Vec<Flag>, InjectError> {
+        let mut flags = Vec::new();
+        for (flag, name, valid, form) in FLAG_ANNOTATIONS {
+            match (self.get(name), flag) {
+                (Some(v), _) if !valid(v) => return Err(InjectError::annotation(name, v, form)),
+                (Some(v), _) => flags.push((flag, Some(name), v.to_owned())),
+                (None, "--quiet") => {
+                    if let Some(q) = DEFAULT_QUIET {
+                        flags.push((flag, None, q.to_owned()));
+                    }
+                }
+                (None, _) => {}
+            }
+        }
+        Ok(flags)
+    }
+
+    /// [`ANN_UPSTREAM_PROTOCOL`]: whether it says h2c. Which values are valid is the
+    /// proxy's own parser's call (`--upstream-protocol`), not a second copy of it here.
+    fn upstream_h2c(&self) -> Result<Option<bool>, InjectError> {
+        let Some(v) = self.get(ANN_UPSTREAM_PROTOCOL) else {
+            return Ok(None);
+        };
+        ProxyArgs::parse_and_validate([format!("--upstream-protocol={v}")])
+            .map_err(|_| InjectError::annotation(ANN_UPSTREAM_PROTOCOL, v, PROTOCOL_FORM))?;
+        Ok(Some(v == "h2c"))
+    }
+
+    /// [`ANN_MODE`], as the proxy's own `--mode` parses it.
+    fn mode(&self) -> Result<Mode, InjectError> {
+        match self.get(ANN_MODE) {
+            None => Ok(Mode::Http),
+            Some(v) => ProxyArgs::parse_and_validate([format!("--mode={v}")])
+                .map(|p| p.mode)
+                .map_err(|_| InjectError::annotation(ANN_MODE, v, MODE_FORM)),
+        }
+    }
+
+    /// [`ANN_TLS`]: `self-signed` is `--tls`; `secret:<name>` is `--tls-cert`/`--tls-key`
+    /// in the Secret's mount, and the Secret to mount.
+    fn tls(&self, flags: &mut Vec<Flag>) -> Result<Option<String>, InjectError> {
+        match self.get(ANN_TLS) {
+            None | Some("off") => Ok(None),
+            Some("self-signed") => {
+                flags.push(("--tls", Some(ANN_TLS), "self-signed".to_owned()));
+                Ok(None)
+            }
+            Some(v) => match v.strip_prefix("secret:").map(str::trim) {
+                Some(name) if is_dns_subdomain(name) => {
+                    for (flag, file) in [("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")] {
+                        flags.push((flag, Some(ANN_TLS), format!("{TLS_MOUNT}/{file}")));
+                    }
+                    Ok(Some(name.to_owned()))
+                }
+                _ => Err(InjectError::annotation(ANN_TLS, v, TLS_FORM)),
+            },
+        }
+    }
+
+    /// [`ANN_BIND_ADDRESS`]: an IP address, brackets allowed.
+    fn bind_address(&self) -> Result<Option<IpAddr>, InjectError> {
+        let Some(v) = self.get(ANN_BIND_ADDRESS) else {
+            return Ok(None);
+        };
+        v.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .map(Some)
+            .map_err(|_| InjectError::annotation(ANN_BIND_ADDRESS, v, ADDRESS_FORM))
+    }
+
+    /// [`ANN_DRAIN_TOKEN`], by the proxy's own rule; a bad one is never echoed.
+    fn drain_token(&self) -> Result<Option<String>, InjectError> {
+        match self.get(ANN_DRAIN_TOKEN) {
+            Some(v) if is_token(v) => Ok(Some(v.to_owned())),
+            Some(v) => Err(InjectError::annotation(
+                ANN_DRAIN_TOKEN,
+                &"*".repeat(v.len().min(8)),
+                TOKEN_FORM,
+            )),
+            None => Ok(None),
         }
     }
 }

@@ -4,7 +4,6 @@
 //! proxy by targeting the app's port by number is refused.
 
 use json_patch::{Patch, PatchOperation};
-use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde_json::Value as Json;
@@ -13,8 +12,7 @@ use yaml_serde::Value as Yaml;
 use super::annotations::{
     wants_injection, Settings, ANN_ALLOW_DEGRADED, ANN_DEGRADED, INJECT_LABEL,
 };
-use super::pod::CONTAINER_NAME;
-use super::template_patch;
+use super::template_injection;
 
 /// A YAML stream with every opted-in pod template injected.
 #[derive(Debug, PartialEq)]
@@ -68,6 +66,46 @@ pub fn inject_manifests(
     all: bool,
 ) -> Result<Rewritten, ManifestError> {
     // Each document's own text, so unchanged ones can be copied as they were.
+    let mut docs = read_documents(input)?;
+    let numbers = document_numbers(&docs);
+    let mut apps = Vec::new();
+    // (document index, warning): sorted by document at the end.
+    let mut warnings: Vec<(usize, String)> = Vec::new();
+    for (i, doc) in docs.iter_mut().enumerate() {
+        let index = numbers[i];
+        if doc.value.is_null() {
+            continue;
+        }
+        let what = describe(&doc.value);
+        let mut found = Vec::new();
+        rewrite_object(
+            &mut doc.value,
+            "",
+            settings,
+            all,
+            &mut found,
+            &mut |warning| warnings.push((index, format!("document {index} ({what}): {warning}"))),
+        )
+        .map_err(|(what, reason)| ManifestError {
+            index,
+            what,
+            reason,
+        })?;
+        apps.extend(found.into_iter().map(|app| (i, app)));
+    }
+
+    check_services(&mut docs, &numbers, &apps, &mut warnings)?;
+    let yaml = write_documents(&docs, &numbers, input.len() * 2)?;
+    warnings.sort_by_key(|(index, _)| *index);
+    Ok(Rewritten {
+        yaml,
+        warnings: warnings.into_iter().map(|(_, w)| w).collect(),
+        injected: apps.len(),
+    })
+}
+
+/// The stream's documents, each with its own text; refused: one that is not YAML.
+fn read_documents(input: &str) -> Result<Vec<Doc<'_>>, ManifestError> {
     let mut docs: Vec<Doc> = Vec::new();
     for text in split_documents(input) {
         let index = docs.len() + 1;
@@ -115,44 +153,32 @@ pub fn inject_manifests(
             }
         }
     }
-    // Documents are numbered as a YAML reader counts them: text with no document in it
-    // (comments before the first ---) has no number.
+    Ok(docs)
+}
+
+/// Each document's number as a YAML reader counts them: text with no document in it
+/// (comments before the first ---) has no number of its own.
+fn document_numbers(docs: &[Doc]) -> Vec<usize> {
     let mut numbers = Vec::with_capacity(docs.len());
     let mut n = 0;
-    for d in &docs {
+    for d in docs {
         if d.original.is_some() {
             n += 1;
         }
         numbers.push(n);
     }
+    numbers
+}
 
-    let mut apps = Vec::new();
-    // (document index, warning): sorted by document at the end.
-    let mut warnings: Vec<(usize, String)> = Vec::new();
-    for (i, doc) in docs.iter_mut().enumerate() {
-        let index = numbers[i];
-        if doc.value.is_null() {
-            continue;
-        }
-        let what = describe(&doc.value);
-        let mut found = Vec::new();
-        rewrite_object(
-            &mut doc.value,
-            "",
-            settings,
-            all,
-            &mut found,
-            &mut |warning| warnings.push((index, format!("document {index} ({what}): {warning}"))),
-        )
-        .map_err(|(what, reason)| ManifestError {
-            index,
-            what,
-            reason,
-        })?;
-        apps.extend(found.into_iter().map(|app| (i, app)));
-    }
-
-    // A Service that targets an injected app's port by number bypasses lameduck.
+/// A Service that targets an injected app's port by number bypasses lameduck: refused,
+/// unless that app's pod template allows a degraded injection (then it is marked
+/// `lameduck.io/degraded`, with a warning).
+fn check_services(
+    docs: &mut [Doc],
+    numbers: &[usize],
+    apps: &[(usize, InjectedApp)],
+    warnings: &mut Vec<(usize, String)>,
+) -> Result<(), ManifestError> {
     let mut degraded: Vec<(usize, String, String)> = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
         if doc.value.is_null() {
@@ -192,14 +218,20 @@ pub fn inject_manifests(
         note_degraded(template, &what);
     }
 
-    let mut out = Rewritten {
-        yaml: String::with_capacity(input.len() * 2),
-        warnings: Vec::new(),
-        injected: apps.len(),
-    };
+    Ok(())
+}
+
+/// The stream written back: unchanged documents as they were read, changed ones emitted
+/// under the comments that were above them.
+fn write_documents(
+    docs: &[Doc],
+    numbers: &[usize],
+    capacity: usize,
+) -> Result<String, ManifestError> {
+    let mut yaml = String::with_capacity(capacity);
     for (i, doc) in docs.iter().enumerate() {
         if doc.original.as_ref() == Some(&doc.value) || doc.original.is_none() {
-            out.yaml.push_str(doc.text);
+            yaml.push_str(doc.text);
             continue;
         }
         let (header, _) = document_header(doc.text);
@@ -209,19 +241,17 @@ pub fn inject_manifests(
                 what: describe(&doc.value),
                 reason: format!("cannot be written back as YAML: {reason}"),
             })?;
-        if !out.yaml.is_empty() && !out.yaml.ends_with('\n') {
-            out.yaml.push('\n');
+        if !yaml.is_empty() && !yaml.ends_with('\n') {
+            yaml.push('\n');
         }
         let has_marker = header.lines().any(|l| l.starts_with("---"));
-        if i > 0 && !has_marker && !out.yaml.is_empty() {
-            out.yaml.push_str("---\n");
+        if i > 0 && !has_marker && !yaml.is_empty() {
+            yaml.push_str("---\n");
         }
-        out.yaml.push_str(header);
-        out.yaml.push_str(&body);
+        yaml.push_str(header);
+        yaml.push_str(&body);
     }
-    warnings.sort_by_key(|(index, _)| *index);
-    out.warnings = warnings.into_iter().map(|(_, w)| w).collect();
-    Ok(out)
+    Ok(yaml)
 }
 
 /// One document of the input stream: its text, as read, and as rewritten.
@@ -389,66 +419,32 @@ fn rewrite_object(
         }
         return Ok(());
     }
-    let (patch, warnings) =
-        template_patch(&template_json, settings).map_err(|e| fail(e.to_string()))?;
-    for w in warnings {
+    let (patch, injection) =
+        template_injection(&template_json, settings).map_err(|e| fail(e.to_string()))?;
+    for w in injection.warnings {
         warn(w);
     }
-    if patch.0.is_empty() {
+    let Some(wiring) = injection.wiring.filter(|_| !patch.0.is_empty()) else {
         return Ok(());
-    }
+    };
     let template = yaml_pointer_mut(doc, pointer).expect("found above");
     apply_to_yaml(template, &patch).map_err(fail)?;
 
     // Remember where the app listens now, for the Service check.
-    let injected: PodTemplateSpec = serde_json::to_value(&*template)
-        .ok()
-        .and_then(|j| serde_json::from_value(j).ok())
-        .unwrap_or_default();
-    if let (Some(spec), Some(m)) = (injected.spec, injected.metadata) {
-        let proxy = spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten())
-            .find(|c| c.name == CONTAINER_NAME);
-        let upstream_port = proxy
-            .and_then(|c| c.args.as_ref())
-            .and_then(|a| {
-                a.iter()
-                    .find_map(|a| a.strip_prefix("--upstream=127.0.0.1:"))
-            })
-            .and_then(|p| p.parse().ok());
-        let moved_name = proxy
-            .and_then(|c| c.ports.as_ref())
-            .and_then(|p| p.first())
-            .and_then(|p| p.name.clone())
-            // A name the pod had before: the app's, moved. (An unnamed app port leaves the
-            // proxy with a name of lameduck's own.)
-            .filter(|n| {
-                template_json
-                    .pointer("/spec/containers")
-                    .and_then(Json::as_array)
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|c| c["ports"].as_array().into_iter().flatten())
-                    .any(|p| p["name"] == n.as_str())
-            });
-        if let Some(port) = upstream_port {
-            let namespace = str_at(doc, &["metadata", "namespace"]).map(str::to_owned);
-            apps.push(InjectedApp {
-                namespace,
-                labels: m.labels.unwrap_or_default().into_iter().collect(),
-                port,
-                moved_name,
-                pointer: format!("{base}{pointer}"),
-                allow_degraded: m
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANN_ALLOW_DEGRADED))
-                    .is_some_and(|v| v.trim() == "true"),
-            });
-        }
-    }
+    apps.push(InjectedApp {
+        namespace: str_at(doc, &["metadata", "namespace"]).map(str::to_owned),
+        labels: meta.labels.unwrap_or_default().into_iter().collect(),
+        port: wiring.app_port,
+        moved_name: wiring.moved_name,
+        pointer: format!("{base}{pointer}"),
+        // The pod's own annotation, as before `Wiring` (a `--sidecar-default` for it does
+        // not waive this check).
+        allow_degraded: meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANN_ALLOW_DEGRADED))
+            .is_some_and(|v| v.trim() == "true"),
+    });
     Ok(())
 }
 

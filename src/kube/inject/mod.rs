@@ -115,6 +115,15 @@ pub fn template_patch(
     template: &Json,
     settings: &Settings,
 ) -> Result<(Patch, Vec<String>), InjectError> {
+    template_injection(template, settings).map(|(patch, injection)| (patch, injection.warnings))
+}
+
+/// [`template_patch`], with the whole [`Injection`] the patch comes from (its warnings,
+/// and the [`Wiring`] it decided).
+pub fn template_injection(
+    template: &Json,
+    settings: &Settings,
+) -> Result<(Patch, Injection), InjectError> {
     #[derive(Deserialize)]
     struct Template {
         #[serde(default)]
@@ -127,8 +136,8 @@ pub fn template_patch(
     let spec = spec.ok_or_else(|| InjectError::InvalidPod("it has no spec".into()))?;
     let injection = inject(&spec, &metadata, settings)?;
     let before = typed_json(metadata, spec);
-    let after = typed_json(injection.metadata, injection.spec);
-    Ok((json_patch::diff(&before, &after), injection.warnings))
+    let after = typed_json(injection.metadata.clone(), injection.spec.clone());
+    Ok((json_patch::diff(&before, &after), injection))
 }
 
 fn typed_json(metadata: ObjectMeta, spec: PodSpec) -> Json {

@@ -3,11 +3,13 @@
 //! arguments, TLS and environment, grace period, marks). No I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, HTTPHeader, Lifecycle,
-    LifecycleHandler, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, HTTPHeader,
+    Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -38,6 +40,25 @@ pub struct Injection {
     pub spec: PodSpec,
     /// Things the user should know: the pod works, but not the way they may think.
     pub warnings: Vec<String>,
+    /// What was wired; `None` when the pod was left as it was (injected already, or
+    /// wired by hand).
+    pub wiring: Option<Wiring>,
+}
+
+/// What [`inject`] decided, for a caller that acts on it (the manifest rewriting's Service
+/// check) without reading it back out of the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wiring {
+    /// The app container's name, and the port the proxy forwards to (`--upstream`).
+    pub app_container: String,
+    pub app_port: i32,
+    /// The app port's own name, now the proxy's traffic port's: a Service that targets it
+    /// reaches the proxy. `None`: the app port had no name (only its number reaches it).
+    pub moved_name: Option<String>,
+    pub proxy_port: u16,
+    pub admin_port: u16,
+    /// What is not wired (`lameduck.io/degraded`); empty when the drain is fully wired.
+    pub degraded: Vec<String>,
 }
 
 // === the pure function ===
@@ -64,6 +85,11 @@ impl Degraded {
 
 /// Puts lameduck in front of the app in one pod. Pure: no I/O, same input, same output.
 /// A pod already marked `lameduck.io/status: injected` comes back unchanged.
+///
+/// The recipe: read the annotations, find the app's port, pick the sidecar's ports, move
+/// the app port's name to the proxy, wire the app's preStop to `/drain`, build the
+/// sidecar's arguments (checked by the proxy's own parser), then its container (resources,
+/// environment, TLS), the grace period, and the marks.
 pub fn inject(
     spec: &PodSpec,
     metadata: &ObjectMeta,
@@ -73,21 +99,11 @@ pub fn inject(
         metadata: metadata.clone(),
         spec: spec.clone(),
         warnings: Vec::new(),
+        wiring: None,
     };
-    if annotation(metadata, STATUS_ANNOTATION) == Some(STATUS_INJECTED) {
+    if !wants_changes(spec, metadata, &mut out.warnings)? {
         return Ok(out);
     }
-    if all_containers(spec).any(|c| c.name == CONTAINER_NAME) {
-        out.warnings.push(format!(
-            "the pod already has a container named {CONTAINER_NAME} and no {STATUS_ANNOTATION} \
-             annotation: left as it is (wired by hand?)"
-        ));
-        return Ok(out);
-    }
-    if spec.containers.is_empty() {
-        return Err(InjectError::InvalidPod("it has no containers".into()));
-    }
-
     let opts = Options::from_annotations(metadata, settings)?;
     let mut degraded = Degraded {
         allowed: opts.allow_degraded,
@@ -99,65 +115,169 @@ pub fn inject(
         opts.port.as_deref(),
         annotation(metadata, KUBECTL_DEFAULT_CONTAINER),
     )?;
-
-    // A regular sidecar never exits on its own: a pod that must complete never would.
-    if !opts.native_sidecar
-        && matches!(
-            out.spec.restart_policy.as_deref(),
-            Some("Never" | "OnFailure")
-        )
-    {
-        return Err(InjectError::Refused(format!(
-            "the pod's restartPolicy is {}: lameduck as a regular container never exits on its \
-             own, so the pod (and its Job) would never complete; use the native sidecar \
-             (annotation {ANN_NATIVE_SIDECAR}: \"true\", Kubernetes >= 1.29)",
-            out.spec.restart_policy.as_deref().unwrap_or_default()
-        )));
-    }
-
-    // Every port number and name the pod declares, so the proxy's own clash with none.
-    let mut taken_ports = BTreeSet::new();
-    let mut taken_names = BTreeSet::new();
-    for c in all_containers(spec) {
-        for p in c.ports.iter().flatten() {
-            taken_ports.insert(p.container_port);
-            if let Some(n) = &p.name {
-                taken_names.insert(n.clone());
-            }
-        }
-    }
+    check_restart_policy(spec, &opts)?;
+    let (ports, mut names) = taken_ports_and_names(spec);
     let proxy_port = pick_port(
         ANN_PROXY_PORT,
         opts.proxy_port.as_deref(),
         DEFAULT_PROXY_PORT,
-        &taken_ports,
+        &ports,
         None,
     )?;
     let admin_port = pick_port(
         ANN_ADMIN_PORT,
         opts.admin_port.as_deref(),
         DEFAULT_ADMIN_PORT,
-        &taken_ports,
+        &ports,
         Some(proxy_port),
     )?;
-
     let token = match (&opts.drain_token, &settings.drain_token) {
         (Some(t), _) | (None, Some(t)) => t.clone(),
         (None, None) => derived_token(metadata, spec),
     };
-
-    // Move the app port's name to the proxy: a Service targeting that name, and the load
-    // balancer's ip targets behind it, now reach the proxy.
     let guaranteed = is_guaranteed(spec);
+
     let app_container = &mut out.spec.containers[app.container];
-    let app_container_name = app_container.name.clone();
-    let app_port = &mut app_container.ports.as_mut().expect("the app port exists")[app.port];
+    let port_names = move_port_name(
+        app_container,
+        app.port,
+        proxy_port,
+        &mut names,
+        &mut degraded,
+    )?;
+    wire_pre_stop(
+        app_container,
+        admin_port,
+        &token,
+        opts.replace_prestop,
+        &mut degraded,
+    )?;
+    let wiring = Wiring {
+        app_container: app_container.name.clone(),
+        app_port: port_names.app_port,
+        moved_name: port_names.moved,
+        proxy_port,
+        admin_port,
+        degraded: Vec::new(),
+    };
+
+    let args = sidecar_args(&opts, &wiring);
+    // The proxy's own parser and validation decide whether these arguments make sense.
+    let proxy = ProxyArgs::parse_and_validate(&args[1..]).map_err(|e| opts.flag_error(&e))?;
+    let resources = sidecar_resources(&opts, guaranteed, &mut out.warnings)?;
+    let mut sidecar = sidecar_container(
+        settings,
+        args,
+        (proxy_port, port_names.traffic),
+        (admin_port, port_names.admin),
+        resources,
+    );
+    sidecar.env = Some(sidecar_env(token, opts.events));
+    if let Some(secret) = &opts.tls_secret {
+        mount_tls_secret(&mut out.spec, &mut sidecar, secret);
+    }
+    if opts.native_sidecar {
+        sidecar.restart_policy = Some("Always".into());
+        out.spec
+            .init_containers
+            .get_or_insert_with(Vec::new)
+            .push(sidecar);
+    } else {
+        out.spec.containers.push(sidecar);
+    }
+
+    raise_grace_period(&mut out.spec, proxy.drain_max, &mut out.warnings);
+    if out.spec.host_network == Some(true) {
+        out.warnings.push(format!(
+            "the pod uses hostNetwork: lameduck's ports {proxy_port} and {admin_port} are \
+             bound on the node and must be free there"
+        ));
+    }
+    mark(&mut out, degraded.what, wiring);
+    Ok(out)
+}
+
+/// Whether the pod is for injecting: `false` (unchanged) when it is marked injected
+/// already or has a container of lameduck's name (with a warning); an error when it has
+/// no containers.
+fn wants_changes(
+    spec: &PodSpec,
+    metadata: &ObjectMeta,
+    warnings: &mut Vec<String>,
+) -> Result<bool, InjectError> {
+    if annotation(metadata, STATUS_ANNOTATION) == Some(STATUS_INJECTED) {
+        return Ok(false);
+    }
+    if all_containers(spec).any(|c| c.name == CONTAINER_NAME) {
+        warnings.push(format!(
+            "the pod already has a container named {CONTAINER_NAME} and no {STATUS_ANNOTATION} \
+             annotation: left as it is (wired by hand?)"
+        ));
+        return Ok(false);
+    }
+    if spec.containers.is_empty() {
+        return Err(InjectError::InvalidPod("it has no containers".into()));
+    }
+    Ok(true)
+}
+
+/// A regular sidecar never exits on its own: a pod that must complete never would.
+fn check_restart_policy(spec: &PodSpec, opts: &Options) -> Result<(), InjectError> {
+    let policy = spec.restart_policy.as_deref();
+    if !opts.native_sidecar && matches!(policy, Some("Never" | "OnFailure")) {
+        return Err(InjectError::Refused(format!(
+            "the pod's restartPolicy is {}: lameduck as a regular container never exits on its \
+             own, so the pod (and its Job) would never complete; use the native sidecar \
+             (annotation {ANN_NATIVE_SIDECAR}: \"true\", Kubernetes >= 1.29)",
+            policy.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Every port number and name the pod declares, so the proxy's own clash with none.
+fn taken_ports_and_names(spec: &PodSpec) -> (BTreeSet<i32>, BTreeSet<String>) {
+    let mut ports = BTreeSet::new();
+    let mut names = BTreeSet::new();
+    for c in all_containers(spec) {
+        for p in c.ports.iter().flatten() {
+            ports.insert(p.container_port);
+            if let Some(n) = &p.name {
+                names.insert(n.clone());
+            }
+        }
+    }
+    (ports, names)
+}
+
+/// The names of the sidecar's two ports, and what became of the app's.
+struct PortNames {
+    traffic: String,
+    admin: String,
+    /// The app port's number, and its former name, now the traffic port's.
+    app_port: i32,
+    moved: Option<String>,
+}
+
+/// Moves the app port's name to the proxy: a Service targeting that name, and the load
+/// balancer's ip targets behind it, now reach the proxy. The app port is renamed, and the
+/// app's own probes and hooks follow the rename. An unnamed app port is degraded (only its
+/// number reaches it, bypassing the proxy).
+fn move_port_name(
+    app_container: &mut Container,
+    port: usize,
+    proxy_port: u16,
+    taken_names: &mut BTreeSet<String>,
+    degraded: &mut Degraded,
+) -> Result<PortNames, InjectError> {
+    let container_name = app_container.name.clone();
+    let app_port = &mut app_container.ports.as_mut().expect("the app port exists")[port];
     let app_port_number = app_port.container_port;
-    let original_name = app_port.name.clone();
-    let traffic_name = match app_port.name.clone() {
+    let moved = app_port.name.clone();
+    let traffic = match moved.clone() {
         Some(name) => {
             taken_names.remove(&name);
-            let renamed = pick_name(app_port_names(&name), &taken_names);
+            let renamed = pick_name(app_port_names(&name), taken_names);
             taken_names.insert(renamed.clone());
             app_port.name = Some(renamed.clone());
             // The app's own probes and hooks resolve named ports within the container:
@@ -168,7 +288,7 @@ pub fn inject(
         None => {
             degraded.note(
                 format!(
-                    "container {app_container_name} port {app_port_number} has no name, so a \
+                    "container {container_name} port {app_port_number} has no name, so a \
                      Service can only target it by number, which reaches the app directly, \
                      bypassing lameduck: name the port (e.g. http) and use that name as the \
                      Service's targetPort"
@@ -178,63 +298,82 @@ pub fn inject(
                      targetPort {proxy_port}"
                 ),
             )?;
-            pick_name(
-                numbered(CONTAINER_NAME.to_owned(), "lameduck"),
-                &taken_names,
-            )
+            pick_name(numbered(CONTAINER_NAME.to_owned(), "lameduck"), taken_names)
         }
     };
-    taken_names.insert(traffic_name.clone());
-    let admin_name = pick_name(
+    taken_names.insert(traffic.clone());
+    let admin = pick_name(
         std::iter::once("lameduck-admin".to_owned()).chain(numbered("ld-admin".into(), "ld-admin")),
-        &taken_names,
+        taken_names,
     );
-    let h2c = opts.upstream_h2c.unwrap_or_else(|| {
-        // A byte stream in tcp mode: what it carries is the app's business.
-        original_name.as_deref().is_some_and(is_h2c_port_name) && opts.mode == Mode::Http
-    });
+    Ok(PortNames {
+        traffic,
+        admin,
+        app_port: app_port_number,
+        moved,
+    })
+}
 
-    // The app is signalled only once /drain answers. The kubelet resolves a named port
-    // against the hook's own container, so the admin port goes in by number.
+/// The app is signalled only once /drain answers: its preStop hook calls the proxy's
+/// `/drain` with the token. The kubelet resolves a named port against the hook's own
+/// container, so the admin port goes in by number. An existing hook is replaced only with
+/// `lameduck.io/replace-prestop`; otherwise the pod is degraded.
+fn wire_pre_stop(
+    app_container: &mut Container,
+    admin_port: u16,
+    token: &str,
+    replace: bool,
+    degraded: &mut Degraded,
+) -> Result<(), InjectError> {
     let pre_stop = LifecycleHandler {
         http_get: Some(HTTPGetAction {
             path: Some("/drain".into()),
             port: IntOrString::Int(admin_port.into()),
             http_headers: Some(vec![HTTPHeader {
                 name: TOKEN_HEADER.into(),
-                value: token.clone(),
+                value: token.to_owned(),
             }]),
             ..Default::default()
         }),
         ..Default::default()
     };
+    let name = app_container.name.clone();
     let lifecycle = app_container
         .lifecycle
         .get_or_insert_with(Lifecycle::default);
-    match (&lifecycle.pre_stop, opts.replace_prestop) {
+    match (&lifecycle.pre_stop, replace) {
         (None, _) | (Some(_), true) => lifecycle.pre_stop = Some(pre_stop),
         (Some(_), false) => degraded.note(
             format!(
-                "container {app_container_name} already has a preStop hook, so lameduck's \
-                 /drain hook cannot be wired (the app would be signalled without waiting for \
-                 traffic to stop): remove the hook (lameduck's /drain already waits until the \
-                 load balancer has stopped sending, so a sleep is not needed), or set \
-                 annotation {ANN_REPLACE_PRESTOP}: \"true\" to replace it"
+                "container {name} already has a preStop hook, so lameduck's /drain hook cannot \
+                 be wired (the app would be signalled without waiting for traffic to stop): \
+                 remove the hook (lameduck's /drain already waits until the load balancer has \
+                 stopped sending, so a sleep is not needed), or set annotation \
+                 {ANN_REPLACE_PRESTOP}: \"true\" to replace it"
             ),
             &format!(
-                "container {app_container_name} keeps its own preStop hook: /drain is not \
-                 called, the app is signalled without waiting for traffic to stop"
+                "container {name} keeps its own preStop hook: /drain is not called, the app is \
+                 signalled without waiting for traffic to stop"
             ),
         )?,
     }
+    Ok(())
+}
 
+/// The sidecar's `lameduck proxy` arguments: its ports, the app, then every flag the
+/// annotations set, in flag order.
+fn sidecar_args(opts: &Options, wiring: &Wiring) -> Vec<String> {
     let bind = opts.bind_address.unwrap_or(DEFAULT_BIND_ADDRESS);
     let mut args = vec![
         "proxy".to_owned(),
-        format!("--listen={}", std::net::SocketAddr::new(bind, proxy_port)),
-        format!("--upstream=127.0.0.1:{app_port_number}"),
-        format!("--admin={}", std::net::SocketAddr::new(bind, admin_port)),
+        format!("--listen={}", SocketAddr::new(bind, wiring.proxy_port)),
+        format!("--upstream=127.0.0.1:{}", wiring.app_port),
+        format!("--admin={}", SocketAddr::new(bind, wiring.admin_port)),
     ];
+    let h2c = opts.upstream_h2c.unwrap_or_else(|| {
+        // A byte stream in tcp mode: what it carries is the app's business.
+        wiring.moved_name.as_deref().is_some_and(is_h2c_port_name) && opts.mode == Mode::Http
+    });
     if h2c {
         args.push("--upstream-protocol=h2c".into());
     }
@@ -254,23 +393,18 @@ pub fn inject(
             .map(String::from),
         );
     }
-    // The proxy's own parser and validation decide whether these arguments make sense.
-    let proxy = ProxyArgs::parse_and_validate(&args[1..]).map_err(|e| opts.flag_error(&e))?;
+    args
+}
 
-    let resources = sidecar_resources(&opts, guaranteed, &mut out.warnings)?;
-    let mut sidecar = sidecar_container(
-        settings,
-        args,
-        (proxy_port, traffic_name),
-        (admin_port, admin_name),
-        resources,
-    );
+/// The sidecar's environment: the drain token, and with `--events` the pod's name,
+/// namespace and uid from the downward API.
+fn sidecar_env(token: String, events: bool) -> Vec<EnvVar> {
     let mut env = vec![EnvVar {
         name: TOKEN_ENV.into(),
         value: Some(token),
         ..Default::default()
     }];
-    if opts.events {
+    if events {
         for (name, path) in [
             ("LAMEDUCK_POD_NAME", "metadata.name"),
             ("LAMEDUCK_POD_NAMESPACE", "metadata.namespace"),
@@ -278,8 +412,8 @@ pub fn inject(
         ] {
             env.push(EnvVar {
                 name: name.into(),
-                value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
-                    field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
                         field_path: path.into(),
                         ..Default::default()
                     }),
@@ -289,83 +423,77 @@ pub fn inject(
             });
         }
     }
-    sidecar.env = Some(env);
-    if let Some(secret) = &opts.tls_secret {
-        // The kubelet updates a mounted Secret in place when cert-manager renews it; the
-        // proxy re-reads the files (--tls-reload-interval).
-        let taken: BTreeSet<String> = out
-            .spec
-            .volumes
-            .iter()
-            .flatten()
-            .map(|v| v.name.clone())
-            .collect();
-        let volume = pick_name(numbered("lameduck-tls".into(), "lameduck-tls"), &taken);
-        sidecar.volume_mounts = Some(vec![VolumeMount {
-            name: volume.clone(),
-            mount_path: TLS_MOUNT.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]);
-        out.spec.volumes.get_or_insert_with(Vec::new).push(Volume {
-            name: volume,
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-    }
-    if opts.native_sidecar {
-        sidecar.restart_policy = Some("Always".into());
-        out.spec
-            .init_containers
-            .get_or_insert_with(Vec::new)
-            .push(sidecar);
-    } else {
-        out.spec.containers.push(sidecar);
-    }
+    env
+}
 
-    let needed = i64::try_from(proxy.drain_max.as_secs())
+/// `lameduck.io/tls: secret:<name>`: the Secret as a volume, mounted read-only in the
+/// sidecar at [`TLS_MOUNT`]. The kubelet updates a mounted Secret in place when
+/// cert-manager renews it; the proxy re-reads the files (--tls-reload-interval).
+fn mount_tls_secret(spec: &mut PodSpec, sidecar: &mut Container, secret: &str) {
+    let taken: BTreeSet<String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.clone())
+        .collect();
+    let volume = pick_name(numbered("lameduck-tls".into(), "lameduck-tls"), &taken);
+    sidecar.volume_mounts = Some(vec![VolumeMount {
+        name: volume.clone(),
+        mount_path: TLS_MOUNT.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }]);
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: volume,
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_owned()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+}
+
+/// terminationGracePeriodSeconds raised to drain-max + [`GRACE_MARGIN_SECS`], never
+/// lowered; a warning when it was set to something other than Kubernetes' default.
+fn raise_grace_period(spec: &mut PodSpec, drain_max: Duration, warnings: &mut Vec<String>) {
+    let needed = i64::try_from(drain_max.as_secs())
         .unwrap_or(i64::MAX)
-        .saturating_add(i64::from(proxy.drain_max.subsec_nanos() > 0))
+        .saturating_add(i64::from(drain_max.subsec_nanos() > 0))
         .saturating_add(GRACE_MARGIN_SECS);
-    match out.spec.termination_grace_period_seconds {
+    match spec.termination_grace_period_seconds {
         Some(current) if current >= needed => {}
         // 30 is Kubernetes' own default, which the API server fills in before admission:
         // raising it is the expected case, not news.
         Some(current) if current != K8S_DEFAULT_GRACE_SECS => {
-            out.warnings.push(format!(
+            warnings.push(format!(
                 "terminationGracePeriodSeconds raised from {current} to {needed} (drain-max \
                  {} + {GRACE_MARGIN_SECS}s for the app's own shutdown)",
-                humantime::format_duration(proxy.drain_max)
+                humantime::format_duration(drain_max)
             ));
-            out.spec.termination_grace_period_seconds = Some(needed);
+            spec.termination_grace_period_seconds = Some(needed);
         }
-        Some(_) | None => out.spec.termination_grace_period_seconds = Some(needed),
+        Some(_) | None => spec.termination_grace_period_seconds = Some(needed),
     }
-    if out.spec.host_network == Some(true) {
-        out.warnings.push(format!(
-            "the pod uses hostNetwork: lameduck's ports {proxy_port} and {admin_port} are \
-             bound on the node and must be free there"
-        ));
-    }
+}
 
+/// The marks: `lameduck.io/status: injected`, and what is not wired in
+/// `lameduck.io/degraded` (each also a warning); the wiring, for the caller.
+fn mark(out: &mut Injection, degraded: Vec<String>, mut wiring: Wiring) {
     let annotations = out
         .metadata
         .annotations
         .get_or_insert_with(Default::default);
     annotations.insert(STATUS_ANNOTATION.into(), STATUS_INJECTED.into());
-    if !degraded.what.is_empty() {
+    if !degraded.is_empty() {
         out.warnings.extend(
             degraded
-                .what
                 .iter()
                 .map(|w| format!("degraded ({ANN_ALLOW_DEGRADED}): {w}")),
         );
-        annotations.insert(ANN_DEGRADED.into(), degraded.what.join("; "));
+        annotations.insert(ANN_DEGRADED.into(), degraded.join("; "));
     }
-    Ok(out)
+    wiring.degraded = degraded;
+    out.wiring = Some(wiring);
 }
 
 /// The drain token of a pod without one: a hash of the pod template as given, so

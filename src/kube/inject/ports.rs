@@ -32,6 +32,9 @@ fn is_tcp(p: &ContainerPort) -> bool {
     p.protocol.as_deref().is_none_or(|p| p == "TCP")
 }
 
+/// Where the app listens: the port `lameduck.io/port` names (a name or a number, in the
+/// container `lameduck.io/container` names, if set), else a guess that refuses to choose
+/// between several containers.
 pub(super) fn find_app_port(
     spec: &PodSpec,
     container: Option<&str>,
@@ -39,162 +42,188 @@ pub(super) fn find_app_port(
     default_container: Option<&str>,
 ) -> Result<AppPort, InjectError> {
     let only = match container {
-        Some(name) => Some(
-            spec.containers
-                .iter()
-                .position(|c| c.name == name)
-                .ok_or_else(|| {
-                    InjectError::annotation_because(
-                        ANN_CONTAINER,
-                        name,
-                        "the pod has no such container",
-                        format!(
-                            "the name of one of the pod's containers ({})",
-                            spec.containers
-                                .iter()
-                                .map(|c| c.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    )
-                })?,
-        ),
+        Some(name) => Some(container_index(spec, name)?),
         None => None,
     };
-    let ports = || {
-        spec.containers
-            .iter()
-            .enumerate()
-            .filter(move |(ci, _)| only.is_none_or(|o| o == *ci))
-            .flat_map(|(ci, c)| {
-                c.ports
-                    .iter()
-                    .flatten()
-                    .enumerate()
-                    .map(move |(pi, p)| (ci, pi, p))
-            })
+    let (container, port) = match wanted {
+        Some(v) => annotated_port(spec, only, container, v)?,
+        None => guessed_port(spec, only, container, default_container)?,
     };
-    let found = match wanted {
-        Some(v) => {
-            let by_number = v.parse::<u16>().ok().filter(|n| *n > 0);
-            let hit = if v.bytes().all(|b| b.is_ascii_digit()) {
-                let Some(n) = by_number else {
-                    return Err(InjectError::annotation(
-                        ANN_PORT,
-                        v,
-                        "the name or number of a port declared by one of the pod's containers",
-                    ));
-                };
-                ports().find(|(_, _, p)| p.container_port == i32::from(n))
-            } else {
-                ports().find(|(_, _, p)| p.name.as_deref() == Some(v))
-            };
-            let Some((ci, pi, p)) = hit else {
-                return Err(InjectError::annotation_because(
-                    ANN_PORT,
-                    v,
-                    match container {
-                        Some(c) => format!("container {c} declares no such port"),
-                        None => "no container declares that port".to_owned(),
-                    },
-                    "the name or number of a port declared by one of the pod's containers",
-                ));
-            };
-            if !is_tcp(p) {
-                return Err(InjectError::annotation_because(
-                    ANN_PORT,
-                    v,
-                    format!("that port is {}", p.protocol.as_deref().unwrap_or_default()),
-                    "a TCP port (lameduck proxies HTTP)",
-                ));
-            }
-            (ci, pi)
-        }
-        None => {
-            // Which container is the app: with several that declare TCP ports, guessing
-            // would proxy a log shipper or a metrics exporter.
-            let candidates: Vec<usize> = spec
-                .containers
+    Ok(AppPort { container, port })
+}
+
+/// The index of the container `lameduck.io/container` names.
+fn container_index(spec: &PodSpec, name: &str) -> Result<usize, InjectError> {
+    spec.containers
+        .iter()
+        .position(|c| c.name == name)
+        .ok_or_else(|| {
+            InjectError::annotation_because(
+                ANN_CONTAINER,
+                name,
+                "the pod has no such container",
+                format!(
+                    "the name of one of the pod's containers ({})",
+                    spec.containers
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
+}
+
+/// `(container index, port index, port)` of every port of container `only` (or of every
+/// container).
+fn ports_of(
+    spec: &PodSpec,
+    only: Option<usize>,
+) -> impl Iterator<Item = (usize, usize, &ContainerPort)> {
+    spec.containers
+        .iter()
+        .enumerate()
+        .filter(move |(ci, _)| only.is_none_or(|o| o == *ci))
+        .flat_map(|(ci, c)| {
+            c.ports
                 .iter()
+                .flatten()
                 .enumerate()
-                .filter(|(ci, c)| {
-                    only.is_none_or(|o| o == *ci) && c.ports.iter().flatten().any(is_tcp)
-                })
-                .map(|(ci, _)| ci)
-                .collect();
-            let has_http = |ci: &usize| {
-                spec.containers[*ci]
-                    .ports
-                    .iter()
-                    .flatten()
-                    .any(|p| p.name.as_deref() == Some("http") && is_tcp(p))
-            };
-            let app = match candidates.as_slice() {
-                [] => {
-                    return Err(match container {
-                        Some(c) => InjectError::annotation_because(
-                            ANN_CONTAINER,
-                            c,
-                            "that container declares no TCP port",
-                            "the name of the app container, which declares the app's port",
-                        ),
-                        None => InjectError::NoAppPort,
-                    })
-                }
-                [one] => *one,
-                several => {
-                    let by_default = default_container.and_then(|d| {
-                        several
-                            .iter()
-                            .copied()
-                            .find(|ci| spec.containers[*ci].name == d)
-                    });
-                    let with_http: Vec<usize> = several.iter().copied().filter(has_http).collect();
-                    match (by_default, with_http.as_slice()) {
-                        (Some(ci), _) => ci,
-                        (None, [one]) => *one,
-                        _ => {
-                            let list = several
-                                .iter()
-                                .map(|ci| {
-                                    let c = &spec.containers[*ci];
-                                    let ports = c
-                                        .ports
-                                        .iter()
-                                        .flatten()
-                                        .filter(|p| is_tcp(p))
-                                        .map(|p| match &p.name {
-                                            Some(n) => format!("{n} {}", p.container_port),
-                                            None => p.container_port.to_string(),
-                                        })
-                                        .collect::<Vec<_>>()
-                                        .join(", ");
-                                    format!("{} ({ports})", c.name)
-                                })
-                                .collect::<Vec<_>>()
-                                .join(", ");
-                            return Err(InjectError::Refused(format!(
-                                "several containers declare TCP ports ({list}), so which one \
-                                 is the app is ambiguous: set annotation {ANN_CONTAINER} to \
-                                 the app container's name (or {ANN_PORT} to its port)"
-                            )));
-                        }
-                    }
-                }
-            };
-            let ports = spec.containers[app].ports.iter().flatten();
-            let pi = ports
-                .clone()
-                .position(|p| p.name.as_deref() == Some("http") && is_tcp(p))
-                .or_else(|| ports.clone().position(is_tcp))
-                .expect("a candidate declares a TCP port");
-            (app, pi)
-        }
+                .map(move |(pi, p)| (ci, pi, p))
+        })
+}
+
+/// `lameduck.io/port`: the TCP port of that name, or of that number.
+fn annotated_port(
+    spec: &PodSpec,
+    only: Option<usize>,
+    container: Option<&str>,
+    v: &str,
+) -> Result<(usize, usize), InjectError> {
+    const FORM: &str = "the name or number of a port declared by one of the pod's containers";
+    let by_number = v.parse::<u16>().ok().filter(|n| *n > 0);
+    let hit = if v.bytes().all(|b| b.is_ascii_digit()) {
+        let Some(n) = by_number else {
+            return Err(InjectError::annotation(ANN_PORT, v, FORM));
+        };
+        ports_of(spec, only).find(|(_, _, p)| p.container_port == i32::from(n))
+    } else {
+        ports_of(spec, only).find(|(_, _, p)| p.name.as_deref() == Some(v))
     };
-    Ok(AppPort {
-        container: found.0,
-        port: found.1,
-    })
+    let Some((ci, pi, p)) = hit else {
+        return Err(InjectError::annotation_because(
+            ANN_PORT,
+            v,
+            match container {
+                Some(c) => format!("container {c} declares no such port"),
+                None => "no container declares that port".to_owned(),
+            },
+            FORM,
+        ));
+    };
+    if !is_tcp(p) {
+        return Err(InjectError::annotation_because(
+            ANN_PORT,
+            v,
+            format!("that port is {}", p.protocol.as_deref().unwrap_or_default()),
+            "a TCP port (lameduck proxies HTTP)",
+        ));
+    }
+    Ok((ci, pi))
+}
+
+/// No `lameduck.io/port`: the app container is the only one declaring a TCP port (within
+/// `lameduck.io/container`, if set), and its port is the one named `http`, else its first
+/// TCP port.
+fn guessed_port(
+    spec: &PodSpec,
+    only: Option<usize>,
+    container: Option<&str>,
+    default_container: Option<&str>,
+) -> Result<(usize, usize), InjectError> {
+    let candidates: Vec<usize> = spec
+        .containers
+        .iter()
+        .enumerate()
+        .filter(|(ci, c)| only.is_none_or(|o| o == *ci) && c.ports.iter().flatten().any(is_tcp))
+        .map(|(ci, _)| ci)
+        .collect();
+    let app = match candidates.as_slice() {
+        [] => {
+            return Err(match container {
+                Some(c) => InjectError::annotation_because(
+                    ANN_CONTAINER,
+                    c,
+                    "that container declares no TCP port",
+                    "the name of the app container, which declares the app's port",
+                ),
+                None => InjectError::NoAppPort,
+            })
+        }
+        [one] => *one,
+        several => app_among(spec, several, default_container)?,
+    };
+    let ports = spec.containers[app].ports.iter().flatten();
+    let pi = ports
+        .clone()
+        .position(|p| p.name.as_deref() == Some("http") && is_tcp(p))
+        .or_else(|| ports.clone().position(is_tcp))
+        .expect("a candidate declares a TCP port");
+    Ok((app, pi))
+}
+
+/// Which of several containers with TCP ports is the app: the one kubectl's
+/// default-container annotation names, else the only one with a port named `http`. Else
+/// refused: guessing would proxy a log shipper or a metrics exporter.
+fn app_among(
+    spec: &PodSpec,
+    several: &[usize],
+    default_container: Option<&str>,
+) -> Result<usize, InjectError> {
+    let has_http = |ci: &usize| {
+        spec.containers[*ci]
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("http") && is_tcp(p))
+    };
+    let by_default = default_container.and_then(|d| {
+        several
+            .iter()
+            .copied()
+            .find(|ci| spec.containers[*ci].name == d)
+    });
+    let with_http: Vec<usize> = several.iter().copied().filter(has_http).collect();
+    match (by_default, with_http.as_slice()) {
+        (Some(ci), _) => Ok(ci),
+        (None, [one]) => Ok(*one),
+        _ => {
+            let list = several
+                .iter()
+                .map(|ci| {
+                    let c = &spec.containers[*ci];
+                    let ports = c
+                        .ports
+                        .iter()
+                        .flatten()
+                        .filter(|p| is_tcp(p))
+                        .map(|p| match &p.name {
+                            Some(n) => format!("{n} {}", p.container_port),
+                            None => p.container_port.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    format!("{} ({ports})", c.name)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            Err(InjectError::Refused(format!(
+                "several containers declare TCP ports ({list}), so which one is the app is \
+                 ambiguous: set annotation {ANN_CONTAINER} to the app container's name (or \
+                 {ANN_PORT} to its port)"
+            )))
+        }
+    }
 }
 
 pub(super) fn pick_port(
