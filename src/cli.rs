@@ -856,6 +856,11 @@ pub fn reaches(upstream: SocketAddr, own: SocketAddr) -> bool {
     up == own || (own.is_unspecified() && local(up)) || (up.is_unspecified() && local(own))
 }
 
+/// The header that carries the drain token to `/drain`: checked by the admin server, sent
+/// by `lameduck drain` and by the preStop hook injection wires. (Header names are
+/// case-insensitive; this is the spelling written into pod specs.)
+pub const TOKEN_HEADER: &str = "X-Lameduck-Token";
+
 /// A drain token: 16 to 256 characters of `A-Z a-z 0-9 . _ ~ + / = -` (base64, hex or a
 /// random string; the same rule as injection's). Shorter is guessable, and an empty one
 /// would let an empty header through.

@@ -38,6 +38,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use tokio::net::TcpListener;
@@ -182,12 +183,7 @@ pub fn review_of(body: &[u8], settings: &Settings) -> Result<(Json, Subject), Ba
         return Ok((allow(), subject));
     };
     let metadata = pod.get("metadata").cloned().unwrap_or(Json::Null);
-    let opted_in = metadata
-        .get("labels")
-        .and_then(|l| l.get(inject::INJECT_LABEL))
-        .and_then(Json::as_str)
-        == Some("true");
-    if !opted_in {
+    if !inject::wants_injection(&labels_of(&metadata), false) {
         return Ok((allow(), subject));
     }
     let template =
@@ -217,6 +213,24 @@ pub fn review_of(body: &[u8], settings: &Settings) -> Result<(Json, Subject), Ba
             })),
             subject,
         )),
+    }
+}
+
+/// The pod's labels whose values are strings, as metadata for [`inject::wants_injection`]:
+/// the opt-in rule is read from the raw object before anything else in it is checked.
+fn labels_of(metadata: &Json) -> ObjectMeta {
+    let labels = metadata
+        .get("labels")
+        .and_then(Json::as_object)
+        .map(|labels| {
+            labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        });
+    ObjectMeta {
+        labels,
+        ..Default::default()
     }
 }
 

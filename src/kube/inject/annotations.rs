@@ -193,24 +193,29 @@ const NOT_DEFAULTABLE: &[&str] = &[STATUS_ANNOTATION, ANN_DEGRADED, ANN_DRAIN_TO
 
 impl Settings {
     /// Every default names a settable annotation (checked at start: exit 2 otherwise).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), NotASetting> {
         for key in self.defaults.keys() {
             if !KNOWN_ANNOTATIONS.contains(&key.as_str()) || NOT_DEFAULTABLE.contains(&key.as_str())
             {
-                return Err(format!(
-                    "--sidecar-default {key}: not a per-pod setting; known: {}",
-                    KNOWN_ANNOTATIONS
-                        .iter()
-                        .filter(|k| !NOT_DEFAULTABLE.contains(k))
-                        .copied()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+                return Err(NotASetting(key.clone()));
             }
         }
         Ok(())
     }
 }
+
+/// A `--sidecar-default` whose key is not a per-pod setting (exit 2 at start).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "--sidecar-default {0}: not a per-pod setting; known: {known}",
+    known = KNOWN_ANNOTATIONS
+        .iter()
+        .filter(|k| !NOT_DEFAULTABLE.contains(k))
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ")
+)]
+pub struct NotASetting(pub String);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -601,7 +606,11 @@ mod tests {
             defaults: [("lameduck.io/drain_max".to_owned(), "90s".to_owned())].into(),
             ..Settings::default()
         };
-        assert!(bad.check().unwrap_err().contains("lameduck.io/drain_max"));
+        assert!(bad
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("lameduck.io/drain_max"));
         let status = Settings {
             defaults: [(STATUS_ANNOTATION.to_owned(), "injected".to_owned())].into(),
             ..Settings::default()

@@ -428,7 +428,7 @@ fn rewrite_object(
         return Ok(());
     };
     let template = yaml_pointer_mut(doc, pointer).expect("found above");
-    apply_to_yaml(template, &patch).map_err(fail)?;
+    apply_to_yaml(template, &patch).map_err(|e| fail(e.to_string()))?;
 
     // Remember where the app listens now, for the Service check.
     apps.push(InjectedApp {
@@ -543,18 +543,18 @@ fn yaml_pointer_mut<'a>(doc: &'a mut Yaml, pointer: &str) -> Option<&'a mut Yaml
 /// Applies a JSON Patch of `add`, `remove` and `replace` operations (all that
 /// [`json_patch::diff`] produces) to a YAML value in place, keeping the order of mapping
 /// keys, which a round trip through JSON would sort.
-pub fn apply_to_yaml(doc: &mut Yaml, patch: &Patch) -> Result<(), String> {
+pub fn apply_to_yaml(doc: &mut Yaml, patch: &Patch) -> Result<(), PatchError> {
     for op in &patch.0 {
         let (path, value) = match op {
             PatchOperation::Add(o) => (&o.path, Some(&o.value)),
             PatchOperation::Replace(o) => (&o.path, Some(&o.value)),
             PatchOperation::Remove(o) => (&o.path, None),
-            other => return Err(format!("unsupported patch operation {other}")),
+            other => return Err(PatchError::Unsupported(other.to_string())),
         };
         let mut value = value
             .map(yaml_serde::to_value)
             .transpose()
-            .map_err(|e| format!("patch value: {e}"))?;
+            .map_err(PatchError::Value)?;
         if let Some(v) = &mut value {
             name_first(v);
         }
@@ -570,8 +570,8 @@ pub fn apply_to_yaml(doc: &mut Yaml, patch: &Patch) -> Result<(), String> {
                 Yaml::Sequence(s) => k.parse::<usize>().ok().and_then(|i| s.get_mut(i)),
                 _ => None,
             })
-            .ok_or_else(|| format!("patch path {path} does not exist"))?;
-        let missing = || format!("patch path {path} does not exist");
+            .ok_or_else(|| PatchError::NoPath(path.to_string()))?;
+        let missing = || PatchError::NoPath(path.to_string());
         match (parent, op, value) {
             (Yaml::Mapping(m), PatchOperation::Remove(_), _) => {
                 m.shift_remove(last.as_str()).ok_or_else(missing)?;
@@ -601,6 +601,17 @@ pub fn apply_to_yaml(doc: &mut Yaml, patch: &Patch) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Why a patch could not be applied to a YAML document (a bug: [`json_patch::diff`] made it).
+#[derive(Debug, thiserror::Error)]
+pub enum PatchError {
+    #[error("unsupported patch operation {0}")]
+    Unsupported(String),
+    #[error("patch value: {0}")]
+    Value(yaml_serde::Error),
+    #[error("patch path {0} does not exist")]
+    NoPath(String),
 }
 
 /// Moves `name` to the front of every mapping in a value that came through JSON (whose

@@ -24,9 +24,10 @@ use crate::cli::{Mode, ProxyArgs};
 pub const CONTAINER_NAME: &str = "lameduck";
 
 /// The environment variable the sidecar reads its `--drain-token` from (the proxy's own
-/// `env =` on that flag), and the header the preStop hook sends it in.
+/// `env =` on that flag), and the header the preStop hook sends it in (the admin
+/// server's own).
 pub const TOKEN_ENV: &str = "LAMEDUCK_DRAIN_TOKEN";
-pub const TOKEN_HEADER: &str = "X-Lameduck-Token";
+pub use crate::cli::TOKEN_HEADER;
 
 /// terminationGracePeriodSeconds ≥ drain-max + this: time for the app's own shutdown
 /// after `/drain` answers.
@@ -510,14 +511,19 @@ pub fn derived_token(metadata: &ObjectMeta, spec: &PodSpec) -> String {
 }
 
 /// A random drain token (the webhook's, one per pod).
-pub fn random_token() -> Result<String, String> {
+pub fn random_token() -> Result<String, RandomFailed> {
     use ring::rand::SecureRandom as _;
     let mut bytes = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
-        .map_err(|_| "the system's random number generator failed".to_owned())?;
+        .map_err(|_| RandomFailed)?;
     Ok(hex(&bytes))
 }
+
+/// The system's random number generator failed (the webhook then derives the token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the system's random number generator failed")]
+pub struct RandomFailed;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
