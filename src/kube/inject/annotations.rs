@@ -1,9 +1,23 @@
 //! The annotation vocabulary: every `lameduck.io/*` name a pod may carry, the form each
-//! value takes, and where each is checked. The answer to "where is annotation X defined and
-//! checked?" is this file: the names and forms are the constants below,
-//! [`Options::from_annotations`] reads and checks every value's form (with the proxy's own
-//! parsers), and the few checks that need the pod itself (does the named container or port
-//! exist, is the port free, is a request above its limit) are the functions at the end.
+//! value takes, and where each is checked. "Where is annotation X defined and checked?" is
+//! answered here: the names and forms are the constants below, `Options::from_annotations`
+//! reads every value (the pod's own, else its `--sidecar-default`) and checks its form with
+//! the proxy's own parsers, and the few checks that need the pod itself are named below.
+//!
+//! | annotation | form | checked by |
+//! |---|---|---|
+//! | label [`INJECT_LABEL`] | `"true"` (`"false"` opts out of `--all`) | [`wants_injection`] |
+//! | any other `lameduck.io/*` | refused, with a hint | `check_known` |
+//! | [`ANN_PORT`], [`ANN_CONTAINER`] | a port name or number; a container name | `Values::get`; against the pod: `ports::find_app_port` |
+//! | [`ANN_NATIVE_SIDECAR`], [`ANN_REPLACE_PRESTOP`], [`ANN_EVENTS`], [`ANN_ALLOW_DEGRADED`] | `BOOL_FORM` | `Values::boolean` |
+//! | [`ANN_DRAIN_MIN`], [`ANN_QUIET`], [`ANN_QUIET_FALLBACK`], [`ANN_DRAIN_MAX`], [`ANN_HEALTH_PATH`], [`ANN_UPSTREAM_HEALTH`], [`ANN_IDLE_TIMEOUT`] | the proxy flag's own value (`FLAG_ANNOTATIONS`) | `Values::flags`; together: [`crate::cli::ProxyArgs::validate`], named by `Options::flag_error` |
+//! | [`ANN_UPSTREAM_PROTOCOL`], [`ANN_MODE`] | `PROTOCOL_FORM`, `MODE_FORM` | `Values::upstream_h2c`, `Values::mode` (the proxy's `--upstream-protocol`, `--mode`) |
+//! | [`ANN_TLS`] | `TLS_FORM` | `Values::tls` |
+//! | [`ANN_BIND_ADDRESS`] | `ADDRESS_FORM` | `Values::bind_address` |
+//! | [`ANN_DRAIN_TOKEN`] | `TOKEN_FORM` | `Values::drain_token` ([`crate::cli::check_drain_token`]) |
+//! | [`ANN_PROXY_PORT`], [`ANN_ADMIN_PORT`] | `PORT_NUMBER_FORM` | `Values::get`; against the pod: `ports::pick_port` |
+//! | [`ANN_CPU_REQUEST`], [`ANN_CPU_LIMIT`], [`ANN_MEMORY_REQUEST`], [`ANN_MEMORY_LIMIT`] | `QUANTITY_FORM` | `Values::quantity`; request within limit: `pod::sidecar_resources` |
+//! | [`STATUS_ANNOTATION`], [`ANN_DEGRADED`] | written by lameduck, never a default | `pod::inject` (read), `pod::mark` (written) |
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -26,6 +26,14 @@
 //! The sidecar's arguments are checked by the proxy's own parser and validation
 //! ([`ProxyArgs::parse_and_validate`]): what injection produces, `lameduck proxy` accepts.
 //!
+//! | file | owns |
+//! |---|---|
+//! | `annotations.rs` | the vocabulary: every annotation's name, form and check; [`Settings`] |
+//! | `pod.rs` | [`inject`], the pure transformation, as a recipe of named steps; [`Injection`] and its [`Wiring`] |
+//! | `ports.rs` | which port is the app's; the sidecar's port numbers and names |
+//! | `manifests.rs` | [`inject_manifests`]: YAML streams, the Service check |
+//! | `mod.rs` | [`InjectError`], and the pod as a JSON Patch ([`template_patch`]) |
+//!
 //! The webhook and the CLI both turn the typed result into a JSON Patch against the object
 //! they were given (diffing the typed input against the typed output), so fields this
 //! crate's Kubernetes types do not know are never dropped.

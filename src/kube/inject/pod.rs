@@ -118,20 +118,7 @@ pub fn inject(
     )?;
     check_restart_policy(spec, &opts)?;
     let (ports, mut names) = taken_ports_and_names(spec);
-    let proxy_port = pick_port(
-        ANN_PROXY_PORT,
-        opts.proxy_port.as_deref(),
-        DEFAULT_PROXY_PORT,
-        &ports,
-        None,
-    )?;
-    let admin_port = pick_port(
-        ANN_ADMIN_PORT,
-        opts.admin_port.as_deref(),
-        DEFAULT_ADMIN_PORT,
-        &ports,
-        Some(proxy_port),
-    )?;
+    let (proxy_port, admin_port) = sidecar_ports(&opts, &ports)?;
     let token = match (&opts.drain_token, &settings.drain_token) {
         (Some(t), _) | (None, Some(t)) => t.clone(),
         (None, None) => derived_token(metadata, spec),
@@ -177,15 +164,7 @@ pub fn inject(
     if let Some(secret) = &opts.tls_secret {
         mount_tls_secret(&mut out.spec, &mut sidecar, secret);
     }
-    if opts.native_sidecar {
-        sidecar.restart_policy = Some("Always".into());
-        out.spec
-            .init_containers
-            .get_or_insert_with(Vec::new)
-            .push(sidecar);
-    } else {
-        out.spec.containers.push(sidecar);
-    }
+    add_sidecar(&mut out.spec, sidecar, opts.native_sidecar);
 
     raise_grace_period(&mut out.spec, proxy.drain_max, &mut out.warnings);
     if out.spec.host_network == Some(true) {
@@ -249,6 +228,26 @@ fn taken_ports_and_names(spec: &PodSpec) -> (BTreeSet<i32>, BTreeSet<String>) {
         }
     }
     (ports, names)
+}
+
+/// The sidecar's traffic and admin port numbers: the annotated ones, else the first free
+/// from the defaults.
+fn sidecar_ports(opts: &Options, taken: &BTreeSet<i32>) -> Result<(u16, u16), InjectError> {
+    let proxy_port = pick_port(
+        ANN_PROXY_PORT,
+        opts.proxy_port.as_deref(),
+        DEFAULT_PROXY_PORT,
+        taken,
+        None,
+    )?;
+    let admin_port = pick_port(
+        ANN_ADMIN_PORT,
+        opts.admin_port.as_deref(),
+        DEFAULT_ADMIN_PORT,
+        taken,
+        Some(proxy_port),
+    )?;
+    Ok((proxy_port, admin_port))
 }
 
 /// The names of the sidecar's two ports, and what became of the app's.
@@ -452,6 +451,19 @@ fn mount_tls_secret(spec: &mut PodSpec, sidecar: &mut Container, secret: &str) {
         }),
         ..Default::default()
     });
+}
+
+/// The sidecar in the pod: a native sidecar (an init container that keeps running), or a
+/// regular container.
+fn add_sidecar(spec: &mut PodSpec, mut sidecar: Container, native: bool) {
+    if native {
+        sidecar.restart_policy = Some("Always".into());
+        spec.init_containers
+            .get_or_insert_with(Vec::new)
+            .push(sidecar);
+    } else {
+        spec.containers.push(sidecar);
+    }
 }
 
 /// terminationGracePeriodSeconds raised to drain-max + [`GRACE_MARGIN_SECS`], never
@@ -696,6 +708,48 @@ fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wiring is what was decided: the app's container and port, the name that moved,
+    /// what is degraded; a pod left alone has none.
+    #[test]
+    fn wiring_is_what_was_decided() {
+        let spec: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "web", "ports": [{"name": "http", "containerPort": 8080}]}]
+        }))
+        .unwrap();
+        let out = inject(&spec, &ObjectMeta::default(), &Settings::default()).unwrap();
+        let w = out.wiring.clone().unwrap();
+        assert_eq!(
+            (
+                w.app_container.as_str(),
+                w.app_port,
+                w.moved_name.as_deref()
+            ),
+            ("web", 8080, Some("http"))
+        );
+        assert_eq!(
+            (w.proxy_port, w.admin_port),
+            (DEFAULT_PROXY_PORT, DEFAULT_ADMIN_PORT)
+        );
+        assert!(w.degraded.is_empty());
+        let again = inject(&out.spec, &out.metadata, &Settings::default()).unwrap();
+        assert_eq!(again.wiring, None, "injected already: left alone");
+
+        let unnamed: PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [{"name": "web", "ports": [{"containerPort": 8080}]}]
+        }))
+        .unwrap();
+        let allow = ObjectMeta {
+            annotations: Some([(ANN_ALLOW_DEGRADED.to_owned(), "true".to_owned())].into()),
+            ..Default::default()
+        };
+        let w = inject(&unnamed, &allow, &Settings::default())
+            .unwrap()
+            .wiring
+            .unwrap();
+        assert_eq!((w.app_port, w.moved_name), (8080, None));
+        assert_eq!(w.degraded.len(), 1, "{:?}", w.degraded);
+    }
 
     /// Before: accepted, and the proxy then panicked on clock overflow at the end of the drain.
     #[test]
