@@ -30,6 +30,7 @@
 //! |---|---|
 //! | `annotations.rs` | the vocabulary: every annotation's name, form and check; [`Settings`] |
 //! | `pod.rs` | [`inject`], the pure transformation, as a recipe of named steps; [`Injection`] and its [`Wiring`] |
+//! | `container.rs` | the lameduck container: ports, probes, hardening, resources |
 //! | `ports.rs` | which port is the app's; the sidecar's port numbers and names |
 //! | `manifests.rs` | [`inject_manifests`]: YAML streams, the Service check |
 //! | `mod.rs` | [`InjectError`], and the pod as a JSON Patch ([`template_patch`]) |
@@ -47,6 +48,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 
 mod annotations;
+mod container;
 mod manifests;
 mod pod;
 mod ports;
