@@ -35,8 +35,7 @@ use crate::lifecycle::drain::{Lifecycle, Phase, ReadinessWhileDraining, Snapshot
 use crate::metrics::Metrics;
 use crate::traffic::upstream::Upstream;
 
-/// Header carrying the drain token.
-pub const TOKEN_HEADER: &str = "x-lameduck-token";
+pub use crate::cli::TOKEN_HEADER;
 
 /// How long the readiness check may take: below the kubelet's default 1 s probe timeout.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);

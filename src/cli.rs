@@ -333,7 +333,7 @@ pub struct ProxyArgs {
     /// Where the pod's ServiceAccount token and CA are mounted, for --events (the API server
     /// is KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, which the kubelet sets).
     #[arg(long, env = "LAMEDUCK_SERVICE_ACCOUNT_DIR", value_name = "DIR",
-          default_value = crate::events::SERVICE_ACCOUNT_DIR, help_heading = "Kubernetes")]
+          default_value = crate::kube::events::SERVICE_ACCOUNT_DIR, help_heading = "Kubernetes")]
     pub service_account_dir: std::path::PathBuf,
 
     /// Worker threads. 1 (default) runs everything on one thread, the cheapest for a sidecar
@@ -429,14 +429,56 @@ Wiring it into a pod:
   inject uses drain-max + 30s). If the grace period runs out first, the kubelet abandons the
   hook and the app is signalled while traffic may still arrive.";
 
+/// `lameduck proxy`'s flags refused: the message the binary prints (exit 2), and the flags
+/// that message is about, in the order it names them. A caller that set the flags itself
+/// (injection, from annotations) says where each came from by reading `flags`, never the
+/// message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    /// The flags the message names (`--drain-max`), each once. Empty for clap's own parse
+    /// errors, which quote their flag in the message.
+    pub flags: Vec<&'static str>,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(flags: &[&'static str], message: impl Into<String>) -> Self {
+        ConfigError {
+            flags: flags.to_vec(),
+            message: message.into(),
+        }
+    }
+}
+
 impl ProxyArgs {
     /// Checks that the flags make sense together.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_drain()?;
+        self.check_timeouts()?;
+        self.check_features()?;
+        self.check_addresses()?;
+        if let Some(token) = &self.drain_token {
+            check_drain_token(token).map_err(|e| {
+                ConfigError::new(
+                    &["--drain-token"],
+                    format!("--drain-token (or LAMEDUCK_DRAIN_TOKEN): {e}; unset it for no token"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// drain-min, the quiet window and drain-max fit together.
+    fn check_drain(&self) -> Result<(), ConfigError> {
         if self.drain_min > self.drain_max {
-            return Err(format!(
-                "--drain-min ({}) must not exceed --drain-max ({})",
-                fmt_dur(self.drain_min),
-                fmt_dur(self.drain_max)
+            return Err(ConfigError::new(
+                &["--drain-min", "--drain-max"],
+                format!(
+                    "--drain-min ({}) must not exceed --drain-max ({})",
+                    fmt_dur(self.drain_min),
+                    fmt_dur(self.drain_max)
+                ),
             ));
         }
         let (flag, quiet) = match self.quiet {
@@ -444,28 +486,43 @@ impl ProxyArgs {
             QuietArg::Auto => ("--quiet-fallback", self.quiet_fallback),
         };
         if quiet > self.drain_max {
-            return Err(format!(
-                "{flag} ({}) must not exceed --drain-max ({}): every drain would end at the cap",
-                fmt_dur(quiet),
-                fmt_dur(self.drain_max)
+            return Err(ConfigError::new(
+                &[flag, "--drain-max"],
+                format!(
+                    "{flag} ({}) must not exceed --drain-max ({}): every drain would end at \
+                     the cap",
+                    fmt_dur(quiet),
+                    fmt_dur(self.drain_max)
+                ),
             ));
         }
         if self.drain_max.is_zero() {
-            return Err("--drain-max must be greater than 0".into());
+            return Err(ConfigError::new(
+                &["--drain-max"],
+                "--drain-max must be greater than 0",
+            ));
         }
         for (flag, d) in [
             ("--quiet", self.quiet.fixed()),
             ("--quiet-fallback", Some(self.quiet_fallback)),
         ] {
             if let Some(d) = d.filter(|d| *d < MIN_QUIET) {
-                return Err(format!(
-                    "{flag} ({}) must be at least {}: a shorter window ends a drain in the gap \
-                     between two requests of one steady client",
-                    fmt_dur(d),
-                    fmt_dur(MIN_QUIET)
+                return Err(ConfigError::new(
+                    &[flag],
+                    format!(
+                        "{flag} ({}) must be at least {}: a shorter window ends a drain in the \
+                         gap between two requests of one steady client",
+                        fmt_dur(d),
+                        fmt_dur(MIN_QUIET)
+                    ),
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// No timeout is 0.
+    fn check_timeouts(&self) -> Result<(), ConfigError> {
         for (flag, d) in [
             ("--upstream-connect-timeout", self.upstream_connect_timeout),
             ("--idle-timeout", self.idle_timeout),
@@ -478,73 +535,106 @@ impl ProxyArgs {
             ("--upstream-body-timeout", self.upstream_body_timeout),
         ] {
             if d.is_zero() {
-                return Err(format!("{flag} must be greater than 0"));
+                return Err(ConfigError::new(
+                    &[flag],
+                    format!("{flag} must be greater than 0"),
+                ));
             }
         }
+        Ok(())
+    }
+
+    /// Each feature has what it needs, and is for the mode it is given with.
+    fn check_features(&self) -> Result<(), ConfigError> {
         if let Some(path) = &self.upstream_health {
             if path.starts_with(crate::traffic::upstream::GRPC_HEALTH_SERVICE)
                 && self.upstream_protocol != Protocol::H2c
             {
-                return Err(format!(
-                    "--upstream-health {path} is the gRPC health service: it needs \
-                     --upstream-protocol h2c"
+                return Err(ConfigError::new(
+                    &["--upstream-health", "--upstream-protocol"],
+                    format!(
+                        "--upstream-health {path} is the gRPC health service: it needs \
+                         --upstream-protocol h2c"
+                    ),
                 ));
             }
         }
         if self.events && (self.pod_name.is_none() || self.pod_namespace.is_none()) {
-            return Err(
+            return Err(ConfigError::new(
+                &["--events", "--pod-name", "--pod-namespace"],
                 "--events needs --pod-name and --pod-namespace (LAMEDUCK_POD_NAME and \
-                 LAMEDUCK_POD_NAMESPACE, from the downward API)"
-                    .into(),
-            );
+                 LAMEDUCK_POD_NAMESPACE, from the downward API)",
+            ));
         }
         if self.mode == Mode::Http && self.proxy_protocol != ProxyProtocol::Off {
-            return Err("--proxy-protocol needs --mode tcp".into());
+            return Err(ConfigError::new(
+                &["--proxy-protocol", "--mode"],
+                "--proxy-protocol needs --mode tcp",
+            ));
         }
         if self.mode == Mode::Tcp && !self.health_path.is_empty() {
-            return Err(
+            return Err(ConfigError::new(
+                &["--health-path", "--mode"],
                 "--health-path is for --mode http: in tcp mode the load balancer's \
-                        health checks must keep passing while draining"
-                    .into(),
-            );
+                        health checks must keep passing while draining",
+            ));
         }
         if self.mode == Mode::Tcp && self.tls_enabled() {
-            let given = match self.tls {
-                Some(_) => "--tls is",
-                None => "--tls-cert and --tls-key are",
+            let (given, flags): (_, &[_]) = match self.tls {
+                Some(_) => ("--tls is", &["--tls", "--mode"]),
+                None => (
+                    "--tls-cert and --tls-key are",
+                    &["--tls-cert", "--tls-key", "--mode"],
+                ),
             };
-            return Err(format!(
-                "{given} for --mode http: in tcp mode TLS passes through to the app untouched"
+            return Err(ConfigError::new(
+                flags,
+                format!(
+                    "{given} for --mode http: in tcp mode TLS passes through to the app \
+                     untouched"
+                ),
             ));
         }
         if self.tcp_health_check_within.is_zero() {
-            return Err("--tcp-health-check-within must be greater than 0".into());
+            return Err(ConfigError::new(
+                &["--tcp-health-check-within"],
+                "--tcp-health-check-within must be greater than 0",
+            ));
         }
+        Ok(())
+    }
+
+    /// The three addresses are distinct, and the upstream is not the proxy itself.
+    fn check_addresses(&self) -> Result<(), ConfigError> {
         if self.listen == self.admin && self.listen.port() != 0 {
-            return Err(format!(
-                "--listen and --admin are both {}: they must differ",
-                self.listen
+            return Err(ConfigError::new(
+                &["--listen", "--admin"],
+                format!(
+                    "--listen and --admin are both {}: they must differ",
+                    self.listen
+                ),
             ));
         }
         if self.upstream.port() == 0 {
-            return Err(format!(
-                "--upstream {} has port 0: the app must be given by its real port",
-                self.upstream
+            return Err(ConfigError::new(
+                &["--upstream"],
+                format!(
+                    "--upstream {} has port 0: the app must be given by its real port",
+                    self.upstream
+                ),
             ));
         }
         for (flag, own) in [("--listen", self.listen), ("--admin", self.admin)] {
             if reaches(self.upstream, own) {
-                return Err(format!(
-                    "--upstream {} is the proxy's own {flag} {own}: every request would loop \
-                     back into the proxy",
-                    self.upstream
+                return Err(ConfigError::new(
+                    &["--upstream", flag],
+                    format!(
+                        "--upstream {} is the proxy's own {flag} {own}: every request would \
+                         loop back into the proxy",
+                        self.upstream
+                    ),
                 ));
             }
-        }
-        if let Some(token) = &self.drain_token {
-            check_drain_token(token).map_err(|e| {
-                format!("--drain-token (or LAMEDUCK_DRAIN_TOKEN): {e}; unset it for no token")
-            })?;
         }
         Ok(())
     }
@@ -553,7 +643,7 @@ impl ProxyArgs {
     /// validates them, ignoring the process environment: `lameduck inject` and the webhook
     /// check the arguments they give an injected sidecar this way, so the proxy's own
     /// parser and [`ProxyArgs::validate`] are the one source of truth.
-    pub fn parse_and_validate<I, S>(args: I) -> Result<ProxyArgs, String>
+    pub fn parse_and_validate<I, S>(args: I) -> Result<ProxyArgs, ConfigError>
     where
         I: IntoIterator<Item = S>,
         S: Into<std::ffi::OsString> + Clone,
@@ -567,14 +657,11 @@ impl ProxyArgs {
             .mut_args(|a| a.env(None::<&str>));
         let matches = cmd.try_get_matches_from(args).map_err(|e| {
             let rendered = e.render().to_string();
-            rendered
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ")
-                .to_owned()
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            ConfigError::new(&[], first.trim_start_matches("error: "))
         })?;
-        let args = ProxyArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        let args = ProxyArgs::from_arg_matches(&matches)
+            .map_err(|e| ConfigError::new(&[], e.to_string()))?;
         args.validate()?;
         Ok(args)
     }
@@ -781,6 +868,11 @@ pub fn reaches(upstream: SocketAddr, own: SocketAddr) -> bool {
     up == own || (own.is_unspecified() && local(up)) || (up.is_unspecified() && local(own))
 }
 
+/// The header that carries the drain token to `/drain`: checked by the admin server, sent
+/// by `lameduck drain` and by the preStop hook injection wires. (Header names are
+/// case-insensitive; this is the spelling written into pod specs.)
+pub const TOKEN_HEADER: &str = "X-Lameduck-Token";
+
 /// A drain token: 16 to 256 characters of `A-Z a-z 0-9 . _ ~ + / = -` (base64, hex or a
 /// random string; the same rule as injection's). Shorter is guessable, and an empty one
 /// would let an empty header through.
@@ -883,7 +975,7 @@ mod tests {
         match Cli::try_parse_from(argv) {
             Ok(Cli {
                 command: Command::Proxy(p),
-            }) => p.validate().map(|_| p),
+            }) => p.validate().map(|_| p).map_err(|e| e.to_string()),
             Ok(_) => unreachable!(),
             Err(e) => Err(e.to_string()),
         }
@@ -1010,10 +1102,59 @@ mod tests {
         assert_eq!(p.listen.to_string(), "[::]:9900");
         assert_eq!(p.drain_max, Duration::from_secs(60));
         let e = ProxyArgs::parse_and_validate(["--drain-min=2m", "--drain-max=1m"]).unwrap_err();
-        assert!(e.contains("--drain-min (2m) must not exceed"), "{e}");
+        assert!(
+            e.message.contains("--drain-min (2m) must not exceed"),
+            "{e}"
+        );
+        assert_eq!(e.flags, ["--drain-min", "--drain-max"]);
         let e = ProxyArgs::parse_and_validate(["--upstream-protocol=spdy"]).unwrap_err();
-        assert_eq!(e.lines().count(), 1, "{e}");
-        assert!(e.contains("--upstream-protocol"), "{e}");
+        assert_eq!(e.message.lines().count(), 1, "{e}");
+        assert!(e.message.contains("--upstream-protocol"), "{e}");
+    }
+
+    /// Every refusal lists the flags its message names, in the order it names them: what
+    /// injection once found by reading the message's words.
+    #[test]
+    fn refusals_name_their_flags() {
+        let named = |message: &str| {
+            let mut flags: Vec<String> = Vec::new();
+            for word in message.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
+                let flag = word.trim_end_matches([':', ',', ';', '.']);
+                if flag.starts_with("--") && !flags.iter().any(|f| f == flag) {
+                    flags.push(flag.to_owned());
+                }
+            }
+            flags
+        };
+        let cases: &[&[&str]] = &[
+            &["--drain-min=10s", "--drain-max=5s"],
+            &["--quiet=3m"],
+            &["--quiet-fallback=3m"],
+            &["--drain-min=0", "--quiet=0", "--drain-max=0"],
+            &["--quiet=500ms"],
+            &["--quiet-fallback=500ms"],
+            &["--idle-timeout=0"],
+            &["--upstream-body-timeout=0"],
+            &["--upstream-health=/grpc.health.v1.Health/Check"],
+            &["--events"],
+            &["--events", "--pod-name=p"],
+            &["--proxy-protocol=strip"],
+            &["--mode=tcp", "--health-path=/healthz"],
+            &["--mode=tcp", "--tls=self-signed"],
+            &["--mode=tcp", "--tls-cert=/c", "--tls-key=/k"],
+            &["--mode=tcp", "--tcp-health-check-within=0"],
+            &["--listen=127.0.0.1:9000", "--admin=127.0.0.1:9000"],
+            &["--upstream=127.0.0.1:0"],
+            &["--upstream=127.0.0.1:8080"],
+            &["--upstream=127.0.0.1:9901"],
+            &["--drain-token=short"],
+            &["--upstream-protocol=spdy"],
+        ];
+        for args in cases {
+            let e = ProxyArgs::parse_and_validate(args.iter().copied()).unwrap_err();
+            assert_eq!(e.flags, named(&e.message), "{args:?}: {e}");
+            assert_eq!(e.to_string(), e.message);
+        }
     }
 
     #[test]

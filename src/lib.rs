@@ -2,31 +2,30 @@
 //! balancer has really stopped sending, and only then lets the app be stopped.
 //!
 //! Three parts, and what ties them together. Imports run one way, from the top of this
-//! table down; a part never imports one above it.
+//! table down; a module never imports one above it.
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`main`](../lameduck/index.html) (the binary) | parse the command line, logging, the runtime, exit codes |
-//! | [`cli`] | flags and their environment variables, validation |
-//! | [`sidecar`] | the `lameduck proxy` process: binding, wiring the parts, the path to exit |
+//! | `main` (the binary) | parse the command line, logging, the runtime, exit codes |
+//! | [`sidecar`] | the `lameduck proxy` process: binding, wiring the parts, what the exit waits for |
 //! | [`admin`] | `/livez` `/readyz` `/drain` `/status` `/metrics`, and the `lameduck drain` client |
+//! | [`kube`] | the Kubernetes integration: `inject` (annotations, the pod transformation, manifest rewriting), the webhook, the drain's Event, YAML out |
+//! | [`traffic`] | the traffic path: accept loop, connections, the HTTP proxy, the TCP forwarder, the app's connection pool |
 //! | [`metrics`] | the Prometheus registry |
-//! | [`logging`] | log lines to stderr through a bounded queue: a failed or blocked write is dropped and counted, never a panic or a stall |
-//! | [`traffic`] | the traffic path: accept loop, connections, the HTTP proxy, the TCP forwarder, the app's connection pool, TLS |
+//! | [`cli`] | flags and their environment variables, validation (typed [`cli::ConfigError`]) |
 //! | [`lifecycle`] | the pod's lifecycle: the one `State`, the drain decision and the release, the health-check cadence, signals |
-//! | [`kube`] | the Kubernetes integration: `inject`, the webhook, the drain's Event, YAML out |
+//! | [`tls`] | serving certificates (files reloaded on change, or self-signed) and the rustls config, for the traffic port and the webhook |
+//! | [`logging`] | log lines to stderr through a bounded queue: a failed or blocked write is dropped and counted, never a panic or a stall |
 //!
-//! `lifecycle` is a leaf; `traffic` reads `lifecycle` and records into `metrics`; `kube`
-//! imports nothing from `traffic`.
+//! `lifecycle`, `tls` and `logging` are leaves; `traffic` reads `lifecycle` and records into
+//! `metrics`; `kube` imports nothing from `traffic`.
 
 pub mod admin;
 pub mod cli;
-pub mod events;
-pub mod inject;
+pub mod kube;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod sidecar;
+pub mod tls;
 pub mod traffic;
-pub mod webhook;
-pub mod yaml;

@@ -44,7 +44,7 @@ fn fail(code: u8, msg: &str) -> ExitCode {
 
 fn proxy(args: ProxyArgs) -> ExitCode {
     if let Err(e) = args.validate() {
-        return fail(2, &e);
+        return fail(2, &e.to_string());
     }
     init_tracing(args.log_format, args.log_level);
     let runtime = if args.threads == 1 {
@@ -102,8 +102,9 @@ fn drain(args: DrainArgs) -> ExitCode {
 /// cannot be injected exits 2 naming it.
 fn inject(args: InjectArgs) -> ExitCode {
     use std::io::{Read, Write};
-    if let Err(e) = lameduck::inject::Settings::from(&args.sidecar).check() {
-        return fail(2, &e);
+    let settings = lameduck::kube::inject::Settings::from(&args.sidecar);
+    if let Err(e) = settings.check() {
+        return fail(2, &e.to_string());
     }
     let mut input = String::new();
     let read = if args.filename.as_os_str() == "-" {
@@ -114,11 +115,7 @@ fn inject(args: InjectArgs) -> ExitCode {
     if let Err(e) = read {
         return fail(2, &format!("cannot read {}: {e}", args.filename.display()));
     }
-    match lameduck::inject::inject_manifests(
-        &input,
-        &lameduck::inject::Settings::from(&args.sidecar),
-        args.all,
-    ) {
+    match lameduck::kube::inject::inject_manifests(&input, &settings, args.all) {
         Ok(out) => {
             for w in &out.warnings {
                 lameduck::logging::eprint_line(&format!("lameduck: warning: {w}"));
@@ -137,8 +134,8 @@ fn inject(args: InjectArgs) -> ExitCode {
 }
 
 fn webhook(args: WebhookArgs) -> ExitCode {
-    if let Err(e) = lameduck::inject::Settings::from(&args.sidecar).check() {
-        return fail(2, &e);
+    if let Err(e) = lameduck::kube::inject::Settings::from(&args.sidecar).check() {
+        return fail(2, &e.to_string());
     }
     init_tracing(args.log_format, args.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -150,7 +147,7 @@ fn webhook(args: WebhookArgs) -> ExitCode {
         Err(e) => return fail(1, &format!("cannot start the runtime: {e}")),
     };
     let code = runtime.block_on(async move {
-        let bound = match lameduck::webhook::Bound::bind(&args).await {
+        let bound = match lameduck::kube::webhook::Bound::bind(&args).await {
             Ok(bound) => bound,
             Err(e) => return fail(2, &e.to_string()),
         };

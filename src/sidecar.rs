@@ -29,12 +29,12 @@ use crate::cli::{Mode, ProxyArgs};
 use crate::lifecycle::drain::{Lifecycle, State, Trigger};
 use crate::lifecycle::signal::Terminations;
 use crate::metrics::Metrics;
+use crate::tls::{self, CertStore};
 use crate::traffic::accept;
 use crate::traffic::conn::Timeouts;
 use crate::traffic::listener;
 use crate::traffic::proxy::Proxy;
 use crate::traffic::tcp;
-use crate::traffic::tls::{self, CertStore};
 use crate::traffic::upstream::{self, Upstream};
 
 /// How long the admin port may take to answer its last requests at exit.
@@ -331,7 +331,7 @@ fn max_connections(args: &ProxyArgs) -> usize {
 
 /// `--events`: the drain's Event on this pod, posted once the drain is over.
 fn spawn_events(args: &ProxyArgs, lifecycle: &Lifecycle) -> tokio::task::JoinHandle<()> {
-    let pod = crate::events::PodRef {
+    let pod = crate::kube::events::PodRef {
         namespace: args.pod_namespace.clone().unwrap_or_default(),
         name: args.pod_name.clone().unwrap_or_default(),
         uid: args.pod_uid.clone(),
@@ -339,8 +339,8 @@ fn spawn_events(args: &ProxyArgs, lifecycle: &Lifecycle) -> tokio::task::JoinHan
     let lifecycle = lifecycle.clone();
     let dir = args.service_account_dir.clone();
     tokio::spawn(async move {
-        let client = crate::events::ApiClient::in_cluster(&dir);
-        let events = crate::events::Events::start(client, pod).await;
+        let client = crate::kube::events::ApiClient::in_cluster(&dir);
+        let events = crate::kube::events::Events::start(client, pod).await;
         let state = lifecycle.drained().await;
         events.drained(&state).await;
     })

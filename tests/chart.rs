@@ -372,7 +372,7 @@ fn check_wiring(label: &str, release: &str, namespace: &str, docs: &[Json]) {
         panic!("{label}: not a webhook command: {args:?}")
     };
     // Cluster-wide sidecar defaults reach the webhook as settings it accepts.
-    let settings = lameduck::inject::Settings::from(&w.sidecar);
+    let settings = lameduck::kube::inject::Settings::from(&w.sidecar);
     settings.check().unwrap_or_else(|e| panic!("{label}: {e}"));
     if label == "digest-sidecar-image-metrics" {
         assert_eq!(
@@ -398,7 +398,7 @@ fn check_wiring(label: &str, release: &str, namespace: &str, docs: &[Json]) {
         grace
             > pre_stop
                 + w.drain_time.as_secs_f64()
-                + lameduck::webhook::SHUTDOWN_GRACE.as_secs_f64(),
+                + lameduck::kube::webhook::SHUTDOWN_GRACE.as_secs_f64(),
         "{label}: terminationGracePeriodSeconds {grace} too short for the drain"
     );
     let sidecar_image = c["env"]
@@ -577,7 +577,7 @@ fn validate(validator: &Path, label: &str, docs: &[Json]) {
     ));
     let yaml = checked
         .iter()
-        .map(|d| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
+        .map(|d| lameduck::kube::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
     std::fs::write(&file, yaml).unwrap();

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use cluster::{cluster, poll, Cluster, API_PATIENCE};
-use lameduck::inject::{CONTAINER_NAME, INJECT_LABEL, STATUS_ANNOTATION, STATUS_INJECTED};
+use lameduck::kube::inject::{CONTAINER_NAME, INJECT_LABEL, STATUS_ANNOTATION, STATUS_INJECTED};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
@@ -812,7 +812,7 @@ fn drained_state(requests: u64) -> lameduck::lifecycle::drain::State {
 
 #[test]
 fn drain_event_is_posted_on_the_pod_with_the_documented_role_only() {
-    use lameduck::events::{ApiClient, Events, EventsError, PodRef};
+    use lameduck::kube::events::{ApiClient, Events, EventsError, PodRef};
     let Some(cluster) = cluster() else { return };
     let _serial = serial();
     let ns = cluster.namespace("events");
@@ -850,7 +850,7 @@ fn drain_event_is_posted_on_the_pod_with_the_documented_role_only() {
         assert!(!Events::start(Ok(other.clone()), pod_ref.clone())
             .await
             .enabled());
-        let event = lameduck::events::drain_event(
+        let event = lameduck::kube::events::drain_event(
             &drained_state(1),
             &pod_ref,
             std::time::SystemTime::now(),

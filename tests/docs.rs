@@ -117,7 +117,7 @@ fn every_metric_is_documented() {
 #[test]
 fn every_annotation_is_in_the_readme_table() {
     let readme = readme();
-    for a in lameduck::inject::KNOWN_ANNOTATIONS {
+    for a in lameduck::kube::inject::KNOWN_ANNOTATIONS {
         assert!(
             readme.contains(&format!("| `{a}` |")),
             "annotation {a} is not in the README's annotation table"

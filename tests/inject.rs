@@ -16,7 +16,7 @@ mod tools;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use lameduck::inject::{self, Settings};
+use lameduck::kube::inject::{self, Settings};
 use serde_json::Value as Json;
 
 fn golden_dir() -> PathBuf {
@@ -460,7 +460,7 @@ fn emitter_round_trips_every_golden() {
         for de in yaml_serde::Deserializer::from_str(&input) {
             let mut doc = yaml_serde::Value::deserialize(de).unwrap();
             doc.apply_merge().unwrap();
-            let text = lameduck::yaml::emit_document(&doc).unwrap();
+            let text = lameduck::kube::yaml::emit_document(&doc).unwrap();
             let back: yaml_serde::Value =
                 yaml_serde::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
             assert_eq!(back, doc, "{name}:\n{text}");

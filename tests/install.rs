@@ -202,14 +202,15 @@ fn the_readme_install_block_renders_one_image_everywhere() {
             }
         }
     });
-    let yaml = |d: &Json| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap());
-    let settings = lameduck::inject::Settings::default();
+    let yaml = |d: &Json| lameduck::kube::yaml::emit_document(&yaml_serde::to_value(d).unwrap());
+    let settings = lameduck::kube::inject::Settings::default();
     let before =
-        lameduck::inject::inject_manifests(&yaml(&deploy).unwrap(), &settings, false).unwrap();
+        lameduck::kube::inject::inject_manifests(&yaml(&deploy).unwrap(), &settings, false)
+            .unwrap();
     assert_eq!(before.injected, 0);
     json_patch::merge(&mut deploy, &patch);
-    let after =
-        lameduck::inject::inject_manifests(&yaml(&deploy).unwrap(), &settings, false).unwrap();
+    let after = lameduck::kube::inject::inject_manifests(&yaml(&deploy).unwrap(), &settings, false)
+        .unwrap();
     assert_eq!(after.injected, 1, "the patched Deployment is injected");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use lameduck::cli::{Cli, Command as Sub};
-use lameduck::inject::{self, Settings};
+use lameduck::kube::inject::{self, Settings};
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 
@@ -214,7 +214,7 @@ fn webhook_configuration_is_opt_in_and_wired() {
         .expect("the webhook sets terminationGracePeriodSeconds");
     let needed = pre_stop as f64
         + w.drain_time.as_secs_f64()
-        + lameduck::webhook::SHUTDOWN_GRACE.as_secs_f64();
+        + lameduck::kube::webhook::SHUTDOWN_GRACE.as_secs_f64();
     assert!(
         grace as f64 > needed,
         "terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop}s + drain-time \
@@ -234,7 +234,7 @@ fn examples_target_named_ports_and_keep_the_canary() {
         .iter()
         // lameduck's own emitter: yaml_serde writes `'no'` as `no`, which the validator (a
         // YAML 1.1 reader) takes for a boolean.
-        .map(|d| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
+        .map(|d| lameduck::kube::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
     let out = inject::inject_manifests(&yaml, &Settings::default(), false).unwrap();
@@ -289,7 +289,8 @@ fn examples_target_named_ports_and_keep_the_canary() {
     {
         assert_eq!(&web["spec"]["template"]["metadata"]["labels"][k], v);
     }
-    let web_yaml = lameduck::yaml::emit_document(&yaml_serde::to_value(web).unwrap()).unwrap();
+    let web_yaml =
+        lameduck::kube::yaml::emit_document(&yaml_serde::to_value(web).unwrap()).unwrap();
     let injected = inject::inject_manifests(&web_yaml, &Settings::default(), false).unwrap();
     let injected = &documents(&injected.yaml)[0]["spec"]["template"]["spec"];
     let port_owner = |name: &str| -> String {
@@ -451,7 +452,7 @@ fn validate(validator: &Path, label: &str, docs: &[Json]) {
         .iter()
         // lameduck's own emitter: yaml_serde writes `'no'` as `no`, which the validator (a
         // YAML 1.1 reader) takes for a boolean.
-        .map(|d| lameduck::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
+        .map(|d| lameduck::kube::yaml::emit_document(&yaml_serde::to_value(d).unwrap()).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
     std::fs::write(&file, yaml).unwrap();

@@ -297,7 +297,7 @@ fn dashboard_panels_are_distinct_and_use_the_datasource_variable() {
 fn podmonitor_scrapes_the_sidecar_admin_port() {
     let pm = yaml_file("k8s/observability/podmonitor.yaml");
     assert_eq!(
-        pm["spec"]["selector"]["matchLabels"][lameduck::inject::INJECT_LABEL],
+        pm["spec"]["selector"]["matchLabels"][lameduck::kube::inject::INJECT_LABEL],
         "true"
     );
     assert_eq!(pm["spec"]["namespaceSelector"]["any"], true);

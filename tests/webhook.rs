@@ -14,8 +14,8 @@ use bytes::Bytes;
 use clap::Parser as _;
 use http_body_util::{BodyExt, Full, StreamBody};
 use lameduck::cli::{Cli, Command};
-use lameduck::inject::{self, Settings};
-use lameduck::webhook::{self, MAX_BODY};
+use lameduck::kube::inject::{self, Settings};
+use lameduck::kube::webhook::{self, MAX_BODY};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls_pki_types::pem::PemObject as _;
 use serde::Deserialize;
@@ -696,7 +696,7 @@ fn half_rotation_keeps_the_old_pair() {
     let (cert, key) = leaf(&ca);
     std::fs::write(&cert_path, &cert).unwrap();
     std::fs::write(&key_path, &key).unwrap();
-    let store = lameduck::traffic::tls::CertStore::load(&cert_path, &key_path).unwrap();
+    let store = lameduck::tls::CertStore::load(&cert_path, &key_path).unwrap();
     assert!(!store.reload().unwrap(), "unchanged files: nothing to do");
 
     let (new_cert, new_key) = leaf(&ca);

@@ -1,4 +1,4 @@
-//! The webhook's pure part (src/webhook.rs `review_of`): request body bytes in, the
+//! The webhook's pure part (src/kube/webhook.rs `review_of`): request body bytes in, the
 //! AdmissionReview to answer with out.
 //!
 //! Never panics. An answer is an `admission.k8s.io/v1` AdmissionReview whose response
@@ -8,8 +8,8 @@
 #![no_main]
 
 use base64::Engine as _;
-use lameduck::inject::Settings;
-use lameduck::webhook::review_of;
+use lameduck::kube::inject::Settings;
+use lameduck::kube::webhook::review_of;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value as Json};
 

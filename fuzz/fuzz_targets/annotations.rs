@@ -1,4 +1,4 @@
-//! `inject` (src/inject.rs) on a pod whose annotations, containers and ports come from the
+//! `inject` (src/kube/inject/) on a pod whose annotations, containers and ports come from the
 //! fuzzer: the per-pod `lameduck.io/*` annotation parsing and everything it feeds.
 //!
 //! Never panics. On `Ok`, either the pod is unchanged (injected already, or wired by hand)
@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use lameduck::cli::ProxyArgs;
-use lameduck::inject::{
+use lameduck::kube::inject::{
     inject, is_port_name, Settings, CONTAINER_NAME, GRACE_MARGIN_SECS, KNOWN_ANNOTATIONS,
     KUBECTL_DEFAULT_CONTAINER, STATUS_ANNOTATION, STATUS_INJECTED,
 };

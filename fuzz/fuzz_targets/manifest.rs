@@ -1,4 +1,4 @@
-//! `inject_manifests` (src/inject.rs): the multi-document manifest rewrite of `lameduck
+//! `inject_manifests` (src/kube/inject/): the multi-document manifest rewrite of `lameduck
 //! inject`, on arbitrary text. The first byte chooses `--all`.
 //!
 //! Never panics. `split_documents` pieces concatenate to the input. On `Ok`: with nothing
@@ -7,7 +7,7 @@
 //! changes, and a document that does not change is copied as it was).
 #![no_main]
 
-use lameduck::inject::{inject_manifests, split_documents, Settings};
+use lameduck::kube::inject::{inject_manifests, split_documents, Settings};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,4 +1,4 @@
-//! `emit_document` (src/yaml.rs), the writer behind every rewritten manifest document.
+//! `emit_document` (src/kube/yaml.rs), the writer behind every rewritten manifest document.
 //!
 //! For any value yaml_serde reads from the input, what `emit_document` writes (when it
 //! writes anything) reads back as an equal value: nothing the proxy's YAML emitter quotes,
@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(value) = yaml_serde::from_str::<Yaml>(s) else {
         return;
     };
-    let Ok(text) = lameduck::yaml::emit_document(&value) else {
+    let Ok(text) = lameduck::kube::yaml::emit_document(&value) else {
         return;
     };
     let back: Yaml = match yaml_serde::from_str(&text) {

@@ -569,7 +569,7 @@ impl Downstream for TlsStream<TcpStream> {
         self.into_inner().0
     }
     fn alpn_h2(&self) -> bool {
-        self.get_ref().1.alpn_protocol() == Some(crate::traffic::tls::ALPN_H2)
+        self.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2)
     }
     fn socket(&self) -> Option<&TcpStream> {
         None

@@ -9,12 +9,12 @@
 //! | [`tcp`] | `--mode tcp`: the layer-4 forwarder, health checks recognised at layer 4 |
 //! | [`proxy_protocol`] | the pure PROXY protocol v2 header parser |
 //! | [`upstream`] | the pooled connection to the app, timeouts, safe retry, error classes |
-//! | [`tls`] | serving certificates (files reloaded on change, or self-signed) and the rustls config |
 //!
 //! Imports run one way: `listener` → `proxy` → `conn`, `upstream`; `listener` and `tcp` →
-//! `accept`. The traffic path observes the lifecycle ([`crate::lifecycle`]) and records into
-//! [`crate::metrics`]; it imports nothing from the Kubernetes side ([`crate::kube`]), the
-//! admin port or the process's wiring ([`crate::sidecar`]).
+//! `accept`. The traffic path observes the lifecycle ([`crate::lifecycle`]), records into
+//! [`crate::metrics`] and terminates TLS with [`crate::tls`]; it imports nothing from the
+//! Kubernetes side ([`crate::kube`]), the admin port or the process's wiring
+//! ([`crate::sidecar`]).
 
 pub mod accept;
 pub mod conn;
@@ -22,5 +22,5 @@ pub mod listener;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod tcp;
-pub mod tls;
+
 pub mod upstream;

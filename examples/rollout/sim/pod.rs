@@ -176,7 +176,7 @@ pub async fn start_sidecar(app: SocketAddr, extra_args: &[String]) -> Result<Sid
     let Command::Proxy(args) = cli.command else {
         unreachable!("argv starts with `lameduck proxy`")
     };
-    args.validate()?;
+    args.validate().map_err(|e| e.to_string())?;
     let (addr_tx, addr_rx) = oneshot::channel();
     let container = Container::spawn("lameduck", true, move |term| async move {
         let bound = match Bound::bind(args).await {

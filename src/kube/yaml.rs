@@ -13,8 +13,19 @@ use std::fmt::Write as _;
 
 use yaml_serde::Value as Yaml;
 
+/// What [`emit_document`] cannot write so that a reader reads it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EmitError {
+    #[error("a mapping key that is not a scalar")]
+    KeyNotScalar,
+    #[error("a mapping key longer than {MAX_KEY} characters (YAML's limit)")]
+    KeyTooLong,
+    #[error("a collection where a scalar was expected")]
+    NotScalar,
+}
+
 /// One document, without a `---` marker, ending in a newline.
-pub fn emit_document(v: &Yaml) -> Result<String, String> {
+pub fn emit_document(v: &Yaml) -> Result<String, EmitError> {
     let mut out = String::new();
     match v {
         Yaml::Mapping(m) if !m.is_empty() => mapping(&mut out, m, 0, false)?,
@@ -68,7 +79,7 @@ fn mapping(
     m: &yaml_serde::Mapping,
     at: usize,
     inline_first: bool,
-) -> Result<(), String> {
+) -> Result<(), EmitError> {
     for (i, (k, v)) in m.iter().enumerate() {
         if !(inline_first && i == 0) {
             indent(out, at);
@@ -82,7 +93,12 @@ fn mapping(
 }
 
 /// What follows `key:` or a tag: ` scalar`, or a block on the next lines.
-fn after_indicator(out: &mut String, v: &Yaml, seq_at: usize, map_at: usize) -> Result<(), String> {
+fn after_indicator(
+    out: &mut String,
+    v: &Yaml,
+    seq_at: usize,
+    map_at: usize,
+) -> Result<(), EmitError> {
     match v {
         Yaml::Mapping(m) if !m.is_empty() => {
             out.push('\n');
@@ -104,7 +120,7 @@ fn after_indicator(out: &mut String, v: &Yaml, seq_at: usize, map_at: usize) -> 
     }
 }
 
-fn sequence(out: &mut String, s: &[Yaml], at: usize, inline_first: bool) -> Result<(), String> {
+fn sequence(out: &mut String, s: &[Yaml], at: usize, inline_first: bool) -> Result<(), EmitError> {
     for (i, item) in s.iter().enumerate() {
         if !(inline_first && i == 0) {
             indent(out, at);
@@ -130,13 +146,13 @@ fn sequence(out: &mut String, s: &[Yaml], at: usize, inline_first: bool) -> Resu
 /// one is an error rather than text no reader accepts.
 const MAX_KEY: usize = 1024;
 
-fn key(out: &mut String, k: &Yaml) -> Result<(), String> {
+fn key(out: &mut String, k: &Yaml) -> Result<(), EmitError> {
     let mut text = String::new();
     match k {
         Yaml::String(s) if s.contains('\n') => double_quoted(&mut text, s),
         Yaml::String(s) => inline_string(&mut text, s),
         Yaml::Mapping(_) | Yaml::Sequence(_) | Yaml::Tagged(_) => {
-            return Err("a mapping key that is not a scalar".into())
+            return Err(EmitError::KeyNotScalar)
         }
         other => {
             scalar(&mut text, other, 0)?;
@@ -144,9 +160,7 @@ fn key(out: &mut String, k: &Yaml) -> Result<(), String> {
         }
     }
     if text.len() > MAX_KEY {
-        return Err(format!(
-            "a mapping key longer than {MAX_KEY} characters (YAML's limit)"
-        ));
+        return Err(EmitError::KeyTooLong);
     }
     out.push_str(&text);
     Ok(())
@@ -154,7 +168,7 @@ fn key(out: &mut String, k: &Yaml) -> Result<(), String> {
 
 /// A scalar (or an empty collection) and its newline; `block_at` is where the lines of a
 /// literal block go.
-fn scalar(out: &mut String, v: &Yaml, block_at: usize) -> Result<(), String> {
+fn scalar(out: &mut String, v: &Yaml, block_at: usize) -> Result<(), EmitError> {
     match v {
         Yaml::Null => out.push_str("null"),
         Yaml::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -170,9 +184,7 @@ fn scalar(out: &mut String, v: &Yaml, block_at: usize) -> Result<(), String> {
         Yaml::String(s) => inline_string(out, s),
         Yaml::Mapping(m) if m.is_empty() => out.push_str("{}"),
         Yaml::Sequence(s) if s.is_empty() => out.push_str("[]"),
-        Yaml::Mapping(_) | Yaml::Sequence(_) | Yaml::Tagged(_) => {
-            return Err("a collection where a scalar was expected".into())
-        }
+        Yaml::Mapping(_) | Yaml::Sequence(_) | Yaml::Tagged(_) => return Err(EmitError::NotScalar),
     }
     if !out.ends_with('\n') {
         out.push('\n');

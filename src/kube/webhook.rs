@@ -1,6 +1,6 @@
 //! `lameduck webhook`: the mutating admission webhook, a thin HTTPS shell around
-//! [`crate::inject`]. It owns the AdmissionReview wire format, the TLS listener and the
-//! certificate reload; what a pod becomes is decided by [`crate::inject::template_patch`] alone.
+//! [`crate::kube::inject`]. It owns the AdmissionReview wire format, the TLS listener and the
+//! certificate reload; what a pod becomes is decided by [`crate::kube::inject::template_patch`] alone.
 //!
 //! | endpoint | method | answers |
 //! |---|---|---|
@@ -8,7 +8,7 @@
 //! | `/healthz` | GET, HEAD | readiness: 200 `ok`; 503 `draining` once SIGTERM has arrived |
 //! | `/livez` | GET, HEAD | liveness: 200 `ok` until the process exits |
 //!
-//! Every pod gets its own random drain token ([`crate::inject::random_token`]) unless it
+//! Every pod gets its own random drain token ([`crate::kube::inject::random_token`]) unless it
 //! sets `lameduck.io/drain-token`. Each answer is logged with the pod's namespace and
 //! owner (`ReplicaSet/web-7d4b9c5f6`, or its generateName or name), and the reason of a
 //! denial or the warnings of an injection.
@@ -38,13 +38,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 use tokio::net::TcpListener;
 
 use crate::cli::WebhookArgs;
-use crate::inject::{self, Settings};
-use crate::traffic::tls::{self, CertStore, TlsError};
+use crate::kube::inject::{self, Settings};
+use crate::tls::{self, CertStore, TlsError};
 
 /// Largest AdmissionReview accepted: the API server's own request size limit (3 MiB).
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
@@ -182,12 +183,7 @@ pub fn review_of(body: &[u8], settings: &Settings) -> Result<(Json, Subject), Ba
         return Ok((allow(), subject));
     };
     let metadata = pod.get("metadata").cloned().unwrap_or(Json::Null);
-    let opted_in = metadata
-        .get("labels")
-        .and_then(|l| l.get(inject::INJECT_LABEL))
-        .and_then(Json::as_str)
-        == Some("true");
-    if !opted_in {
+    if !inject::wants_injection(&labels_of(&metadata), false) {
         return Ok((allow(), subject));
     }
     let template =
@@ -217,6 +213,24 @@ pub fn review_of(body: &[u8], settings: &Settings) -> Result<(Json, Subject), Ba
             })),
             subject,
         )),
+    }
+}
+
+/// The pod's labels whose values are strings, as metadata for [`inject::wants_injection`]:
+/// the opt-in rule is read from the raw object before anything else in it is checked.
+fn labels_of(metadata: &Json) -> ObjectMeta {
+    let labels = metadata
+        .get("labels")
+        .and_then(Json::as_object)
+        .map(|labels| {
+            labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        });
+    ObjectMeta {
+        labels,
+        ..Default::default()
     }
 }
 
