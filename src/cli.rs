@@ -333,7 +333,7 @@ pub struct ProxyArgs {
     /// Where the pod's ServiceAccount token and CA are mounted, for --events (the API server
     /// is KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, which the kubelet sets).
     #[arg(long, env = "LAMEDUCK_SERVICE_ACCOUNT_DIR", value_name = "DIR",
-          default_value = crate::kube::events::SERVICE_ACCOUNT_DIR, help_heading = "Kubernetes")]
+          default_value = SERVICE_ACCOUNT_DIR, help_heading = "Kubernetes")]
     pub service_account_dir: std::path::PathBuf,
 
     /// Worker threads. 1 (default) runs everything on one thread, the cheapest for a sidecar
@@ -937,6 +937,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     Ok(d)
 }
+
+/// Where a pod's ServiceAccount credentials are mounted.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// The longest duration any flag or annotation accepts: far beyond any real drain or
 /// timeout, and far from the clock arithmetic's overflow.

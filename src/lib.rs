@@ -10,9 +10,9 @@
 //! | [`sidecar`] | the `lameduck proxy` process: binding, wiring the parts, what the exit waits for |
 //! | [`admin`] | `/livez` `/readyz` `/drain` `/status` `/metrics`, and the `lameduck drain` client |
 //! | [`kube`] | the Kubernetes integration: `inject` (annotations, the pod transformation, manifest rewriting), the webhook, the drain's Event, YAML out |
+//! | [`cli`] | flags and their environment variables, validation (typed [`cli::ConfigError`]) |
 //! | [`traffic`] | the traffic path: accept loop, connections, the HTTP proxy, the TCP forwarder, the app's connection pool |
 //! | [`metrics`] | the Prometheus registry |
-//! | [`cli`] | flags and their environment variables, validation (typed [`cli::ConfigError`]) |
 //! | [`lifecycle`] | the pod's lifecycle: the one `State`, the drain decision and the release, the health-check cadence, signals |
 //! | [`tls`] | serving certificates (files reloaded on change, or self-signed) and the rustls config, for the traffic port and the webhook |
 //! | [`logging`] | log lines to stderr through a bounded queue: a failed or blocked write is dropped and counted, never a panic or a stall |

@@ -203,7 +203,7 @@ impl TcpMetrics {
         for e in TcpEnd::ALL {
             self.ends.with_label_values(&[e.as_str()]);
         }
-        for k in crate::traffic::proxy_protocol::Error::KINDS
+        for k in PROXY_PROTOCOL_ERROR_KINDS
             .iter()
             .chain(&["timeout", "truncated"])
         {
@@ -385,6 +385,19 @@ impl Metrics {
         out
     }
 }
+
+/// The `kind` labels of `lameduck_proxy_protocol_errors_total` for a malformed header (what
+/// `traffic::proxy_protocol::Error::kind` returns; its tests check the two agree), besides
+/// `timeout` and `truncated`.
+pub const PROXY_PROTOCOL_ERROR_KINDS: [&str; 7] = [
+    "v1",
+    "signature",
+    "version",
+    "command",
+    "family",
+    "length",
+    "tlv",
+];
 
 /// A counter; the name and help are literals of this file, so they are valid.
 fn counter(name: &str, help: &str) -> IntCounter {

@@ -35,8 +35,8 @@ use serde_json::{json, Value as Json};
 
 use crate::lifecycle::drain::{DrainReason, State};
 
-/// Where a pod's ServiceAccount credentials are mounted.
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Where a pod's ServiceAccount credentials are mounted (`--service-account-dir`'s default).
+pub use crate::cli::SERVICE_ACCOUNT_DIR;
 
 /// One call to the API may take this long, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);

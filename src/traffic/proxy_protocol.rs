@@ -97,16 +97,9 @@ impl Error {
         }
     }
 
-    /// Every label [`Error::kind`] can return.
-    pub const KINDS: [&'static str; 7] = [
-        "v1",
-        "signature",
-        "version",
-        "command",
-        "family",
-        "length",
-        "tlv",
-    ];
+    /// Every label [`Error::kind`] can return (the metrics registry creates each series up
+    /// front, so the list lives there).
+    pub const KINDS: [&'static str; 7] = crate::metrics::PROXY_PROTOCOL_ERROR_KINDS;
 }
 
 /// Parses the start of a stream as a v2 header. Pure; see the module doc.
