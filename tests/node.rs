@@ -186,10 +186,15 @@ struct Termination {
 }
 
 impl Termination {
+    /// Once the kubelet has logged the app's SIGTERM (bounded wait: klog flushes on a
+    /// timer).
     fn of(node: &Node, ns: &str, pod: &str) -> Termination {
-        Termination {
-            lines: node.kubelet_lines(ns, pod),
-        }
+        let mut lines = Vec::new();
+        poll(Duration::from_secs(10), || {
+            lines = node.kubelet_lines(ns, pod);
+            lines.iter().any(|l| l.is(KILL, "app"))
+        });
+        Termination { lines }
     }
 
     fn at(&self, msg: &str, container: &str) -> Option<f64> {
@@ -511,9 +516,11 @@ fn rolling_update(node: &'static Node, variant: Variant) -> Rolled {
             && s["updatedReplicas"] == 3
             && s["availableReplicas"] == 3
             && s["replicas"] == 3
-            && old
-                .iter()
-                .all(|p| targets.get(p).is_some_and(|t| t.deleted_at.is_some()))
+            && old.iter().all(|p| {
+                targets
+                    .get(p)
+                    .is_some_and(|t| t.deleted_at.is_some() && t.deregistered_at.is_some())
+            })
     });
     assert!(
         done,
@@ -741,6 +748,36 @@ fn iptables_rules() -> String {
     all
 }
 
+/// Processes in the child's cgroups, holding its namespaces or naming its directory.
+fn leftover_processes(dir: &str, cgroup: &str, netns: &str, mntns: &str) -> Vec<String> {
+    let mut holders = Vec::new();
+    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if pid.parse::<u32>().is_err() {
+            continue;
+        }
+        let link = |ns: &str| {
+            std::fs::read_link(p.path().join("ns").join(ns))
+                .map(|l| l.display().to_string())
+                .unwrap_or_default()
+        };
+        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cgroups = std::fs::read_to_string(p.path().join("cgroup")).unwrap_or_default();
+        let in_cgroup = cgroups.lines().any(|l| {
+            let path = l.splitn(3, ':').nth(2).unwrap_or_default();
+            path == format!("/{cgroup}") || path.starts_with(&format!("/{cgroup}/"))
+        });
+        if link("net") == netns
+            || link("mnt") == mntns
+            || String::from_utf8_lossy(&cmdline).contains(&format!("{dir}/"))
+            || in_cgroup
+        {
+            holders.push(format!("{pid} {}", String::from_utf8_lossy(&cmdline)));
+        }
+    }
+    holders
+}
+
 #[test]
 fn leaves_nothing_behind() {
     if !node::available("leaves_nothing_behind") {
@@ -786,28 +823,13 @@ fn leaves_nothing_behind() {
     );
     let (netns, mntns) = (fields["netns"], fields["mntns"]);
 
-    // Processes: none in its cgroups, none holding its namespaces, none naming its directory.
+    // Processes: none in its cgroups, none holding its namespaces, none naming its directory
+    // (a few seconds for the last ones, re-parented, to be reaped).
     let mut holders = Vec::new();
-    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let pid = p.file_name().to_string_lossy().into_owned();
-        if pid.parse::<u32>().is_err() {
-            continue;
-        }
-        let link = |ns: &str| {
-            std::fs::read_link(p.path().join("ns").join(ns))
-                .map(|l| l.display().to_string())
-                .unwrap_or_default()
-        };
-        let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-        let cgroups = std::fs::read_to_string(p.path().join("cgroup")).unwrap_or_default();
-        if link("net") == netns
-            || link("mnt") == mntns
-            || String::from_utf8_lossy(&cmdline).contains(dir)
-            || cgroups.contains(cgroup)
-        {
-            holders.push(format!("{pid} {}", String::from_utf8_lossy(&cmdline)));
-        }
-    }
+    poll(Duration::from_secs(10), || {
+        holders = leftover_processes(dir, cgroup, netns, mntns);
+        holders.is_empty()
+    });
     assert!(holders.is_empty(), "processes left behind: {holders:?}");
     // Mounts, directories, cgroups.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");

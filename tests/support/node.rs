@@ -867,6 +867,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         &format!("--node-ip={node_ip}"),
         // "Running preStop hook" and "PreStop hook completed" are V(3).
         "--v=3",
+        // klog flushes every 5 s by default: the tests read the log right after the fact.
+        "--log-flush-frequency=100ms",
     ]);
     let kubelet_log = dir.join("kubelet.log");
     let kubelet_pid = spawn(kubelet, &kubelet_log);
