@@ -471,21 +471,36 @@ struct Rolled {
     /// Per old pod: deregistration → app SIGTERM, deregistration → pod gone.
     old: BTreeMap<String, (f64, f64)>,
     pods_seen: usize,
+    /// Pods of the new ReplicaSet marked `lameduck.io/status: injected`.
+    injected: usize,
     took: f64,
 }
 
-fn rolling_update(node: &'static Node, variant: Variant) -> Rolled {
-    let label = if variant == Variant::Alone {
-        "alone"
-    } else {
-        "lameduck"
+/// How the Deployment's pods get lameduck.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Injection {
+    /// `lameduck inject` on the manifests.
+    Static,
+    /// The real webhook, called by the apiserver for every pod the ReplicaSets create.
+    Webhook,
+}
+
+fn rolling_update(node: &'static Node, variant: Variant, injection: Injection) -> Rolled {
+    let label = match (variant, injection) {
+        (Variant::Alone, _) => "alone",
+        (_, Injection::Static) => "lameduck",
+        (_, Injection::Webhook) => "webhook",
     };
     let ns = node.namespace(&format!("rollout-{label}"));
     let lb = Lb::start(node, &ns.name, LAG);
-    node.apply(
-        &ns.name,
-        &manifests(variant, &[service(), deployment(variant)]),
-    );
+    let objects = [service(), deployment(variant)];
+    let _webhook = (injection == Injection::Webhook).then(|| node.webhook());
+    let manifest = if injection == Injection::Webhook {
+        json!({"apiVersion": "v1", "kind": "List", "items": objects}).to_string()
+    } else {
+        manifests(variant, &objects)
+    };
+    node.apply(&ns.name, &manifest);
     wait_ready(node, &ns.name, 3);
     let old: Vec<String> = node
         .pods(&ns.name)
@@ -544,6 +559,11 @@ fn rolling_update(node: &'static Node, variant: Variant) -> Rolled {
         );
     }
     let pods_seen = targets.len();
+    let injected = node
+        .pods(&ns.name)
+        .iter()
+        .filter(|p| p["metadata"]["annotations"]["lameduck.io/status"] == "injected")
+        .count();
     report(&format!(
         "rolling update (3 replicas, maxSurge 1), {label}: {}; {pods_seen} pods, {took:.1}s; \
          per old pod (deregistration → app SIGTERM, → pod gone): {}",
@@ -560,6 +580,7 @@ fn rolling_update(node: &'static Node, variant: Variant) -> Rolled {
         recs,
         old: per_pod,
         pods_seen,
+        injected,
         took,
     }
 }
@@ -570,7 +591,7 @@ fn rolling_update_app_alone_fails_requests() {
         return;
     };
     let _serial = serial();
-    let run = rolling_update(node, Variant::Alone);
+    let run = rolling_update(node, Variant::Alone, Injection::Static);
     assert!(
         failed(&run.recs) > 0,
         "the app alone lost nothing in a rolling update: {}",
@@ -579,30 +600,48 @@ fn rolling_update_app_alone_fails_requests() {
     assert_eq!(run.pods_seen, 6, "3 old and 3 new pods");
 }
 
+fn assert_rollout_loses_nothing(run: &Rolled, label: &str) {
+    assert_eq!(
+        failed(&run.recs),
+        0,
+        "{label}: requests failed in a rolling update through lameduck: {}",
+        summary(&run.recs)
+    );
+    assert_eq!(run.pods_seen, 6, "{label}: 3 old and 3 new pods");
+    assert_eq!(run.injected, 3, "{label}: every new pod injected");
+    report(&format!("{label}: the rolling update took {:.1}s", run.took));
+    for (pod, (sigterm, gone)) in &run.old {
+        // Signalled only once the load balancer had let go, and not much later: one
+        // learned quiet window (health checks every 1 s) and drain-min.
+        assert!(
+            *sigterm > 0.0 && *sigterm < 15.0,
+            "{label}: {pod}: app SIGTERM {sigterm:+.2}s from its deregistration"
+        );
+        assert!(
+            *gone >= *sigterm,
+            "{label}: {pod}: gone before its app's SIGTERM"
+        );
+    }
+}
+
 #[test]
 fn rolling_update_with_lameduck_loses_nothing() {
     let Some(node) = node::node("rolling_update_with_lameduck_loses_nothing") else {
         return;
     };
     let _serial = serial();
-    let run = rolling_update(node, Variant::Native);
-    assert_eq!(
-        failed(&run.recs),
-        0,
-        "requests failed in a rolling update through lameduck: {}",
-        summary(&run.recs)
-    );
-    assert_eq!(run.pods_seen, 6, "3 old and 3 new pods");
-    for (pod, (sigterm, gone)) in &run.old {
-        // Signalled only once the load balancer had let go, and not much later: one
-        // learned quiet window (health checks every 1 s) and drain-min.
-        assert!(
-            *sigterm > 0.0 && *sigterm < 15.0,
-            "{pod}: app SIGTERM {sigterm:+.2}s from its deregistration"
-        );
-        assert!(*gone >= *sigterm, "{pod}: gone before its app's SIGTERM");
-    }
-    report(&format!("rolling update took {:.1}s", run.took));
+    let run = rolling_update(node, Variant::Native, Injection::Static);
+    assert_rollout_loses_nothing(&run, "lameduck inject");
+}
+
+#[test]
+fn rolling_update_through_the_webhook_loses_nothing() {
+    let Some(node) = node::node("rolling_update_through_the_webhook_loses_nothing") else {
+        return;
+    };
+    let _serial = serial();
+    let run = rolling_update(node, Variant::Native, Injection::Webhook);
+    assert_rollout_loses_nothing(&run, "webhook");
 }
 
 // === c. a drain cut at drain-max ===

@@ -423,6 +423,8 @@ pub struct Node {
     /// Every container log line the node wrote (followed while pods run: the kubelet deletes
     /// a pod's log directory with the pod).
     pub logs: PodLogs,
+    /// The test CA (the apiserver's serving certificate, the webhook's).
+    pub ca: Ca,
     next_namespace: AtomicUsize,
 }
 
@@ -938,6 +940,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         kubelet_log,
         pod_logs,
         logs,
+        ca,
         next_namespace: AtomicUsize::new(0),
     }
 }
@@ -1201,6 +1204,127 @@ impl Drop for Namespace {
         let _ = self
             .node
             .kubectl_raw(&["delete", "namespace", &self.name, "--wait=false"], None);
+    }
+}
+
+// === the real webhook ===
+
+/// `lameduck webhook` (this build) on 127.0.0.1 with a certificate from the test CA,
+/// and the MutatingWebhookConfiguration exactly as `kubectl kustomize k8s/webhook` renders
+/// it but for its clientConfig: a `url` to that process with the test CA as caBundle (the
+/// webhook runs on the host, not as the rendered Deployment; no cert-manager here).
+/// Removed, and the process stopped, on drop.
+pub struct Webhook {
+    node: &'static Node,
+    pid: i32,
+}
+
+fn documents(yaml: &str) -> Vec<Json> {
+    use serde::Deserialize as _;
+    yaml_serde::Deserializer::from_str(yaml)
+        .map(|d| Json::deserialize(d).expect("YAML document"))
+        .filter(|d| !d.is_null())
+        .collect()
+}
+
+impl Node {
+    pub fn webhook(&'static self) -> Webhook {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = self
+            .dir
+            .join(format!("webhook-{}", N.fetch_add(1, Ordering::Relaxed)));
+        let (cert, key) = self.ca.leaf(&["127.0.0.1"]);
+        let cert = write(&dir.join("tls.crt"), cert);
+        let key = write(&dir.join("tls.key"), key);
+        let log = dir.join("webhook.log");
+        let mut cmd = Command::new(LAMEDUCK_BIN);
+        cmd.args(["webhook", "--listen", "127.0.0.1:0", "--tls-cert"])
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .args(["--log-format", "json"])
+            .env("LAMEDUCK_SIDECAR_IMAGE", LAMEDUCK_IMAGE);
+        let pid = spawn(cmd, &log);
+        let mut addr = None;
+        assert!(
+            poll(Duration::from_secs(20), || {
+                addr = std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+                    .find_map(|v| v["addr"].as_str().map(str::to_string));
+                addr.is_some() || exited(pid)
+            }) && addr.is_some(),
+            "the webhook did not start: {}",
+            tail(&log, 20)
+        );
+        let url = format!("https://{}/mutate", addr.expect("an address"));
+        let rendered = self.kubectl(
+            &[
+                "kustomize",
+                root().join("k8s/webhook").to_str().expect("UTF-8"),
+            ],
+            None,
+        );
+        use base64::Engine as _;
+        let ca_bundle = base64::engine::general_purpose::STANDARD.encode(&self.ca.pem);
+        let mut configurations: Vec<Json> = documents(&rendered)
+            .into_iter()
+            .filter(|d| d["kind"] == "MutatingWebhookConfiguration")
+            .collect();
+        assert_eq!(
+            configurations.len(),
+            1,
+            "k8s/webhook renders one configuration"
+        );
+        for hook in configurations[0]["webhooks"]
+            .as_array_mut()
+            .expect("webhooks")
+        {
+            hook["clientConfig"] = json!({"url": url, "caBundle": ca_bundle});
+        }
+        self.kubectl(
+            &["apply", "-f", "-"],
+            Some(configurations[0].to_string().as_bytes()),
+        );
+        let webhook = Webhook { node: self, pid };
+        // The apiserver picks the configuration up from a watch: wait until an opted-in pod
+        // is injected through it (a server-side dry run: nothing is created).
+        let probe = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "probe", "namespace": "default",
+                         "labels": {"lameduck.io/inject": "true"}},
+            "spec": {"containers": [{"name": "app", "image": APP_IMAGE,
+                                     "ports": [{"name": "http", "containerPort": APP_PORT}]}]},
+        })
+        .to_string();
+        assert!(
+            poll(PATIENCE, || {
+                let out = self.kubectl_raw(
+                    &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+                    Some(probe.as_bytes()),
+                );
+                serde_json::from_slice::<Json>(&out.stdout)
+                    .is_ok_and(|p| p["metadata"]["annotations"]["lameduck.io/status"] == "injected")
+            }),
+            "the webhook configuration did not take effect"
+        );
+        webhook
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = self.node.kubectl_raw(
+            &[
+                "delete",
+                "mutatingwebhookconfiguration",
+                "lameduck",
+                "--ignore-not-found",
+            ],
+            None,
+        );
+        stop(self.pid);
     }
 }
 
