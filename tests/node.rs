@@ -276,7 +276,14 @@ struct Deleted {
 }
 
 /// Two pods behind the load balancer; `web-0` is deleted through the API under load.
-fn delete_one(node: &'static Node, variant: Variant, lag: Lag, extra: &[(&str, &str)]) -> Deleted {
+/// `grace_period`: `kubectl delete --grace-period`, else the pod's own.
+fn delete_one(
+    node: &'static Node,
+    variant: Variant,
+    lag: Lag,
+    extra: &[(&str, &str)],
+    grace_period: Option<u32>,
+) -> Deleted {
     let label = match variant {
         Variant::Alone => "alone",
         Variant::Native => "native",
@@ -295,10 +302,10 @@ fn delete_one(node: &'static Node, variant: Variant, lag: Lag, extra: &[(&str, &
     // A few seconds of steady traffic (and of health checks) before the deletion.
     run_for(&load, (RATE * 3) as usize);
     let deleted_at = now();
-    node.kubectl(
-        &["delete", "pod", "web-0", "-n", &ns.name, "--wait=false"],
-        None,
-    );
+    let grace = grace_period.map(|g| format!("--grace-period={g}"));
+    let mut args = vec!["delete", "pod", "web-0", "-n", &ns.name, "--wait=false"];
+    args.extend(grace.as_deref());
+    node.kubectl(&args, None);
     // Until the pod is gone and the load balancer has let go of it (or never will).
     let gone = poll(Duration::from_secs(180), || {
         lb.targets().get("web-0").is_some_and(|t| {
@@ -337,7 +344,7 @@ fn delete_one_pod_app_alone_fails_requests() {
         return;
     };
     let _serial = serial();
-    let run = delete_one(node, Variant::Alone, LAG, &[]);
+    let run = delete_one(node, Variant::Alone, LAG, &[], None);
     // The naive app exits at SIGTERM while the load balancer still sends to it.
     assert!(
         failed(&run.recs) > 0,
@@ -407,7 +414,7 @@ fn delete_one_pod_native_sidecar_loses_nothing() {
         return;
     };
     let _serial = serial();
-    let run = delete_one(node, Variant::Native, LAG, &[]);
+    let run = delete_one(node, Variant::Native, LAG, &[], None);
     let (_, done, kill_app, kill_ld) = lameduck_termination(&run, "native");
     // A native sidecar is signalled only after the app's container exited.
     let app_exited = run.term.must(EXITED, "app");
@@ -431,7 +438,7 @@ fn delete_one_pod_regular_sidecar_loses_nothing() {
         return;
     };
     let _serial = serial();
-    let run = delete_one(node, Variant::Regular, LAG, &[]);
+    let run = delete_one(node, Variant::Regular, LAG, &[], None);
     let (pre, done, kill_app, kill_ld) = lameduck_termination(&run, "regular");
     // A regular sidecar gets SIGTERM at once, while the app's preStop still runs; it keeps
     // serving until the drain ends.
@@ -609,7 +616,10 @@ fn assert_rollout_loses_nothing(run: &Rolled, label: &str) {
     );
     assert_eq!(run.pods_seen, 6, "{label}: 3 old and 3 new pods");
     assert_eq!(run.injected, 3, "{label}: every new pod injected");
-    report(&format!("{label}: the rolling update took {:.1}s", run.took));
+    report(&format!(
+        "{label}: the rolling update took {:.1}s",
+        run.took
+    ));
     for (pod, (sigterm, gone)) in &run.old {
         // Signalled only once the load balancer had let go, and not much later: one
         // learned quiet window (health checks every 1 s) and drain-min.
@@ -666,6 +676,7 @@ fn drain_cut_at_drain_max_within_the_grace_period() {
             ("lameduck.io/drain-max", "10s"),
             ("lameduck.io/quiet-fallback", "8s"),
         ],
+        None,
     );
     let t = &run.term;
     let pre = t.must(PRESTOP, "app");
@@ -725,6 +736,71 @@ fn drain_cut_at_drain_max_within_the_grace_period() {
         summary(&run.recs),
         summary(&before_cut),
         line.text
+    ));
+}
+
+/// The other bound: a grace period shorter than the drain (`kubectl delete --grace-period`
+/// overrides the pod's). The kubelet abandons the preStop when it runs out and signals the
+/// app and the sidecar together; the pod goes within the grace period plus the kubelet's
+/// 2 s minimum.
+#[test]
+fn grace_period_bounds_a_drain_that_never_ends() {
+    let Some(node) = node::node("grace_period_bounds_a_drain_that_never_ends") else {
+        return;
+    };
+    let _serial = serial();
+    let never = Lag {
+        register: LAG.register,
+        deregister: None,
+    };
+    let grace = 8.0;
+    let run = delete_one(node, Variant::Native, never, &[], Some(8));
+    let t = &run.term;
+    let pre = t.must(PRESTOP, "app");
+    let cut = t.must("PreStop hook not completed in grace period", "app");
+    let kill_app = t.must(KILL, "app");
+    let kill_ld = t.must(KILL, "lameduck");
+    assert!(
+        t.at(PRESTOP_DONE, "app").is_none(),
+        "the preStop completed within the grace period:\n{}",
+        t.text()
+    );
+    assert!(
+        (grace - 0.5..grace + 1.5).contains(&(cut - pre)),
+        "the kubelet gave up on the preStop after {:.2}s, the grace period is {grace}s",
+        cut - pre
+    );
+    // Out of time, the kubelet no longer waits for the app to exit before signalling the
+    // native sidecar: both go at the cut.
+    assert!(
+        cut <= kill_app && kill_app - cut < 1.0 && (kill_ld - cut).abs() < 1.0,
+        "app and sidecar not signalled at the cut:\n{}",
+        t.story().join("\n")
+    );
+    let gone = run.target.deleted_at.expect("web-0 is gone") - run.deleted_at;
+    assert!(
+        gone < grace + 2.0 + 2.0 + 3.0,
+        "the pod took {gone:.1}s to go with a {grace}s grace period"
+    );
+    // lameduck was still draining (drain-max 120 s) and serving until the app's SIGTERM.
+    let before: Vec<Rec> = run
+        .recs
+        .iter()
+        .filter(|r| r.at < kill_app - 0.2)
+        .cloned()
+        .collect();
+    assert_eq!(failed(&before), 0, "failed before the grace period ran out");
+    report(&format!(
+        "grace period 8s (kubectl delete --grace-period=8), never deregistered: preStop \
+         abandoned after {:.2}s, app SIGTERM {:.3}s later, sidecar SIGTERM {:+.3}s from the \
+         app's, pod gone {gone:.1}s after the DELETE; {} ({} before the cut); kubelet \
+         lines:\n{}",
+        cut - pre,
+        kill_app - cut,
+        kill_ld - kill_app,
+        summary(&run.recs),
+        summary(&before),
+        t.story().join("\n")
     ));
 }
 
