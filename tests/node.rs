@@ -424,10 +424,14 @@ fn delete_one_pod_native_sidecar_loses_nothing() {
     );
     report(&format!(
         "native: preStop completed → app SIGTERM {:.3}s → sidecar SIGTERM {:.3}s later; \
-         app SIGTERM {:.2}s after deregistration; kubelet lines:\n{}",
+         app SIGTERM {:.2}s after deregistration; lameduck: {}; kubelet lines:\n{}",
         kill_app - done,
         kill_ld - kill_app,
         kill_app - run.target.deregistered_at.unwrap_or(f64::NAN),
+        run.drained
+            .as_ref()
+            .map(|l| l.text.as_str())
+            .unwrap_or_default(),
         run.term.story().join("\n")
     ));
 }
