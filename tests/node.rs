@@ -245,11 +245,24 @@ const PRESTOP_DONE: &str = "PreStop hook completed";
 const EXITED: &str = "Container exited normally";
 
 /// lameduck's own log line ending its drain (the CRI log of its container).
+/// Its time is lameduck's own (the line's leading RFC 3339 timestamp), not the runtime's,
+/// which is when containerd read the pipe.
 fn drained_line(node: &Node, ns: &str, pod: &str) -> Option<node::PodLogLine> {
     node.logs
         .of(ns, pod, "lameduck")
         .into_iter()
         .find(|l| l.text.contains("drained:") || l.text.contains("drain cut short"))
+        .map(|mut l| {
+            if let Some(own) = l
+                .text
+                .split_whitespace()
+                .next()
+                .and_then(node::parse_rfc3339)
+            {
+                l.at = own;
+            }
+            l
+        })
 }
 
 fn field(text: &str, key: &str) -> Option<f64> {
