@@ -3,7 +3,8 @@
 # plugins and HAProxy. containerd, runc, the CNI plugins, HAProxy, iptables, iproute2 and gcc
 # (the static pause and test app) come from Debian; the kubelet and kube-scheduler are built
 # from the k8s.io/kubernetes module pinned in tests/cluster/go.mod (tests/node/build.sh),
-# cached under ~/.cache/lameduck/node by version: a warm run does nothing but check.
+# cached under ~/.cache/lameduck/node by version: a warm run does nothing but check. The Argo
+# Rollouts controller (the canary) is built from its own Go module (tests/node/build-argo.sh).
 # Run after .ci/install-cluster.sh (it fills the Go module and build caches this reuses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +31,5 @@ if ! command -v go >/dev/null; then
   exit 1
 fi
 bash tests/node/build.sh
+# The Argo Rollouts controller for the canary scenarios (its own module: ~170 s cold).
+bash tests/node/build-argo.sh

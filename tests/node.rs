@@ -821,6 +821,254 @@ fn grace_period_bounds_a_drain_that_never_ends() {
     ));
 }
 
+// === e. the seed's canary with the real Argo Rollouts controller ===
+
+/// The seed's Rollout (k8s/examples/checkout-rollout.yaml): 5 replicas, ALB traffic
+/// routing through the Ingress `web` (root Service `web-stable`), the seed's steps with the
+/// pauses shortened to 5 s; `dynamicStableScale: true`, or the workaround
+/// (`dynamicStableScale: false`, `scaleDownDelaySeconds`).
+fn rollout(variant: Variant, dynamic: bool) -> Json {
+    let t = template(variant_annotations(variant, &[]), variant != Variant::Alone);
+    let pause = json!({"pause": {"duration": "5s"}});
+    let mut canary = json!({
+        "canaryService": "web-canary",
+        "stableService": "web-stable",
+        "trafficRouting": {"alb": {"ingress": "web", "servicePort": 80}},
+        "steps": [
+            {"setCanaryScale": {"matchTrafficWeight": true}},
+            {"setWeight": 10}, pause,
+            {"setWeight": 60}, pause,
+            {"setWeight": 80}, pause,
+            {"setWeight": 90}, pause,
+            {"setWeight": 100}, pause,
+        ],
+    });
+    if dynamic {
+        canary["dynamicStableScale"] = json!(true);
+    } else {
+        canary["scaleDownDelaySeconds"] = json!(10);
+    }
+    json!({
+        "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 5,
+            "revisionHistoryLimit": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": t,
+            "strategy": {"canary": canary},
+        },
+    })
+}
+
+fn named_service(name: &str) -> Json {
+    let mut s = service();
+    s["metadata"]["name"] = json!(name);
+    s
+}
+
+fn ingress() -> Json {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": "web"},
+        "spec": {
+            "ingressClassName": "alb",
+            "rules": [{"http": {"paths": [{
+                "path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "web-stable", "port": {"name": "use-annotation"}}},
+            }]}}],
+        },
+    })
+}
+
+struct Canaried {
+    recs: Vec<Rec>,
+    fleet: node::Fleet,
+    took: f64,
+    old_pods: usize,
+    /// Per old pod: its stable target's deregistration → pod gone.
+    gone_after_dereg: Vec<f64>,
+    /// The highest canary weight the load balancer applied from Argo's annotation.
+    max_canary_weight: u32,
+}
+
+fn canary(node: &'static Node, variant: Variant, dynamic: bool) -> Canaried {
+    let label = match (variant, dynamic) {
+        (Variant::Alone, true) => "canary-alone",
+        (Variant::Alone, false) => "canary-workaround",
+        (_, _) => "canary-lameduck",
+    };
+    node.argo();
+    let ns = node.namespace(label);
+    let lb = Lb::start_weighted(node, &ns.name, LAG, "web-stable");
+    let objects = [
+        named_service("web-stable"),
+        named_service("web-canary"),
+        ingress(),
+        rollout(variant, dynamic),
+    ];
+    node.apply(&ns.name, &manifests(variant, &objects));
+    let phase = |want: &str| {
+        let r = node.get_json(&["rollout", "web", "-n", &ns.name]);
+        r["status"]["phase"] == want
+            && r["status"]["currentPodHash"] == r["status"]["stableRS"]
+            && r["status"]["observedGeneration"]
+                .as_str()
+                .and_then(|g| g.parse::<i64>().ok())
+                .or_else(|| r["status"]["observedGeneration"].as_i64())
+                == r["metadata"]["generation"].as_i64()
+    };
+    wait_ready(node, &ns.name, 5);
+    assert!(
+        poll(PATIENCE, || phase("Healthy")),
+        "the Rollout did not become Healthy: {}",
+        node.get_json(&["rollout", "web", "-n", &ns.name])["status"]
+    );
+    let old: Vec<String> = node
+        .pods(&ns.name)
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    let load = Load::start(lb.addr, RATE, KEEPALIVE_RATE, LOAD_MAX);
+    run_for(&load, (RATE * 3) as usize);
+    lb.fleet_mark();
+    let began = now();
+    node.kubectl(
+        &[
+            "patch",
+            "rollout",
+            "web",
+            "-n",
+            &ns.name,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"template":{"metadata":{"annotations":{"lameduck.test/rollout":"2"}}}}}"#,
+        ],
+        None,
+    );
+    let done = poll(Duration::from_secs(400), || {
+        let deleted = lb.deleted();
+        let targets = lb.targets();
+        phase("Healthy")
+            && old.iter().all(|p| deleted.contains_key(p))
+            && targets
+                .values()
+                .filter(|t| old.contains(&t.pod) && t.registered_at.is_some())
+                .all(|t| t.deregistered_at.is_some())
+    });
+    assert!(
+        done,
+        "the canary did not finish in 400 s: {}\n{}",
+        node.get_json(&["rollout", "web", "-n", &ns.name])["status"],
+        node.kubectl(&["get", "pods", "-n", &ns.name, "-o", "wide"], None)
+    );
+    let took = now() - began;
+    let fleet = lb.fleet();
+    run_for(&load, RATE as usize);
+    let recs = load.stop();
+    let deleted = lb.deleted();
+    let targets = lb.targets();
+    let gone_after_dereg: Vec<f64> = old
+        .iter()
+        .filter_map(|p| {
+            let dereg = targets.get(&format!("web-stable/{p}"))?.deregistered_at?;
+            Some(deleted.get(p)? - dereg)
+        })
+        .collect();
+    let weights = lb.weights();
+    report(&format!(
+        "{label}: {}; peak {} pods, {:.0} pod-seconds over {took:.1}s ({:.2}× 5 pods); \
+         old pod gone after its deregistration: {}; weights applied: {}",
+        summary(&recs),
+        fleet.peak,
+        fleet.pod_seconds,
+        fleet.pod_seconds / (5.0 * took),
+        gone_after_dereg
+            .iter()
+            .map(|g| format!("{g:+.1}s"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        weights
+            .iter()
+            .map(|(_, w)| format!("{w:?}"))
+            .collect::<Vec<_>>()
+            .join(" → ")
+    ));
+    // Without the garbage collector's help, the Rollout goes before its pods.
+    let _ = node.kubectl_raw(
+        &["delete", "rollout", "web", "-n", &ns.name, "--wait=false"],
+        None,
+    );
+    drop(lb);
+    drop(ns);
+    Canaried {
+        recs,
+        fleet,
+        took,
+        old_pods: old.len(),
+        gone_after_dereg,
+        max_canary_weight: weights
+            .iter()
+            .filter_map(|(_, w)| w.get("web-canary").copied())
+            .max()
+            .unwrap_or(0),
+    }
+}
+
+#[test]
+fn canary_app_alone_fails_requests() {
+    let Some(node) = node::node("canary_app_alone_fails_requests") else {
+        return;
+    };
+    if !node::argo_available("canary_app_alone_fails_requests") {
+        return;
+    }
+    let _serial = serial();
+    let run = canary(node, Variant::Alone, true);
+    assert!(
+        failed(&run.recs) > 0,
+        "the app alone lost nothing in the canary: {}",
+        summary(&run.recs)
+    );
+    assert_eq!(run.old_pods, 5);
+    assert!(
+        run.max_canary_weight >= 60,
+        "Argo's weights did not reach the load balancer: canary at most {}",
+        run.max_canary_weight
+    );
+}
+
+#[test]
+fn canary_with_lameduck_loses_nothing() {
+    let Some(node) = node::node("canary_with_lameduck_loses_nothing") else {
+        return;
+    };
+    if !node::argo_available("canary_with_lameduck_loses_nothing") {
+        return;
+    }
+    let _serial = serial();
+    let run = canary(node, Variant::Native, true);
+    assert_eq!(
+        failed(&run.recs),
+        0,
+        "requests failed in the canary through lameduck: {}",
+        summary(&run.recs)
+    );
+    assert_eq!(run.old_pods, 5);
+    assert!(
+        run.max_canary_weight >= 60,
+        "Argo's weights did not reach the load balancer: canary at most {}",
+        run.max_canary_weight
+    );
+    assert!(
+        run.gone_after_dereg.iter().all(|g| *g > 0.0),
+        "an old pod went before its deregistration: {:?}",
+        run.gone_after_dereg
+    );
+    assert!(run.fleet.peak <= 10, "peak {} pods", run.fleet.peak);
+    report(&format!("canary-lameduck took {:.1}s", run.took));
+}
+
 // === d. nothing left behind ===
 
 /// Run by [`leaves_nothing_behind`] in a child process: brings a node up, runs a pod with

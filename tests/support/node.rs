@@ -1162,6 +1162,18 @@ impl Namespace {
     /// Deletes every workload and pod and waits (bounded) until the node has run their
     /// termination, so the next test starts on an empty node.
     pub fn clean(&self) {
+        // A Rollout first, or it recreates its pods (where its CRD is installed).
+        let _ = self.node.kubectl_raw(
+            &[
+                "delete",
+                "rollouts.argoproj.io",
+                "--all",
+                "-n",
+                &self.name,
+                "--wait=false",
+            ],
+            None,
+        );
         let _ = self.node.kubectl_raw(
             &[
                 "delete",
@@ -1204,6 +1216,106 @@ impl Drop for Namespace {
         let _ = self
             .node
             .kubectl_raw(&["delete", "namespace", &self.name, "--wait=false"], None);
+    }
+}
+
+// === the Argo Rollouts controller ===
+
+pub const ARGO_ROLLOUTS_KEY: &str = "argo-rollouts-v1.10.1";
+
+/// Where tests/node/build-argo.sh put the controller and its CRDs, if it did.
+fn argo_dir() -> Result<PathBuf, String> {
+    let dir = cache_dir("LAMEDUCK_NODE_CACHE", "node").join(ARGO_ROLLOUTS_KEY);
+    if dir.join("rollouts-controller").is_file() && dir.join("rollout-crd.yaml").is_file() {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "the Argo Rollouts controller is not in {} (run .ci/install-node.sh)",
+            dir.display()
+        ))
+    }
+}
+
+/// Whether the Argo Rollouts controller is built (a `SKIPPED:` line if not).
+pub fn argo_available(test: &str) -> bool {
+    match argo_dir() {
+        Ok(_) => true,
+        Err(why) => {
+            skip(test, &why);
+            false
+        }
+    }
+}
+
+impl Node {
+    /// The real Argo Rollouts controller (v1.10.1), started once: its CRDs installed, the
+    /// admin kubeconfig, no leader election, AWS target-group verification off (the
+    /// default) so no AWS API is called, and the AWS SDK kept from every endpoint (no
+    /// instance metadata, no config files).
+    pub fn argo(&'static self) {
+        static STARTED: OnceLock<()> = OnceLock::new();
+        STARTED.get_or_init(|| {
+            let dir = argo_dir().unwrap_or_else(|e| panic!("{e}"));
+            for crd in std::fs::read_dir(&dir)
+                .expect("the Argo directory")
+                .flatten()
+            {
+                let path = crd.path();
+                if path.to_string_lossy().ends_with("-crd.yaml") {
+                    self.kubectl(
+                        &[
+                            "apply",
+                            "--server-side",
+                            "--field-manager=lameduck-tests",
+                            "-f",
+                            path.to_str().expect("UTF-8"),
+                        ],
+                        None,
+                    );
+                }
+            }
+            for crd in [
+                "rollouts",
+                "analysisruns",
+                "analysistemplates",
+                "experiments",
+            ] {
+                let name = format!("{crd}.argoproj.io");
+                assert!(
+                    poll(API_WAIT, || {
+                        let out = self.kubectl_raw(&["get", "crd", &name, "-o", "json"], None);
+                        serde_json::from_slice::<Json>(&out.stdout).is_ok_and(|c| {
+                            c["status"]["conditions"].as_array().is_some_and(|c| {
+                                c.iter()
+                                    .any(|c| c["type"] == "Established" && c["status"] == "True")
+                            })
+                        })
+                    }),
+                    "CRD {name} not Established"
+                );
+            }
+            let mut cmd = Command::new(dir.join("rollouts-controller"));
+            cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+                .args([
+                    "--leader-elect=false",
+                    "--aws-verify-target-group=false",
+                    &format!("--metricsPort={}", free_port()),
+                    &format!("--healthzPort={}", free_port()),
+                    "--loglevel=info",
+                ])
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_CONFIG_FILE", "/dev/null")
+                .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+            let log = self.dir.join("rollouts-controller.log");
+            let pid = spawn(cmd, &log);
+            // A bad flag or a missing CRD ends it at once.
+            assert!(
+                !poll(Duration::from_secs(2), || exited(pid)),
+                "the Argo Rollouts controller exited:\n{}",
+                tail(&log, 30)
+            );
+        });
     }
 }
 
@@ -1519,6 +1631,8 @@ pub struct Lag {
 /// What the controller saw and did for one pod.
 #[derive(Clone, Debug, Default)]
 pub struct Target {
+    /// The pod (targets are keyed by pod, or by `<service>/<pod>` with weighted groups).
+    pub pod: String,
     pub addr: Option<SocketAddr>,
     pub slot: Option<usize>,
     /// Whether it should be registered (as of `since`), and whether it is.
@@ -1537,9 +1651,36 @@ pub struct Target {
 
 #[derive(Clone, Debug, Default)]
 struct Endpoint {
+    pod: String,
     addr: Option<SocketAddr>,
     ready: bool,
     terminating: bool,
+}
+
+/// Two target groups weighted by the Ingress annotation Argo Rollouts writes
+/// (`alb.ingress.kubernetes.io/actions.<root service>`), applied after the lag.
+#[derive(Default)]
+struct Weighted {
+    /// The annotation's key.
+    annotation: String,
+    /// Service → weight as last seen on the Ingress, and since when.
+    desired: BTreeMap<String, u32>,
+    since: f64,
+    applied: BTreeMap<String, u32>,
+    /// Slot → the HAProxy weight last set.
+    set: BTreeMap<usize, u32>,
+    /// (time applied, weights) for the report.
+    log: Vec<(f64, BTreeMap<String, u32>)>,
+}
+
+/// Pods alive (created, not yet gone from the API): the peak and the pod-seconds since the
+/// last [`Lb::fleet_mark`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fleet {
+    pub peak: usize,
+    pub pod_seconds: f64,
+    live: usize,
+    last: f64,
 }
 
 #[derive(Default)]
@@ -1549,6 +1690,12 @@ struct LbState {
     pods: BTreeMap<String, (bool, bool)>,
     targets: BTreeMap<String, Target>,
     next_slot: usize,
+    /// Pods whose readiness gate is set.
+    gated: std::collections::BTreeSet<String>,
+    /// Pod → when it was deleted from the API.
+    deleted: BTreeMap<String, f64>,
+    weighted: Option<Weighted>,
+    fleet: Fleet,
 }
 
 const SLOTS: usize = 64;
@@ -1581,6 +1728,18 @@ fn haproxy_cmd(sock: &Path, cmd: &str) -> String {
 
 impl Lb {
     pub fn start(node: &'static Node, namespace: &str, lag: Lag) -> Lb {
+        Lb::start_inner(node, namespace, lag, None)
+    }
+
+    /// The ALB with Argo Rollouts' traffic routing: a target group per Service (its
+    /// EndpointSlices), weighted as the Ingress's `actions.<root>` annotation says, the
+    /// weights applied after `lag.deregister` (the AWS controller's lag). Before Argo writes
+    /// it, the root Service takes everything.
+    pub fn start_weighted(node: &'static Node, namespace: &str, lag: Lag, root: &str) -> Lb {
+        Lb::start_inner(node, namespace, lag, Some(root))
+    }
+
+    fn start_inner(node: &'static Node, namespace: &str, lag: Lag, root: Option<&str>) -> Lb {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = node
             .dir
@@ -1635,12 +1794,26 @@ backend be
         );
         let state = Arc::new(Mutex::new(LbState {
             next_slot: 1,
+            weighted: root.map(|root| Weighted {
+                annotation: format!("alb.ingress.kubernetes.io/actions.{root}"),
+                desired: [(root.to_string(), 100)].into(),
+                ..Default::default()
+            }),
+            fleet: Fleet {
+                last: now(),
+                ..Default::default()
+            },
             ..Default::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let mut watchers = Vec::new();
         let mut threads = Vec::new();
-        for kind in ["endpointslices", "pods"] {
+        let kinds: &[&str] = if root.is_some() {
+            &["endpointslices", "pods", "ingresses"]
+        } else {
+            &["endpointslices", "pods"]
+        };
+        for &kind in kinds {
             let mut cmd = Command::new(&node.kubectl);
             cmd.arg(format!("--kubeconfig={}", node.kubeconfig.display()))
                 .args(["get", kind, "-n", namespace, "-w", "--output-watch-events"])
@@ -1713,9 +1886,11 @@ backend be
                                     None,
                                 );
                                 let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                                if let Some(t) = s.targets.get_mut(&pod) {
-                                    if out.status.success() {
-                                        t.gate_at = Some(now());
+                                if out.status.success() {
+                                    let at = now();
+                                    s.gated.insert(pod.clone());
+                                    for t in s.targets.values_mut().filter(|t| t.pod == pod) {
+                                        t.gate_at = Some(at);
                                     }
                                 }
                             }
@@ -1746,6 +1921,37 @@ backend be
             .clone()
     }
 
+    /// Starts counting peak pods and pod-seconds afresh.
+    pub fn fleet_mark(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let t = now();
+        s.fleet.tick(t);
+        s.fleet.peak = s.fleet.live;
+        s.fleet.pod_seconds = 0.0;
+    }
+
+    /// Peak pods and pod-seconds since [`Lb::fleet_mark`].
+    pub fn fleet(&self) -> Fleet {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.fleet.tick(now());
+        s.fleet
+    }
+
+    /// Pod → when it went from the API.
+    pub fn deleted(&self) -> BTreeMap<String, f64> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.deleted.clone()
+    }
+
+    /// The weights applied, in order: (time, service → weight).
+    pub fn weights(&self) -> Vec<(f64, BTreeMap<String, u32>)> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.weighted
+            .as_ref()
+            .map(|w| w.log.clone())
+            .unwrap_or_default()
+    }
+
     /// HAProxy's view: server slot → status (`UP`, `DOWN 1/2`, `MAINT`).
     pub fn servers(&self) -> BTreeMap<usize, String> {
         parse_stat(&haproxy_cmd(&self.sock, "show stat be 4 -1"))
@@ -1762,6 +1968,19 @@ fn parse_stat(csv: &str) -> BTreeMap<usize, String> {
         .collect()
 }
 
+impl Fleet {
+    fn tick(&mut self, t: f64) {
+        self.pod_seconds += self.live as f64 * (t - self.last).max(0.0);
+        self.last = t;
+    }
+
+    fn set(&mut self, t: f64, live: usize) {
+        self.tick(t);
+        self.live = live;
+        self.peak = self.peak.max(live);
+    }
+}
+
 impl LbState {
     fn observe(&mut self, kind: &str, ev: &Json) {
         let deleted = ev["type"] == "DELETED";
@@ -1773,6 +1992,10 @@ impl LbState {
         match kind {
             "endpointslices" => {
                 let mut eps = BTreeMap::new();
+                let service = obj["metadata"]["labels"]["kubernetes.io/service-name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 if !deleted {
                     let port = obj["ports"][0]["port"].as_u64().unwrap_or(0) as u16;
                     for e in obj["endpoints"].as_array().into_iter().flatten() {
@@ -1782,9 +2005,16 @@ impl LbState {
                         let addr = e["addresses"][0]
                             .as_str()
                             .and_then(|a| format!("{a}:{port}").parse().ok());
+                        // One target group per Service when weighted, else one in all.
+                        let key = if self.weighted.is_some() {
+                            format!("{service}/{pod}")
+                        } else {
+                            pod.to_string()
+                        };
                         eps.insert(
-                            pod.to_string(),
+                            key,
                             Endpoint {
+                                pod: pod.to_string(),
                                 addr,
                                 ready: e["conditions"]["ready"] == true,
                                 terminating: e["conditions"]["terminating"] == true,
@@ -1794,10 +2024,45 @@ impl LbState {
                 }
                 self.slices.insert(name, eps);
             }
+            "ingresses" => {
+                let Some(w) = self.weighted.as_mut() else {
+                    return;
+                };
+                let Some(action) = obj["metadata"]["annotations"][&w.annotation]
+                    .as_str()
+                    .and_then(|a| serde_json::from_str::<Json>(a).ok())
+                else {
+                    return;
+                };
+                let weights: BTreeMap<String, u32> = action["ForwardConfig"]["TargetGroups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|g| {
+                        Some((
+                            g["ServiceName"].as_str()?.to_string(),
+                            g["Weight"].as_u64()? as u32,
+                        ))
+                    })
+                    .collect();
+                if !weights.is_empty() && weights != w.desired {
+                    w.desired = weights;
+                    w.since = now();
+                }
+            }
             _ => {
                 if deleted {
+                    let t = now();
                     self.pods.remove(&name);
-                    self.targets.entry(name).or_default().deleted_at = Some(now());
+                    self.deleted.insert(name.clone(), t);
+                    if self.weighted.is_none() {
+                        self.targets.entry(name).or_default().deleted_at = Some(t);
+                    } else {
+                        for target in self.targets.values_mut().filter(|x| x.pod == name) {
+                            target.deleted_at = Some(t);
+                        }
+                    }
+                    self.fleet.set(t, self.pods.len());
                 } else {
                     let containers_ready =
                         obj["status"]["conditions"].as_array().is_some_and(|c| {
@@ -1806,6 +2071,7 @@ impl LbState {
                         });
                     let deleting = !obj["metadata"]["deletionTimestamp"].is_null();
                     self.pods.insert(name, (containers_ready, deleting));
+                    self.fleet.set(now(), self.pods.len());
                 }
             }
         }
@@ -1817,26 +2083,35 @@ impl LbState {
         let t = now();
         let mut endpoints: BTreeMap<String, Endpoint> = BTreeMap::new();
         for eps in self.slices.values() {
-            for (pod, e) in eps {
-                endpoints.insert(pod.clone(), e.clone());
+            for (key, e) in eps {
+                endpoints.insert(key.clone(), e.clone());
             }
         }
-        let names: std::collections::BTreeSet<String> = endpoints
+        let keys: std::collections::BTreeSet<String> = endpoints
             .keys()
             .chain(self.targets.keys())
             .cloned()
             .collect();
-        let mut gates = Vec::new();
+        let mut gates = std::collections::BTreeSet::new();
         let mut stat: Option<BTreeMap<usize, String>> = None;
-        for pod in names {
-            let ep = endpoints.get(&pod);
-            let (containers_ready, _) = self.pods.get(&pod).copied().unwrap_or_default();
+        for key in keys {
+            let ep = endpoints.get(&key);
+            let pod = ep.map(|e| e.pod.clone());
+            let (containers_ready, _) = pod
+                .as_ref()
+                .and_then(|p| self.pods.get(p).copied())
+                .unwrap_or_default();
             // As the AWS Load Balancer Controller: ready endpoints, and not-ready ones whose
             // pod waits on our readiness gate with its containers ready; never terminating
             // ones (`serving` is ignored).
             let want = ep.is_some_and(|e| !e.terminating && (e.ready || containers_ready));
             let next_slot = &mut self.next_slot;
-            let target = self.targets.entry(pod.clone()).or_default();
+            let target = self.targets.entry(key.clone()).or_default();
+            if let Some(p) = pod {
+                target.pod = p;
+            } else if target.pod.is_empty() {
+                target.pod = key.clone();
+            }
             if let Some(e) = ep {
                 if e.addr.is_some() {
                     target.addr = e.addr;
@@ -1884,19 +2159,80 @@ impl LbState {
                     target.applied = target.desired;
                 }
             }
-            if target.applied && target.desired && target.gate_at.is_none() {
+            if target.applied
+                && target.desired
+                && !self.gated.contains(&target.pod)
+                && !gates.contains(&target.pod)
+            {
                 let Some(slot) = target.slot else { continue };
                 let stat =
                     stat.get_or_insert_with(|| parse_stat(&haproxy_cmd(sock, "show stat be 4 -1")));
-                if stat.get(&slot).is_some_and(|s| s == "UP") {
+                // `DRAIN` is an UP server at weight 0 (a target group at weight 0).
+                if stat
+                    .get(&slot)
+                    .is_some_and(|s| s == "UP" || s == "DRAIN" || s.starts_with("UP "))
+                {
                     if target.healthy_at.is_none() {
                         target.healthy_at = Some(now());
                     }
-                    gates.push(pod.clone());
+                    gates.insert(target.pod.clone());
                 }
             }
         }
-        gates
+        if self.weighted.is_some() {
+            // The AWS controller's webhook injects its readiness gate only into pods that a
+            // target group's Service selects when they are created: Argo's canary pods at
+            // first match neither Service (the canary Service still selects the stable
+            // hash until the canary ReplicaSet is available). Such a pod has no gate to
+            // wait for: it is marked ready as soon as its containers are, in no
+            // EndpointSlice.
+            for (pod, (containers_ready, deleting)) in &self.pods {
+                if *containers_ready
+                    && !deleting
+                    && !self.gated.contains(pod)
+                    && !endpoints.values().any(|e| &e.pod == pod)
+                {
+                    gates.insert(pod.clone());
+                }
+            }
+        }
+        if let Some(w) = self.weighted.as_mut() {
+            // The Ingress's weights, applied a lag late; each group's weight shared among its
+            // registered targets (HAProxy weights 0-256).
+            if w.desired != w.applied
+                && lag
+                    .deregister
+                    .is_some_and(|d| t - w.since >= d.as_secs_f64())
+            {
+                w.applied = w.desired.clone();
+                w.log.push((t, w.applied.clone()));
+            }
+            let mut members: BTreeMap<String, usize> = BTreeMap::new();
+            for (key, target) in &self.targets {
+                if target.applied && target.slot.is_some() {
+                    let group = key.split('/').next().unwrap_or_default().to_string();
+                    *members.entry(group).or_default() += 1;
+                }
+            }
+            for (key, target) in &self.targets {
+                let (Some(slot), true) = (target.slot, target.applied) else {
+                    continue;
+                };
+                let group = key.split('/').next().unwrap_or_default();
+                let weight = w.applied.get(group).copied().unwrap_or(0);
+                let n = members.get(group).copied().unwrap_or(1).max(1) as u32;
+                let hw = if weight == 0 {
+                    0
+                } else {
+                    (weight * 250 / (100 * n)).clamp(1, 256)
+                };
+                if w.set.get(&slot) != Some(&hw) {
+                    haproxy_cmd(sock, &format!("set weight be/t{slot} {hw}"));
+                    w.set.insert(slot, hw);
+                }
+            }
+        }
+        gates.into_iter().collect()
     }
 }
 
