@@ -1,0 +1,20 @@
+/* The pod sandbox's pause process for the node tier (tests/node.rs): sleeps until told to
+ * stop, reaps any child re-parented to it. Built static (gcc -Os -static) by the harness. */
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void stop(int sig) { (void)sig; _exit(0); }
+static void reap(int sig) {
+  (void)sig;
+  while (waitpid(-1, NULL, WNOHANG) > 0) {
+  }
+}
+
+int main(void) {
+  signal(SIGINT, stop);
+  signal(SIGTERM, stop);
+  signal(SIGCHLD, reap);
+  for (;;) pause();
+}
