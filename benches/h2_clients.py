@@ -52,6 +52,8 @@ GRPC_PYTHON = os.environ.get("LAMEDUCK_GRPC_PYTHON", "/opt/lameduck-grpc/bin/pyt
 # pycurl's wheel (bundling a current libcurl): python3 -m venv /opt/lameduck-bench-curl &&
 # /opt/lameduck-bench-curl/bin/pip install --only-binary :all: pycurl==7.49.0
 CURL_PYTHON = os.environ.get("LAMEDUCK_CURL_PYTHON", "/opt/lameduck-bench-curl/bin/python")
+# Requests each client keeps going at once (workers, threads, streams); --workers sets it.
+WORKERS = "2"
 GO_BIN = os.path.join(tempfile.gettempdir(), "lameduck-bench-go-h2client")
 
 
@@ -111,7 +113,7 @@ class Proxy:
 
 
 def node_client(url, duration):
-    argv = ["node", os.path.join(CLIENTS, "node_h2.js"), url, "2", str(int(duration * 1000))]
+    argv = ["node", os.path.join(CLIENTS, "node_h2.js"), url, WORKERS, str(int(duration * 1000))]
 
     def parse(out):
         v = json.loads(out.strip().splitlines()[-1])
@@ -121,7 +123,7 @@ def node_client(url, duration):
 
 
 def go_client(url, duration):
-    argv = [GO_BIN, url, "2", str(int(duration * 1000))]
+    argv = [GO_BIN, url, WORKERS, str(int(duration * 1000))]
 
     def parse(out):
         v = json.loads(out.strip().splitlines()[-1])
@@ -131,19 +133,19 @@ def go_client(url, duration):
 
 
 def grpc_client(addr, duration):
-    argv = [GRPC_PYTHON, os.path.join(CLIENTS, "grpc_client.py"), addr, "2",
+    argv = [GRPC_PYTHON, os.path.join(CLIENTS, "grpc_client.py"), addr, WORKERS,
             str(int(duration * 1000))]
     return argv, lambda out: json.loads(out.strip().splitlines()[-1])
 
 
 def h2load_client(url, duration):
-    argv = [sys.executable, os.path.join(CLIENTS, "h2load_loop.py"), url, "2",
+    argv = [sys.executable, os.path.join(CLIENTS, "h2load_loop.py"), url, WORKERS,
             str(int(duration * 1000))]
     return argv, lambda out: json.loads(out.strip().splitlines()[-1])
 
 
 def curl_client(url, duration):
-    argv = [CURL_PYTHON, os.path.join(CLIENTS, "curl_client.py"), url, "2",
+    argv = [CURL_PYTHON, os.path.join(CLIENTS, "curl_client.py"), url, WORKERS,
             str(int(duration * 1000))]
     return argv, lambda out: json.loads(out.strip().splitlines()[-1])
 
@@ -213,9 +215,11 @@ def fmt(errors):
 def table(results):
     groups = {}
     for r in results:
-        groups.setdefault((r["client"], r["trigger"], r["binary"]), []).append(r)
-    lines = ["| client | trigger | binary | runs | ok | failed | client sessions | GOAWAYs "
-             "| proxy conns | failures |", "|---|---|---|---|---|---|---|---|---|---|"]
+        key = (r["client"], r["trigger"], r["binary"], r.get("label", ""), r.get("workers", 2))
+        groups.setdefault(key, []).append(r)
+    lines = ["| client | trigger | binary | flags | workers | runs | ok | failed (per run) "
+             "| client sessions | GOAWAYs | proxy conns | failures |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def tot(rs, k):
         vs = [r.get(k) for r in rs]
@@ -223,13 +227,14 @@ def table(results):
             return "—"
         return str(sum(vs))
 
-    for (client, trigger, binary), rs in groups.items():
+    for (client, trigger, binary, label, workers), rs in groups.items():
         errors = {}
         for r in rs:
             for k, n in (r.get("errors") or {}).items():
                 errors[k] = errors.get(k, 0) + n
         per_run = "/".join(str(r.get("failed")) for r in rs)
-        lines.append(f"| {client} | {trigger} | {binary} | {len(rs)} | {tot(rs, 'ok')} | "
+        lines.append(f"| {client} | {trigger} | {binary} | {label} | {workers} | {len(rs)} | "
+                     f"{tot(rs, 'ok')} | "
                      f"{tot(rs, 'failed')} ({per_run}) | {tot(rs, 'sessions')} | "
                      f"{tot(rs, 'goaways')} | {tot(rs, 'proxy_connections')} | {fmt(errors)} |")
     return "\n".join(lines) + "\n"
@@ -237,7 +242,7 @@ def table(results):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--binary", action="append", required=True, help="NAME=PATH")
+    ap.add_argument("--binary", action="append", default=[], help="NAME=PATH")
     ap.add_argument("--clients", default="node,h2load,curl,go,grpc")
     ap.add_argument("--triggers", default="sigterm,drain")
     ap.add_argument("--runs", type=int, default=3)
@@ -249,10 +254,20 @@ def main():
                     help="how long to wait for the proxy's own exit after a SIGTERM run")
     ap.add_argument("--app-binary",
                     default=os.path.join(ROOT, "target/release/examples/bench_upstream"))
+    ap.add_argument("--workers", type=int, default=2,
+                    help="requests each client keeps going at once (2 unless said)")
+    ap.add_argument("--report", nargs="+", metavar="JSONL",
+                    help="print the table of these result files (no runs)")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", default=os.path.join(
         HERE, "results", time.strftime("h2-clients-%Y%m%d-%H%M%S.jsonl", time.gmtime())))
     a = ap.parse_args()
+    global WORKERS
+    WORKERS = str(a.workers)
+    if a.report:
+        rows = [json.loads(line) for p in a.report for line in open(p) if line.strip()]
+        print(table(rows))
+        return 0
     binaries = [b.split("=", 1) for b in a.binary]
     clients = a.clients.split(",")
     if "go" in clients:
@@ -276,6 +291,7 @@ def main():
                         for i in range(a.runs):
                             r = run_one(binary, trigger, client, app_http, app_grpc, a)
                             r.update(client=client, trigger=trigger, binary=name, run=i + 1,
+                                     workers=a.workers,
                                      label=a.label, flags=a.proxy_flags + " " + a.extra,
                                      utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                             results.append(r)

@@ -35,7 +35,7 @@ def main():
                 good = r == b"ping"
                 err = None if good else "WRONG_BODY"
             except grpc.RpcError as e:
-                err = e.code().name
+                err = f"{e.code().name}: {e.details()}"
             with lock:
                 if err is None:
                     stats["ok"] += 1

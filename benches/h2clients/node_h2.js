@@ -43,7 +43,12 @@ function once() {
     req.on('response', (h) => { status = h[':status']; });
     req.on('data', () => {});
     req.on('end', () => resolve({ status }));
-    req.on('error', (e) => resolve({ error: e.code || String(e) }));
+    // A stream error names its code in the message (e.g. NGHTTP2_REFUSED_STREAM: a stream
+    // nghttp2 had queued and refused itself on GOAWAY, or one the server refused).
+    req.on('error', (e) => {
+      const m = /error code (\S+)/.exec(e.message || '');
+      resolve({ error: (e.code || String(e)) + (m ? ' ' + m[1] : '') });
+    });
     req.end();
   });
 }
