@@ -189,6 +189,9 @@ def run_one(binary, trigger, client, app_http, app_grpc, a):
                 r["proxy_exit"] = proxy.proc.wait(timeout=a.quiet_wait)
             except subprocess.TimeoutExpired:
                 r["proxy_exit"] = None
+        # The drain's own account: the log lines that give its reason (quiet or max).
+        r["drain_log"] = [json.loads(x).get("message", "") + " " + str(json.loads(x).get("reason", ""))
+                          for x in proxy.logs if '"reason"' in x][-3:]
         return r
     finally:
         proxy.kill()
