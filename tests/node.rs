@@ -13,6 +13,8 @@
 
 #[path = "support/node.rs"]
 mod node;
+#[path = "support/tools.rs"]
+mod tools;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
