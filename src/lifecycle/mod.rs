@@ -2,7 +2,8 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`drain`] | the lifecycle `State`, the pure drain decision, the release, the in-flight/connection guards and counts |
+//! | [`state`] | the lifecycle's values (`State`, `Phase`, settings) and the pure drain decision `check` |
+//! | [`drain`] | the `Lifecycle` handle that moves the state: the drain clock, the release, the in-flight/connection guards and counts |
 //! | [`cadence`] | the load balancer's health-check cadence and the learned quiet window |
 //! | [`signal`] | SIGTERM/SIGINT as a stream of triggers |
 //!
@@ -12,3 +13,4 @@
 pub mod cadence;
 pub mod drain;
 pub mod signal;
+pub mod state;

@@ -1,0 +1,267 @@
+//! Tests of `drain.rs` (the lifecycle handle, the clock, the release, the guards).
+
+use super::*;
+
+const S: fn(u64) -> Duration = Duration::from_secs;
+const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+fn policy() -> DrainPolicy {
+    DrainPolicy {
+        min: S(5),
+        quiet: S(10),
+        max: S(60),
+    }
+}
+
+#[test]
+fn check_table() {
+    use DrainReason::*;
+    use Verdict::*;
+    let p = policy();
+    // (elapsed, idle, in_flight) -> verdict
+    let cases = [
+        // Just started, traffic still arriving: wait for the quiet window.
+        ((0, 0, 0), Wait(S(10))),
+        // Quiet long ago, but drain-min not reached yet.
+        ((1, 100, 0), Wait(S(4))),
+        // drain-min reached and quiet: drained.
+        ((5, 10, 0), Drained(Quiet)),
+        ((30, 12, 0), Drained(Quiet)),
+        // Quiet but a request still in flight: wait (woken when it ends).
+        ((30, 20, 1), Wait(S(30))),
+        // Requests keep arriving: never quiet, capped by max.
+        ((59, 0, 0), Wait(S(1))),
+        ((60, 0, 0), Drained(Max)),
+        ((61, 0, 3), Drained(Max)),
+        // Quiet remaining beyond the cap: wake at the cap.
+        ((55, 0, 0), Wait(S(5))),
+    ];
+    for ((e, i, f), want) in cases {
+        assert_eq!(
+            check(&p, S(e), S(i), f),
+            want,
+            "elapsed={e} idle={i} in_flight={f}"
+        );
+    }
+}
+
+#[test]
+fn zero_policy_drains_at_once() {
+    let p = DrainPolicy {
+        min: Duration::ZERO,
+        quiet: Duration::ZERO,
+        max: S(1),
+    };
+    assert_eq!(
+        check(&p, Duration::ZERO, Duration::ZERO, 0),
+        Verdict::Drained(DrainReason::Quiet)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_ends_quiet_and_is_idempotent() {
+    let lc = Lifecycle::new(DrainSettings::fixed(
+        Duration::from_millis(100),
+        Duration::from_millis(500),
+        S(10),
+    ));
+    assert!(lc.start_drain(Trigger::Admin));
+    assert!(!lc.start_drain(Trigger::Signal));
+    assert_eq!(lc.phase(), Phase::Draining);
+    let State::Drained { reason, .. } = lc.drained().await else {
+        unreachable!()
+    };
+    assert_eq!(reason, DrainReason::Quiet);
+    assert_eq!(lc.phase(), Phase::Drained);
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_request_holds_until_max() {
+    let lc = Lifecycle::new(DrainSettings::fixed(
+        Duration::ZERO,
+        Duration::from_millis(100),
+        S(2),
+    ));
+    let guard = lc.request(RequestKind::Traffic, LOCAL);
+    lc.start_drain(Trigger::Signal);
+    let State::Drained { reason, took, .. } = lc.drained().await else {
+        unreachable!()
+    };
+    assert_eq!(reason, DrainReason::Max);
+    assert!(took >= S(2));
+    assert_eq!(lc.in_flight(), 1);
+    drop(guard);
+    lc.idle().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_end_wakes_the_clock() {
+    let lc = Lifecycle::new(DrainSettings::fixed(
+        Duration::ZERO,
+        Duration::ZERO,
+        S(3600),
+    ));
+    let guard = lc.request(RequestKind::Traffic, LOCAL);
+    lc.start_drain(Trigger::Admin);
+    tokio::time::sleep(S(1)).await;
+    assert_eq!(lc.phase(), Phase::Draining);
+    let during = lc.request(RequestKind::Traffic, LOCAL);
+    assert_eq!(during.phase(), Phase::Draining);
+    drop(during);
+    drop(lc.request(RequestKind::HealthCheck, LOCAL));
+    drop(guard);
+    let State::Drained {
+        reason,
+        requests_during_drain,
+        health_checks_during_drain,
+        ..
+    } = lc.drained().await
+    else {
+        unreachable!()
+    };
+    assert_eq!(reason, DrainReason::Quiet);
+    // Health checks are not requests saved: they have their own count.
+    assert_eq!((requests_during_drain, health_checks_during_drain), (1, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_waits_for_a_request_that_started_as_the_drain_decided() {
+    let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(30)));
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let (lc2, slot2) = (lc.clone(), slot.clone());
+    lc.on_decide(move || {
+        *slot2.lock().unwrap() = Some(lc2.request(RequestKind::Traffic, LOCAL));
+    });
+    lc.start_drain(Trigger::Admin);
+    let State::Drained { reason, .. } = lc.drained().await else {
+        unreachable!()
+    };
+    assert_eq!(reason, DrainReason::Quiet);
+    tokio::time::sleep(S(5)).await;
+    assert!(!lc.is_released(), "released with a request in flight");
+    let released = tokio::spawn({
+        let lc = lc.clone();
+        async move { lc.released().await }
+    });
+    tokio::time::sleep(S(1)).await;
+    assert!(!released.is_finished());
+    drop(slot.lock().unwrap().take());
+    assert!(released.await.unwrap().is_drained());
+    assert!(lc.is_released());
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_is_bounded_by_drain_max() {
+    let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(10)));
+    let (lc2, slot) = (lc.clone(), Arc::new(std::sync::Mutex::new(None)));
+    let slot2 = slot.clone();
+    lc.on_decide(move || {
+        *slot2.lock().unwrap() = Some(lc2.request(RequestKind::Traffic, LOCAL));
+    });
+    let t = Instant::now();
+    lc.start_drain(Trigger::Signal);
+    lc.released().await;
+    assert!(t.elapsed() >= S(10), "{:?}", t.elapsed());
+    assert_eq!(lc.in_flight(), 1);
+}
+
+#[test]
+fn readiness_while_draining() {
+    use ReadinessWhileDraining::*;
+    let s = Duration::from_secs;
+    for (policy, elapsed, want) in [
+        (Fail, s(0), false),
+        (Keep, s(0), true),
+        (Keep, s(3600), true),
+        (For(s(6)), s(0), true),
+        (For(s(6)), s(5), true),
+        (For(s(6)), s(6), false),
+        (For(Duration::ZERO), s(0), false),
+    ] {
+        assert_eq!(policy.ready(elapsed), want, "{policy:?} at {elapsed:?}");
+    }
+}
+
+/// Whatever happens to the drain clock's task, the release comes at drain-max. Before: a
+/// panic in that task (a log write failing) left `released()` pending for ever.
+#[tokio::test(start_paused = true)]
+async fn drain_max_holds_when_the_drain_clock_dies() {
+    let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(10)));
+    lc.on_decide(|| panic!("the drain clock dies"));
+    let t = Instant::now();
+    lc.start_drain(Trigger::Admin);
+    let state = tokio::time::timeout(S(60), lc.released())
+        .await
+        .expect("released by drain-max although the clock died");
+    assert_eq!(t.elapsed(), S(10));
+    assert!(lc.is_released());
+    let State::Drained { reason, .. } = state else {
+        panic!("not drained: {state:?}")
+    };
+    assert_eq!(reason, DrainReason::Max);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_ended_at_max_reports_the_streams_still_open() {
+    let lc = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(1), S(10)));
+    let old = lc.stream(LOCAL);
+    tokio::time::sleep(S(3)).await;
+    let young = lc.stream(LOCAL);
+    drop(lc.stream(LOCAL));
+    lc.start_drain(Trigger::Signal);
+    let State::Drained { reason, .. } = lc.drained().await else {
+        unreachable!()
+    };
+    assert_eq!(reason, DrainReason::Max);
+    assert_eq!(
+        lc.open_at_end(),
+        Some(OpenAtEnd {
+            open: 2,
+            oldest: Some(S(13))
+        })
+    );
+    drop(old);
+    assert_eq!(lc.oldest_stream(), Some(S(10)));
+    drop(young);
+    assert_eq!(lc.oldest_stream(), None);
+    lc.idle().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cut_short_ends_a_drain() {
+    let p = policy();
+    let lc = Lifecycle::new(DrainSettings::fixed(p.min, p.quiet, p.max));
+    lc.start_drain(Trigger::Signal);
+    lc.cut_short();
+    assert!(lc.state().is_drained());
+}
+
+#[tokio::test(start_paused = true)]
+async fn auto_quiet_window_is_fixed_when_the_drain_starts() {
+    let lc = Lifecycle::new(DrainSettings {
+        min: Duration::ZERO,
+        quiet: Quiet::Auto { fallback: S(30) },
+        max: S(120),
+        tunnel_grace: Duration::ZERO,
+        unit: Unit::Request,
+    });
+    // No checks yet: the fallback.
+    assert_eq!(lc.quiet_window().0.kind(), "fallback");
+    // Checks every second from two sources.
+    let base = now_nanos();
+    for (i, src) in [[10, 0, 0, 1], [10, 0, 0, 2]].into_iter().enumerate() {
+        for n in 0..6u64 {
+            lc.0.health_checks
+                .record(src.into(), base + n * 1_000_000_000 + i as u64);
+        }
+    }
+    let (w, sources) = lc.quiet_window();
+    assert_eq!(w.kind(), "learned", "{}", w.why());
+    assert_eq!(w.window, Duration::from_millis(1750));
+    assert_eq!(sources.len(), 2);
+    lc.start_drain(Trigger::Admin);
+    let State::Draining { window, .. } = lc.state() else {
+        unreachable!()
+    };
+    assert_eq!(window, w);
+}
