@@ -6,6 +6,7 @@
 //! | [`conn`] | one downstream connection's state: its requests, header/idle watchdog verdict, and whether to keep it, close it after a response, or GOAWAY ([`conn::persistence`]) |
 //! | [`listener`] | HTTP mode's traffic port: per-connection task (protocol sniff, hyper HTTP/1 or HTTP/2, TLS), close at `Drained` and at exit |
 //! | [`proxy`] | HTTP mode's per-connection hyper service: request tracking, health checks while draining, forwarding, hop-by-hop headers |
+//! | [`request`] | the request the app gets: refusals (400/405/501), hop-by-hop headers, URI and Host |
 //! | [`tcp`] | `--mode tcp`: the layer-4 forwarder, health checks recognised at layer 4 |
 //! | [`proxy_protocol`] | the pure PROXY protocol v2 header parser |
 //! | [`upstream`] | the pooled connection to the app, timeouts, safe retry, error classes |
@@ -21,6 +22,7 @@ pub mod conn;
 pub mod listener;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod request;
 pub mod tcp;
 
 pub mod upstream;
