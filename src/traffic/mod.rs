@@ -5,6 +5,7 @@
 //! | [`accept`] | the accept loop's step shared by the HTTP and TCP modes: connection limit, `accept(2)` error classes |
 //! | [`conn`] | one downstream connection's state: its requests, header/idle watchdog verdict, and whether to keep it, close it after a response, or GOAWAY ([`conn::persistence`]) |
 //! | [`listener`] | HTTP mode's traffic port: per-connection task (protocol sniff, hyper HTTP/1 or HTTP/2, TLS), close at `Drained` and at exit |
+//! | [`probe`] | readiness: can the app be reached (TCP connect, an HTTP path, the gRPC health service) |
 //! | [`proxy`] | HTTP mode's per-connection hyper service: request tracking, health checks while draining, forwarding, hop-by-hop headers |
 //! | [`request`] | the request the app gets: refusals (400/405/501), hop-by-hop headers, URI and Host |
 //! | [`tcp`] | `--mode tcp`: the layer-4 forwarder, health checks recognised at layer 4 |
@@ -20,6 +21,7 @@
 pub mod accept;
 pub mod conn;
 pub mod listener;
+pub mod probe;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod request;
