@@ -11,8 +11,17 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::annotations::*;
-use super::pod::{all_containers, CONTAINER_NAME};
 use super::InjectError;
+
+/// The injected container's name.
+pub const CONTAINER_NAME: &str = "lameduck";
+
+/// Every container of a pod: the app's, then the init containers (native sidecars included).
+pub(super) fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+}
 
 /// Whether every container (init containers included) requests exactly its limits for
 /// CPU and memory: the pod's QoS class is Guaranteed.

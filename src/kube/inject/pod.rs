@@ -14,13 +14,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::annotations::*;
-use super::container::{is_guaranteed, sidecar_container, sidecar_resources};
+use super::container::{all_containers, is_guaranteed, sidecar_container, sidecar_resources};
 use super::ports::*;
 use super::{typed_json, InjectError};
 use crate::cli::{Mode, ProxyArgs};
 
-/// The injected container's name.
-pub const CONTAINER_NAME: &str = "lameduck";
+pub use super::container::CONTAINER_NAME;
 
 /// The environment variable the sidecar reads its `--drain-token` from (the proxy's own
 /// `env =` on that flag), and the header the preStop hook sends it in (the admin
@@ -538,12 +537,6 @@ pub struct RandomFailed;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(super) fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
-    spec.containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
 }
 
 #[cfg(test)]
