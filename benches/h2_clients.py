@@ -18,7 +18,7 @@ lameduck_requests_total read right after the client stops. One JSON line per run
 --out, and a markdown table (sums over the runs) to stdout and beside it as .md.
 
 The clients (benches/h2clients/):
-- node: node_h2.js, Node's `http2`, 2 workers sharing one session, a new session on GOAWAY.
+- node: tests/support/node/h2client.js (the test's own client), Node's `http2`, 2 workers sharing one session, a new session on GOAWAY.
 - h2load: h2load_loop.py, `h2load -c 1 -m 2 -n 30000` run again as each run's connection
   ends (h2load itself never reconnects); lost = started and not succeeded; no GOAWAY count.
 - curl: curl_client.py, libcurl 8 (pycurl's wheel) as `curl --parallel --parallel-max 2
@@ -113,7 +113,7 @@ class Proxy:
 
 
 def node_client(url, duration):
-    argv = ["node", os.path.join(CLIENTS, "node_h2.js"), url, WORKERS, str(int(duration * 1000))]
+    argv = ["node", os.path.join(HERE, "..", "tests", "support", "node", "h2client.js"), url, WORKERS, str(int(duration * 1000))]
 
     def parse(out):
         v = json.loads(out.strip().splitlines()[-1])

@@ -1,6 +1,9 @@
 // A Node `http2` client as applications write one: one session shared by N workers, each
 // sending requests back to back; a session that got GOAWAY (or closed) is replaced by a new
-// one for the next request. Every request is recorded. Prints one JSON line at the end.
+// one for the next request. Every request is recorded; errors by code (ERR_HTTP2_GOAWAY_SESSION:
+// a queued stream refused locally on GOAWAY; ERR_HTTP2_STREAM_ERROR: RST_STREAM, e.g.
+// REFUSED_STREAM). Prints one JSON line at the end. Used by tests/robustness.rs and by
+// benches/h2_clients.py.
 //
 // usage: node h2client.js URL WORKERS DURATION_MS [PATH]
 'use strict';
@@ -40,7 +43,12 @@ function once() {
     req.on('response', (h) => { status = h[':status']; });
     req.on('data', () => {});
     req.on('end', () => resolve({ status }));
-    req.on('error', (e) => resolve({ error: e.code || String(e) }));
+    // A stream error names its code in the message (e.g. NGHTTP2_REFUSED_STREAM: a stream
+    // nghttp2 had queued and refused itself on GOAWAY, or one the server refused).
+    req.on('error', (e) => {
+      const m = /error code (\S+)/.exec(e.message || '');
+      resolve({ error: (e.code || String(e)) + (m ? ' ' + m[1] : '') });
+    });
     req.end();
   });
 }
