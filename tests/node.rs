@@ -1071,6 +1071,47 @@ fn canary_with_lameduck_loses_nothing() {
     report(&format!("canary-lameduck took {:.1}s", run.took));
 }
 
+/// The workaround users reach for without lameduck: `dynamicStableScale: false` with
+/// `scaleDownDelaySeconds` (10 s here, twice the load balancer's lag). The old pods are
+/// removed only after the traffic has left them, so nothing fails; the price is the whole
+/// old fleet kept up beside the whole canary: the fleet-cost side of the comparison with
+/// `canary_with_lameduck_loses_nothing` (docs/node-tier.md has both runs' figures).
+#[test]
+fn canary_workaround_keeps_the_old_fleet_up() {
+    let Some(node) = node::node("canary_workaround_keeps_the_old_fleet_up") else {
+        return;
+    };
+    if !node::argo_available("canary_workaround_keeps_the_old_fleet_up") {
+        return;
+    }
+    let _serial = serial();
+    let run = canary(node, Variant::Alone, false);
+    assert_eq!(run.old_pods, 5);
+    assert!(
+        run.max_canary_weight >= 60,
+        "Argo's weights did not reach the load balancer: canary at most {}",
+        run.max_canary_weight
+    );
+    // Five canary pods come up while the five stable pods stay: the fleet doubles.
+    assert!(
+        run.fleet.peak >= 10,
+        "the workaround did not keep the old fleet up: peak {} pods",
+        run.fleet.peak
+    );
+    assert!(
+        run.gone_after_dereg.iter().all(|g| *g > 0.0),
+        "an old pod went before its deregistration: {:?}",
+        run.gone_after_dereg
+    );
+    assert_eq!(
+        failed(&run.recs),
+        0,
+        "requests failed with the workaround: {}",
+        summary(&run.recs)
+    );
+    report(&format!("canary-workaround took {:.1}s", run.took));
+}
+
 // === d. nothing left behind ===
 
 /// Run by [`leaves_nothing_behind`] in a child process: brings a node up, runs a pod with

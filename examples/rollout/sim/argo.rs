@@ -4,9 +4,9 @@
 //! The counts follow `CalculateReplicaCountsForTrafficRoutedCanary` in Argo Rollouts'
 //! `utils/replicaset/canary.go` (a canary with traffic routing):
 //!
-//! - **canary** = ⌈W × replicas / 100⌉, where W is the weight of the `setCanaryScale` step in
-//!   force, or else the current `setWeight` (a `setCanaryScale: {matchTrafficWeight: true}`
-//!   step ends an earlier `setCanaryScale`);
+//! - **canary** = ⌈W × replicas / 100⌉, W being the current `setWeight` (the seed's
+//!   `setCanaryScale: {matchTrafficWeight: true}`; a `setCanaryScale` weight apart from the
+//!   traffic is not modelled);
 //! - **stable**, without `dynamicStableScale`: `spec.replicas`, the whole time;
 //! - **stable**, with `dynamicStableScale: true`: the larger of ⌈(100 − W) × replicas / 100⌉
 //!   and ⌈S × replicas / 100⌉, S being the stable weight Argo *last wrote* to the traffic
@@ -22,10 +22,9 @@ use std::fmt;
 /// One canary step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// `setCanaryScale: {weight: W}`: the canary is scaled to W % of `spec.replicas`
-    /// whatever its traffic weight, until the next `setCanaryScale`.
-    SetCanaryScale(u32),
-    /// `setCanaryScale: {matchTrafficWeight: true}`: back to scaling by `setWeight`.
+    /// `setCanaryScale: {matchTrafficWeight: true}`: the canary scaled by `setWeight`.
+    /// (`setCanaryScale: {weight: W}`, a scale apart from the weight, is not modelled: the
+    /// seed does not use it.)
     MatchTrafficWeight,
     /// `setWeight: W`: W % of the traffic to the canary's target group.
     SetWeight(u32),
@@ -36,7 +35,6 @@ pub enum Step {
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Step::SetCanaryScale(w) => write!(f, "setCanaryScale weight {w}"),
             Step::MatchTrafficWeight => f.write_str("setCanaryScale matchTrafficWeight"),
             Step::SetWeight(w) => write!(f, "setWeight {w}"),
             Step::Pause => f.write_str("pause"),
@@ -44,19 +42,17 @@ impl fmt::Display for Step {
     }
 }
 
-/// The seed's steps: a canary pod up before it gets traffic (setCanaryScale weight 20 with
-/// setWeight 0), then setWeight 10/60/80/90/100 with a pause after each. The seed's stable
-/// set shrank as the weight rose, so from setWeight 10 on the canary's scale matches its
-/// weight (the `matchTrafficWeight` step is our reading of that; placed after setWeight 10,
-/// where ⌈10 % of 5⌉ is the one canary pod already up, it changes no count).
+/// The seed's steps, as `k8s/examples/checkout-rollout.yaml` has them:
+/// `setCanaryScale: {matchTrafficWeight: true}`, then setWeight 10/60/80/90/100 with a
+/// pause after each. The first step scales the canary to its traffic weight, 0: the real
+/// controller (Argo Rollouts v1.10.1 in `tests/node.rs`) deletes the canary pod it had
+/// started for the new revision, and `setWeight: 10` brings one back; no canary pod is
+/// warm before it gets traffic.
 pub fn seed_steps() -> Vec<Step> {
     use Step::*;
     vec![
-        SetCanaryScale(20),
-        SetWeight(0),
-        Pause,
-        SetWeight(10),
         MatchTrafficWeight,
+        SetWeight(10),
         Pause,
         SetWeight(60),
         Pause,
@@ -72,8 +68,6 @@ pub fn seed_steps() -> Vec<Step> {
 /// What Argo's replica counts depend on, as the steps have set it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Status {
-    /// The `setCanaryScale` weight in force, if any.
-    pub canary_scale: Option<u32>,
     /// The current `setWeight`.
     pub set_weight: u32,
     /// The stable weight Argo last wrote to the traffic router (100 − canary weight).
@@ -83,7 +77,6 @@ pub struct Status {
 impl Default for Status {
     fn default() -> Status {
         Status {
-            canary_scale: None,
             set_weight: 0,
             written_stable_weight: 100,
         }
@@ -97,7 +90,7 @@ pub fn weight_to_replicas(replicas: u32, weight: u32) -> u32 {
 
 /// The (canary, stable) replica counts Argo wants now.
 pub fn desired_counts(replicas: u32, dynamic_stable_scale: bool, s: &Status) -> (u32, u32) {
-    let weight = s.canary_scale.unwrap_or(s.set_weight);
+    let weight = s.set_weight;
     let canary = weight_to_replicas(replicas, weight);
     if !dynamic_stable_scale {
         return (canary, replicas);
@@ -118,8 +111,7 @@ mod tests {
         let mut out = Vec::new();
         for step in seed_steps() {
             match step {
-                Step::SetCanaryScale(w) => s.canary_scale = Some(w),
-                Step::MatchTrafficWeight => s.canary_scale = None,
+                Step::MatchTrafficWeight => {}
                 Step::SetWeight(w) => {
                     s.set_weight = w;
                     out.push(desired_counts(5, dynamic, &s));
@@ -137,12 +129,9 @@ mod tests {
         assert_eq!(
             walk(true),
             [
-                (1, 5), // setCanaryScale 20: one canary pod, the stable set untouched
-                (1, 5), // setWeight 0, before and after the weight is written
-                (1, 5),
-                (1, 5), // setWeight 10
-                (1, 5), // ⌈90 % of 5⌉ = 5
-                (1, 5), // matchTrafficWeight
+                (0, 5), // matchTrafficWeight at weight 0: no canary pod
+                (1, 5), // setWeight 10, before the weight is written: one canary pod
+                (1, 5), // after: ⌈90 % of 5⌉ = 5
                 (3, 5), // setWeight 60, before the weight is written
                 (3, 2), // after: stable shrinks at once
                 (4, 2),
@@ -159,7 +148,7 @@ mod tests {
     fn without_it_the_stable_set_stays_whole() {
         assert!(walk(false).iter().all(|&(_, stable)| stable == 5));
         assert_eq!(walk(false).last(), Some(&(5, 5)));
-        assert_eq!(weight_to_replicas(5, 20), 1);
+        assert_eq!(weight_to_replicas(5, 10), 1);
         assert_eq!(weight_to_replicas(5, 0), 0);
     }
 }

@@ -371,8 +371,8 @@ async fn argo(scn: &CanaryScenario, fleet: &Arc<Fleet>, lb: &LbController) -> Re
             fleet.log(format!("Argo: {step}"));
         }
         match *step {
-            Step::SetCanaryScale(w) => status.canary_scale = Some(w),
-            Step::MatchTrafficWeight => status.canary_scale = None,
+            // The canary follows setWeight already (the only scaling modelled).
+            Step::MatchTrafficWeight => {}
             Step::SetWeight(w) => {
                 status.set_weight = w.min(100);
                 // Scale the canary for the new weight before writing it.
