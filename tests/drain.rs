@@ -159,6 +159,14 @@ async fn drain_max_caps_a_drain_held_open_by_a_long_request() {
     })
     .await;
     assert!(logged, "the cut must be logged as a warning");
+    // The line names the setting that cut it, as users search their logs for it.
+    assert!(
+        p.logs()
+            .iter()
+            .any(|l| l.contains("drain cut short") && l.contains("--drain-max (1s) reached")),
+        "the cut's line must name --drain-max: {:?}",
+        p.logs()
+    );
     long.abort();
 }
 

@@ -713,6 +713,7 @@ fn drain_cut_at_drain_max_within_the_grace_period() {
         .expect("lameduck logged its drain's end");
     assert!(
         line.text.contains("drain cut short before traffic stopped")
+            && line.text.contains("--drain-max (10s) reached")
             && (line.text.contains("reason=\"max\"") || line.text.contains("reason=max")),
         "not a drain-max line: {}",
         line.text

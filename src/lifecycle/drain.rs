@@ -596,8 +596,9 @@ impl Lifecycle {
                 oldest_open_seconds = oldest_open.map(|d| d.as_secs_f64()),
                 last_request_ago = ?idle,
                 quiet_window = %why,
-                "drain cut short before traffic stopped: {in_flight} {unit} still in flight, \
-                 the last started {idle:?} ago",
+                "drain cut short before traffic stopped: --drain-max ({max}) reached with \
+                 {in_flight} {unit} still in flight, the last started {idle:?} ago",
+                max = humantime::format_duration(self.0.settings.max),
             ),
         }
     }
