@@ -125,6 +125,8 @@ impl Bound {
         let upstream = Arc::new(Upstream::new(upstream_config(&args, &lifecycle)));
         upstream.spawn_reaper();
         tokio::spawn(trim_after_bursts(lifecycle.clone()));
+        // `--quiet auto` with traffic but no health check: said once, long before a drain.
+        tokio::spawn(lifecycle.clone().warn_if_no_health_checks());
         let max_connections = max_connections(&args);
         let serving = match args.mode {
             Mode::Http => {
