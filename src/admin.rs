@@ -6,7 +6,8 @@
 //! | `/livez` | GET, HEAD | 200 while the process runs |
 //! | `/readyz` | GET, HEAD | 200 `ready` while serving and the app is reachable; otherwise 503 `starting`, `draining`, `drained`, `upstream-unreachable` or `failed` (the traffic port died) |
 //! | `/drain` | GET, POST | starts draining; blocks until released (drained and nothing in flight, or drain-max), then 200 JSON. `?wait=false`: 202 at once. With `--drain-token`, needs header `X-Lameduck-Token` (else 403) |
-//! | `/status` | GET | JSON: state, in-flight requests, open connections, seconds since the last request, drain start, requests during the drain and after it, whether released, the quiet window and why, the health-check sources learned |
+//! | `/lb-health` | GET, HEAD | the load balancer's health check, where it cannot be the traffic port (an NLB's HTTP check on the admin port): while serving, what `/readyz` answers; while draining and after, 503 in http mode and with `--fail-health-while-draining`, else 200 (an NLB resets an unhealthy target's connections unless told not to) |
+//! | `/status` | GET | JSON: state, in-flight requests, open connections, seconds since the last request, drain start, requests during the drain and after it, whether released, the quiet window and why, the health checks seen (and whether they are missing), the health-check sources learned |
 //! | `/metrics` | GET | Prometheus text exposition |
 //!
 //! The kubelet calls `/drain` from the app container's `preStop` hook on the pod IP and
@@ -49,6 +50,8 @@ pub struct Admin {
     drain_token: Option<String>,
     /// `--readiness-while-draining`.
     readiness_while_draining: ReadinessWhileDraining,
+    /// `/lb-health` fails once the drain starts (http mode, `--fail-health-while-draining`).
+    lb_health_fails_while_draining: bool,
     /// The app has been reachable at least once: before that, not ready is `starting`.
     seen_up: AtomicBool,
     /// The last probe of the app and when it finished: `/readyz` calls within
@@ -77,6 +80,7 @@ impl Admin {
             upstream_health,
             drain_token,
             readiness_while_draining: ReadinessWhileDraining::Fail,
+            lb_health_fails_while_draining: true,
             seen_up: AtomicBool::new(false),
             last_probe: tokio::sync::Mutex::new(None),
         }
@@ -88,6 +92,12 @@ impl Admin {
         self
     }
 
+    /// Whether `/lb-health` fails while draining (default: it does, as in http mode).
+    pub fn with_lb_health_fails_while_draining(mut self, fails: bool) -> Admin {
+        self.lb_health_fails_while_draining = fails;
+        self
+    }
+
     /// Routes one admin request.
     pub async fn handle<B>(&self, req: Request<B>) -> Resp {
         let path = req.uri().path();
@@ -95,6 +105,7 @@ impl Admin {
         match path {
             "/livez" if get => text(StatusCode::OK, "ok"),
             "/readyz" if get => self.readyz().await,
+            "/lb-health" if get => self.lb_health().await,
             "/drain" if get || req.method() == Method::POST => self.drain(&req).await,
             "/status" if get => {
                 json_response(StatusCode::OK, status_json(&self.lifecycle.snapshot()))
@@ -107,11 +118,13 @@ impl Admin {
                 );
                 r
             }
-            "/livez" | "/readyz" | "/status" | "/metrics" => method_not_allowed("GET, HEAD"),
+            "/livez" | "/readyz" | "/lb-health" | "/status" | "/metrics" => {
+                method_not_allowed("GET, HEAD")
+            }
             "/drain" => method_not_allowed("GET, POST"),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /livez /readyz /drain /status /metrics",
+                "not found: try /livez /readyz /lb-health /drain /status /metrics",
             ),
         }
     }
@@ -132,13 +145,41 @@ impl Admin {
             State::Drained { .. } => return text(StatusCode::SERVICE_UNAVAILABLE, "drained"),
             State::Serving => {}
         }
+        self.app_readiness(true).await
+    }
+
+    /// `/lb-health`: the load balancer's own check, on the admin port. While serving it says
+    /// what readiness says (the app must be reachable); once the drain starts it fails only
+    /// when told to: an NLB resets every established connection of a target that turns
+    /// unhealthy, unless its target group drains unhealthy targets instead.
+    async fn lb_health(&self) -> Resp {
+        if self.lifecycle.failure().is_some() {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "failed");
+        }
+        match self.lifecycle.phase() {
+            Phase::Serving => {
+                self.app_readiness(self.lb_health_fails_while_draining)
+                    .await
+            }
+            phase => self.draining_answer(self.lb_health_fails_while_draining, phase),
+        }
+    }
+
+    fn draining_answer(&self, fails: bool, phase: Phase) -> Resp {
+        match fails {
+            true => text(StatusCode::SERVICE_UNAVAILABLE, phase.as_str()),
+            false => text(StatusCode::OK, phase.as_str()),
+        }
+    }
+
+    /// While serving: ready once the app is reachable. `draining_fails`: the answer if the
+    /// drain started while the app was probed.
+    async fn app_readiness(&self, draining_fails: bool) -> Resp {
         let probe = self.probe().await;
         // Draining may have started while the probe ran: that answer wins.
-        if self.lifecycle.phase() != Phase::Serving {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                self.lifecycle.phase().as_str(),
-            );
+        let phase = self.lifecycle.phase();
+        if phase != Phase::Serving {
+            return self.draining_answer(draining_fails, phase);
         }
         match probe {
             Ok(()) => {
@@ -302,6 +343,9 @@ pub fn status_json(s: &Snapshot) -> serde_json::Value {
         "quiet_window_seconds": s.window.window.as_secs_f64(),
         "quiet_window": s.window.kind(),
         "quiet_window_why": s.window.why(),
+        "health_checks_seen": s.health_checks_seen,
+        // Traffic served and not one health check seen: the window is a guess (`--quiet auto`).
+        "health_checks_missing": s.window.checks_missing(),
         "health_check_sources": s.health_check_sources.iter().filter(|h| h.active).count(),
         "health_checks": s.health_check_sources,
     })
@@ -569,6 +613,33 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&body(r).await).unwrap();
         assert_eq!(v["state"], "drained");
         assert_eq!(v["requests_after_drained"], 0);
+    }
+
+    /// `/lb-health`: the app's readiness while serving; while draining 503 only when told to
+    /// (tcp mode's `--fail-health-while-draining`, always in http mode). Before: no such
+    /// endpoint (404), so an NLB checking the admin port had only `/readyz`, which fails the
+    /// instant the drain starts whatever the target group does with unhealthy targets.
+    #[tokio::test]
+    async fn lb_health_fails_while_draining_only_when_told_to() {
+        for fails in [false, true] {
+            let a = admin(None).with_lb_health_fails_while_draining(fails);
+            // The app (port 1) is down: not healthy, as not ready.
+            let r = a.handle(req("GET", "/lb-health")).await;
+            assert_eq!(
+                (r.status(), body(r).await),
+                (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
+            );
+            assert_eq!(a.handle(req("POST", "/lb-health")).await.status(), 405);
+            a.lifecycle.start_drain(Trigger::Admin);
+            let want = if fails { 503 } else { 200 };
+            let r = a.handle(req("GET", "/lb-health")).await;
+            assert_eq!(r.status(), want, "fails={fails}");
+            assert_eq!(body(r).await, format!("{}\n", a.lifecycle.phase().as_str()));
+            // Readiness fails either way.
+            assert_eq!(a.handle(req("GET", "/readyz")).await.status(), 503);
+            a.lifecycle.drained().await;
+            assert_eq!(a.handle(req("GET", "/lb-health")).await.status(), want);
+        }
     }
 
     #[tokio::test]

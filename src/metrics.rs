@@ -25,6 +25,7 @@
 //! | `lameduck_health_check_sources` | gauge | |
 //! | `lameduck_health_check_interval_seconds` | gauge | `source` |
 //! | `lameduck_quiet_window_seconds` | gauge | |
+//! | `lameduck_health_checks_missing` | gauge: 1 when `--quiet auto` served traffic and never saw a health check | |
 //! | `lameduck_build_info` | gauge, always 1 | `version` |
 //! | `lameduck_mode_info` | gauge, always 1 | `mode` |
 //! | `lameduck_log_lines_dropped_total` | counter | |
@@ -447,6 +448,8 @@ struct LifecycleCollector {
     sources: prometheus::IntGauge,
     intervals: prometheus::GaugeVec,
     window: prometheus::Gauge,
+    /// 1 when the quiet window is the fallback because no health check ever came.
+    checks_missing: prometheus::IntGauge,
     /// Mirrors [`crate::logging::dropped`], process-wide.
     log_dropped: IntCounter,
     descs: Vec<Desc>,
@@ -509,6 +512,11 @@ impl LifecycleCollector {
             "The quiet window: of the current drain, or what a drain starting now would use.",
         )
         .expect("valid metric");
+        let checks_missing = prometheus::IntGauge::new(
+            "lameduck_health_checks_missing",
+            "1 when --quiet auto has served traffic without ever seeing a load-balancer health check on the traffic port: the quiet window is --quiet-fallback, a guess (instance targets, healthcheck-port elsewhere, an unknown User-Agent).",
+        )
+        .expect("valid metric");
         let log_dropped = IntCounter::new(
             "lameduck_log_lines_dropped_total",
             "Log lines lost because stderr was blocked (queue full) or failed; the proxy never waits on its log.",
@@ -525,6 +533,7 @@ impl LifecycleCollector {
             sources.desc(),
             intervals.desc(),
             window.desc(),
+            checks_missing.desc(),
         ]
         .into_iter()
         .flatten()
@@ -542,6 +551,7 @@ impl LifecycleCollector {
             sources,
             intervals,
             window,
+            checks_missing,
             log_dropped,
             descs,
         }
@@ -571,6 +581,8 @@ impl Collector for LifecycleCollector {
             }
         }
         self.window.set(snap.window.window.as_secs_f64());
+        self.checks_missing
+            .set(i64::from(snap.window.checks_missing()));
         self.intervals.reset();
         let mut active = 0;
         for s in snap.health_check_sources.iter().filter(|s| s.active) {
@@ -597,6 +609,7 @@ impl Collector for LifecycleCollector {
             self.sources.collect(),
             self.intervals.collect(),
             self.window.collect(),
+            self.checks_missing.collect(),
         ]
         .into_iter()
         .flatten()
@@ -690,6 +703,7 @@ mod tests {
             "lameduck_health_checks_total{phase=\"serving\"} 1",
             "lameduck_health_check_sources 0",
             "lameduck_quiet_window_seconds 0",
+            "lameduck_health_checks_missing 0",
             "lameduck_build_info{version=",
             "lameduck_mode_info{mode=\"http\"} 1",
         ] {

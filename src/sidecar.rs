@@ -125,6 +125,8 @@ impl Bound {
         let upstream = Arc::new(Upstream::new(upstream_config(&args, &lifecycle)));
         upstream.spawn_reaper();
         tokio::spawn(trim_after_bursts(lifecycle.clone()));
+        // `--quiet auto` with traffic but no health check: said once, long before a drain.
+        tokio::spawn(lifecycle.clone().warn_if_no_health_checks());
         let max_connections = max_connections(&args);
         let serving = match args.mode {
             Mode::Http => {
@@ -164,7 +166,12 @@ impl Bound {
                 args.upstream_health.clone(),
                 args.drain_token.clone(),
             )
-            .with_readiness_while_draining(args.readiness_while_draining),
+            .with_readiness_while_draining(args.readiness_while_draining)
+            // http mode fails the load balancer's checks while draining (`--health-path`); tcp
+            // mode keeps them passing unless the target group drains unhealthy targets.
+            .with_lb_health_fails_while_draining(
+                args.mode == Mode::Http || args.fail_health_while_draining,
+            ),
         );
         let events = args.events.then(|| spawn_events(&args, &lifecycle));
         let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -300,6 +307,7 @@ fn tcp_config(args: &ProxyArgs, max_connections: usize) -> tcp::Config {
         header_timeout: args.header_read_timeout,
         health_check_within: args.tcp_health_check_within,
         health_check_agents: args.health_check_agents.clone(),
+        fail_health_while_draining: args.fail_health_while_draining,
         max_connections,
     }
 }

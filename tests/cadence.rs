@@ -260,3 +260,172 @@ async fn auto_quiet_falls_back_without_health_checks() {
         "{v}"
     );
 }
+
+// === issue 23: saying when no health check was ever seen ===
+
+/// The JSON log lines of `p` whose message contains `needle`.
+fn log_lines(p: &Proxy, needle: &str) -> Vec<serde_json::Value> {
+    p.logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"].as_str().unwrap_or("").contains(needle))
+        .collect()
+}
+
+/// Traffic but not one health check (instance targets, `healthcheck-port` elsewhere, an
+/// unknown User-Agent): the drain still falls back, and now says so and why, in its log
+/// line, in `/status` and in a metric. Before: the fallback, silently.
+#[tokio::test]
+async fn a_drain_with_traffic_and_no_health_check_says_why_it_fell_back() {
+    let up = upstream(UpOpts::default()).await;
+    let p = Proxy::start(
+        up.addr,
+        &[
+            "--quiet",
+            "auto",
+            "--quiet-fallback",
+            "1s",
+            "--drain-min",
+            "0s",
+        ],
+    );
+    assert_eq!(get(p.traffic, "/").await.status, 200);
+    let s = get(p.admin, "/status").await.json();
+    assert_eq!(s["quiet_window"], "fallback", "{s}");
+    assert_eq!(s["health_checks_seen"], 0, "{s}");
+    assert_eq!(s["health_checks_missing"], true, "{s}");
+    let why = s["quiet_window_why"].as_str().unwrap();
+    for cause in [
+        "instance targets",
+        "healthcheck-port",
+        "--health-check-agents",
+    ] {
+        assert!(why.contains(cause), "{why}");
+    }
+    assert_eq!(p.metric("lameduck_health_checks_missing").await, 1.0);
+
+    let v = post(p.admin, "/drain").await.json();
+    assert_eq!(v["reason"], "quiet", "{v}");
+    assert!(
+        v["quiet_window_why"]
+            .as_str()
+            .unwrap()
+            .starts_with("fallback 1.00s: no load-balancer health check"),
+        "{v}"
+    );
+    assert!(
+        eventually(PATIENCE, || async { !log_lines(&p, "drained:").is_empty() }).await,
+        "{:?}",
+        p.logs()
+    );
+    let line = &log_lines(&p, "drained:")[0];
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(line["health_checks_seen"], 0, "{line}");
+    let text = line.to_string();
+    for said in ["fallback 1.00s", "instance targets", "healthcheck-port"] {
+        assert!(text.contains(said), "{said:?} not in {line}");
+    }
+    assert_eq!(p.metric("lameduck_health_checks_missing").await, 1.0);
+}
+
+/// With health checks learned, the drain's line, `/status` and the metric say nothing of it.
+#[tokio::test]
+async fn a_drain_after_health_checks_were_learned_does_not_say_they_were_missing() {
+    let up = upstream(UpOpts::default()).await;
+    let p = Proxy::start(
+        up.addr,
+        &[
+            "--quiet",
+            "auto",
+            "--quiet-fallback",
+            "5s",
+            "--drain-min",
+            "0s",
+        ],
+    );
+    let node: IpAddr = [127, 0, 0, 2].into();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut learned = false;
+    for _ in 0..100 {
+        tick.tick().await;
+        assert_eq!(check_from(node, p.traffic).await, Ok(200));
+        assert_eq!(get(p.traffic, "/").await.status, 200);
+        if get(p.admin, "/status").await.json()["quiet_window"] == "learned" {
+            learned = true;
+            break;
+        }
+    }
+    assert!(learned, "{}", get(p.admin, "/status").await.text());
+    let s = get(p.admin, "/status").await.json();
+    assert!(s["health_checks_seen"].as_u64().unwrap() >= 4, "{s}");
+    assert_eq!(s["health_checks_missing"], false, "{s}");
+    assert_eq!(p.metric("lameduck_health_checks_missing").await, 0.0);
+    let v = post(p.admin, "/drain").await.json();
+    assert_eq!(
+        (v["reason"].as_str(), v["quiet_window"].as_str()),
+        (Some("quiet"), Some("learned"))
+    );
+    assert!(
+        eventually(PATIENCE, || async { !log_lines(&p, "drained:").is_empty() }).await,
+        "{:?}",
+        p.logs()
+    );
+    let line = &log_lines(&p, "drained:")[0];
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert!(!line.to_string().contains("healthcheck-port"), "{line}");
+    assert_eq!(
+        get(p.admin, "/status").await.json()["health_checks_missing"],
+        false
+    );
+}
+
+/// Serving traffic for ten `--quiet-fallback` windows (5 min at the default 30 s) without a
+/// single health check is said once, long before a drain; a pod that saw one check says
+/// nothing. Before: nothing until (and not even at) the drain.
+#[tokio::test]
+async fn traffic_without_any_health_check_is_warned_about_once() {
+    const WARNING: &str = "without a single load-balancer health check";
+    let up = upstream(UpOpts::default()).await;
+    let args = ["--quiet", "auto", "--quiet-fallback", "1s"];
+    // Checked, and its traffic starts first: its 10 s run out before the other's.
+    let checked = Proxy::start(up.addr, &args);
+    assert_eq!(
+        check_from([127, 0, 0, 2].into(), checked.traffic).await,
+        Ok(200)
+    );
+    assert_eq!(get(checked.traffic, "/").await.status, 200);
+    let unchecked = Proxy::start(up.addr, &args);
+    let first = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut warned_at = None;
+    for _ in 0..((PATIENCE.as_millis() / 250) as usize) {
+        tick.tick().await;
+        assert_eq!(get(unchecked.traffic, "/").await.status, 200);
+        assert_eq!(get(checked.traffic, "/").await.status, 200);
+        if !log_lines(&unchecked, WARNING).is_empty() {
+            warned_at = Some(first.elapsed());
+            break;
+        }
+    }
+    let warned_at = warned_at.unwrap_or_else(|| panic!("no warning: {:?}", unchecked.logs()));
+    assert!(warned_at >= Duration::from_secs(10), "{warned_at:?}");
+    // Traffic goes on, and the warning is not repeated.
+    for _ in 0..6 {
+        tick.tick().await;
+        assert_eq!(get(unchecked.traffic, "/").await.status, 200);
+        assert_eq!(get(checked.traffic, "/").await.status, 200);
+    }
+    let lines = log_lines(&unchecked, WARNING);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["level"], "WARN");
+    assert!(
+        lines[0].to_string().contains("healthcheck-port"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        log_lines(&checked, WARNING).is_empty(),
+        "{:?}",
+        checked.logs()
+    );
+}

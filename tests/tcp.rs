@@ -26,6 +26,9 @@ enum Behaviour {
     CountThenReply,
     /// Speak first (`220 ready`, like SMTP or a database), then echo.
     GreetThenEcho,
+    /// Answer a first chunk that starts with `GET ` with `200 ok` and close (an app serving
+    /// HTTP health checks on its port); echo anything else.
+    EchoOrHttpOk,
 }
 
 /// A TCP app on 127.0.0.1:0 that "dies on SIGTERM": [`App::kill`] closes its listener and
@@ -76,9 +79,15 @@ impl App {
                                 break;
                             }
                             match behaviour {
-                                Behaviour::Echo | Behaviour::GreetThenEcho => {
-                                    stream.write_all(&buf[..n]).await?
+                                Behaviour::EchoOrHttpOk
+                                    if got.is_empty() && buf.starts_with(b"GET ") =>
+                                {
+                                    stream.write_all(HTTP_OK).await?;
+                                    break;
                                 }
+                                Behaviour::Echo
+                                | Behaviour::GreetThenEcho
+                                | Behaviour::EchoOrHttpOk => stream.write_all(&buf[..n]).await?,
                                 Behaviour::CountThenReply => {}
                             }
                             if got.len() < 1 << 20 {
@@ -117,6 +126,8 @@ impl App {
         self.stop.cancel();
     }
 }
+
+const HTTP_OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n";
 
 // === clients ===
 
@@ -679,6 +690,177 @@ async fn a_long_lived_connection_holds_the_drain_to_drain_max_and_is_reported() 
     assert!(closed.is_ok(), "not cut at exit");
     let status = p.wait_exit(PATIENCE).expect("proxy did not exit");
     assert_eq!(status.code(), Some(0));
+}
+
+// === failing the health checks while draining (issue 23.3) ===
+
+/// An NLB HTTP health check on the traffic port, from an NLB node's address: the response's
+/// status line.
+async fn http_check(target: SocketAddr) -> String {
+    let mut s = connect_from([127, 0, 0, 2].into(), target).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.1:8080\r\nUser-Agent: ELB-HealthChecker/2.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "no answer to the check");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+/// One round trip on an echo connection.
+async fn echo(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
+        .await
+        .expect("no echo")
+        .unwrap();
+    assert_eq!(back, msg);
+}
+
+/// Closes our side and expects a clean end (FIN, no byte, no reset).
+async fn close_cleanly(mut s: TcpStream) {
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(PATIENCE, s.read_to_end(&mut rest))
+        .await
+        .expect("not closed")
+        .expect("reset instead of a FIN");
+    assert_eq!(n, 0);
+}
+
+async fn ready(p: &Proxy) {
+    assert!(
+        eventually(PATIENCE, || async {
+            get(p.admin, "/readyz").await.status == 200
+        })
+        .await,
+        "never ready"
+    );
+}
+
+/// With `--fail-health-while-draining` (for an NLB target group that drains unhealthy
+/// targets), the load balancer's HTTP health checks fail while the pod drains, on the admin
+/// port's `/lb-health` and on the traffic port, while a connection opened before the drain
+/// keeps flowing both ways through it and a new connection is still accepted and relayed.
+/// Before: no such flag (exit 2), and the checks always passed.
+#[tokio::test]
+async fn fail_health_while_draining_fails_the_checks_and_keeps_every_connection() {
+    let app = App::start(Behaviour::EchoOrHttpOk).await;
+    let p = tcp_proxy(
+        &app,
+        &[
+            "--fail-health-while-draining",
+            "--quiet",
+            "1s",
+            "--drain-min",
+            "0s",
+            "--drain-max",
+            "30s",
+        ],
+    );
+    ready(&p).await;
+    // Serving: the app answers the checks on the traffic port; /lb-health says ready.
+    assert_eq!(http_check(p.traffic).await, "HTTP/1.1 200 OK");
+    assert_eq!(get(p.admin, "/lb-health").await.status, 200);
+    let mut long = connect_from([127, 0, 0, 5].into(), p.traffic)
+        .await
+        .unwrap();
+    echo(&mut long, b"opened before the drain").await;
+
+    let admin = p.admin;
+    let pre_stop = tokio::spawn(async move { post(admin, "/drain").await });
+    assert!(
+        eventually(PATIENCE, || async {
+            get(p.admin, "/readyz").await.status == 503
+        })
+        .await
+    );
+    // Draining: both checks fail, answered by lameduck.
+    assert_eq!(
+        http_check(p.traffic).await,
+        "HTTP/1.1 503 Service Unavailable"
+    );
+    let r = get(p.admin, "/lb-health").await;
+    assert_eq!(
+        (r.status.as_u16(), r.text()),
+        (503, "draining\n".to_owned())
+    );
+    // The old connection flows both ways; a new one is accepted and relayed.
+    echo(&mut long, b"during the drain").await;
+    let mut late = connect_from([127, 0, 0, 6].into(), p.traffic)
+        .await
+        .unwrap();
+    echo(&mut late, b"a new connection during the drain").await;
+    echo(&mut long, &[0x5A; 100_000]).await;
+    assert_eq!(
+        p.metric("lameduck_health_checks_total{phase=\"draining\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(get(p.admin, "/status").await.json()["state"], "draining");
+    close_cleanly(late).await;
+    close_cleanly(long).await;
+
+    let j = tokio::time::timeout(PATIENCE, pre_stop)
+        .await
+        .expect("/drain did not answer")
+        .unwrap()
+        .json();
+    assert_eq!(j["reason"], "quiet", "{j}");
+    assert_eq!(j["open_at_end"], 0, "{j}");
+    assert_eq!(j["requests_during_drain"], 1, "{j}");
+    // Still failing once drained; nothing was cut or reset.
+    let r = get(p.admin, "/lb-health").await;
+    assert_eq!((r.status.as_u16(), r.text()), (503, "drained\n".to_owned()));
+    assert_eq!(app.interrupted.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        p.metric("lameduck_tcp_connection_ends_total{reason=\"error\"}")
+            .await,
+        0.0
+    );
+}
+
+/// Without the flag (the default) the checks keep passing through the drain: with the target
+/// group's default connection termination, an NLB resets every connection of a target that
+/// turns unhealthy.
+#[tokio::test]
+async fn without_fail_health_while_draining_the_checks_keep_passing() {
+    let app = App::start(Behaviour::EchoOrHttpOk).await;
+    let p = tcp_proxy(
+        &app,
+        &["--quiet", "1s", "--drain-min", "0s", "--drain-max", "30s"],
+    );
+    ready(&p).await;
+    assert_eq!(post(p.admin, "/drain?wait=false").await.status, 202);
+    assert_eq!(get(p.admin, "/readyz").await.status, 503);
+    // Forwarded: the app answers.
+    assert_eq!(http_check(p.traffic).await, "HTTP/1.1 200 OK");
+    tcp_check([127, 0, 0, 3].into(), p.traffic, false)
+        .await
+        .unwrap();
+    let r = get(p.admin, "/lb-health").await;
+    assert_eq!(
+        (r.status.as_u16(), r.text()),
+        (200, "draining\n".to_owned())
+    );
+    assert_eq!(get(p.admin, "/status").await.json()["state"], "draining");
+}
+
+#[test]
+fn fail_health_while_draining_is_refused_in_http_mode() {
+    let out = std::process::Command::new(proxy_bin())
+        .args(["proxy", "--fail-health-while-draining"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--fail-health-while-draining needs --mode tcp"),
+        "{err}"
+    );
 }
 
 // === PROXY protocol v2 ===

@@ -398,6 +398,21 @@ pub struct ProxyArgs {
     #[arg(long, env = "LAMEDUCK_TCP_HEALTH_CHECK_WITHIN", value_name = "DUR", default_value = "1s",
           value_parser = parse_duration, allow_hyphen_values = true, help_heading = "TCP mode")]
     pub tcp_health_check_within: Duration,
+
+    /// With --mode tcp: while draining, fail the load balancer's HTTP health checks (503):
+    /// the admin port's /lb-health, and checks recognised on the traffic port (a GET or HEAD
+    /// from --health-check-agents, answered by lameduck instead of the app). New connections
+    /// are still accepted and open ones keep flowing. For an NLB target group that drains
+    /// unhealthy targets (target_health_state.unhealthy.connection_termination.enabled=false,
+    /// draining_interval_seconds >= drain-max): it stops opening connections sooner than
+    /// after deregistration. WITHOUT those attributes the NLB resets every open connection
+    /// of an unhealthy target. TCP health checks cannot be failed without refusing clients.
+    #[arg(
+        long,
+        env = "LAMEDUCK_FAIL_HEALTH_WHILE_DRAINING",
+        help_heading = "TCP mode"
+    )]
+    pub fail_health_while_draining: bool,
 }
 
 /// Where the traffic port's certificate comes from without files (`--tls`).
@@ -574,6 +589,13 @@ impl ProxyArgs {
             return Err(ConfigError::new(
                 &["--proxy-protocol", "--mode"],
                 "--proxy-protocol needs --mode tcp",
+            ));
+        }
+        if self.mode == Mode::Http && self.fail_health_while_draining {
+            return Err(ConfigError::new(
+                &["--fail-health-while-draining", "--mode"],
+                "--fail-health-while-draining needs --mode tcp: in http mode the load \
+                 balancer's health path (--health-path) already fails while draining",
             ));
         }
         if self.mode == Mode::Tcp && !self.health_path.is_empty() {

@@ -232,6 +232,24 @@ fn tcp_mode_flags_are_checked() {
 }
 
 #[test]
+fn fail_health_while_draining_is_a_tcp_mode_opt_in() {
+    assert!(
+        !proxy(&["--mode", "tcp"])
+            .unwrap()
+            .fail_health_while_draining
+    );
+    let p = proxy(&["--mode", "tcp", "--fail-health-while-draining"]).unwrap();
+    assert!(p.fail_health_while_draining);
+    // In http mode the health path already fails while draining: refused, in one line.
+    let e = proxy(&["--fail-health-while-draining"]).unwrap_err();
+    assert_eq!(
+        e,
+        "--fail-health-while-draining needs --mode tcp: in http mode the load balancer's \
+         health path (--health-path) already fails while draining"
+    );
+}
+
+#[test]
 fn drain_client_flags() {
     let cli =
         Cli::try_parse_from(["lameduck", "drain", "--no-wait", "--admin", "127.0.0.1:1"]).unwrap();

@@ -86,8 +86,21 @@ pub enum Basis {
         capped: bool,
     },
     /// Not enough checks seen yet: `--quiet-fallback`.
-    Fallback { checks: usize, sources: usize },
+    Fallback {
+        checks: usize,
+        sources: usize,
+        /// Traffic was served and no health check was ever seen: the checks do not reach
+        /// the traffic port at all ([`UNSEEN_CAUSES`]), so no interval will ever be learned.
+        /// Set by the caller, which knows the traffic ([`quiet_window`] sees only checks).
+        checks_missing: bool,
+    },
 }
+
+/// Why a pod that serves traffic sees no load-balancer health check on its traffic port: what
+/// the log, `/status` and `/drain` say when `--quiet auto` had to fall back for that reason.
+pub const UNSEEN_CAUSES: &str = "likely instance targets (the checks go to the node, not \
+     the pod), the target group's healthcheck-port set to another port, or checks whose \
+     User-Agent is not in --health-check-agents (tcp mode: HTTPS checks, which cannot be read)";
 
 /// The quiet window and why.
 #[derive(Clone, Debug, PartialEq)]
@@ -102,6 +115,17 @@ impl QuietWindow {
             window,
             basis: Basis::Fixed,
         }
+    }
+
+    /// The fallback, because traffic was served and no health check was ever seen.
+    pub fn checks_missing(&self) -> bool {
+        matches!(
+            self.basis,
+            Basis::Fallback {
+                checks_missing: true,
+                ..
+            }
+        )
     }
 
     /// `fixed`, `learned` or `fallback`.
@@ -136,7 +160,16 @@ impl QuietWindow {
                     fmt_secs(SLACK),
                 )
             }
-            Basis::Fallback { checks, sources } => format!(
+            Basis::Fallback {
+                checks_missing: true,
+                ..
+            } => format!(
+                "fallback {w}: no load-balancer health check ever reached the traffic port, \
+                 though traffic did: {UNSEEN_CAUSES}"
+            ),
+            Basis::Fallback {
+                checks, sources, ..
+            } => format!(
                 "fallback {w}: {checks} health check(s) seen from {sources} source(s); \
                  an interval is learned after {} checks from one source",
                 MIN_GAPS + 1
@@ -212,6 +245,7 @@ pub fn quiet_window(
             basis: Basis::Fallback {
                 checks: intervals.iter().map(|s| s.checks).sum(),
                 sources: intervals.len(),
+                checks_missing: false,
             },
         };
         return (window, intervals);
@@ -483,5 +517,28 @@ mod tests {
             w.why()
         );
         assert_eq!(QuietWindow::fixed(ms(1500)).why(), "fixed --quiet 1.50s");
+    }
+
+    #[test]
+    fn why_names_the_likely_causes_when_no_check_ever_came() {
+        let (mut w, _) = quiet_window(&[], FALLBACK, MAX);
+        assert!(!w.checks_missing());
+        if let Basis::Fallback { checks_missing, .. } = &mut w.basis {
+            *checks_missing = true;
+        }
+        assert!(w.checks_missing());
+        assert_eq!(w.kind(), "fallback");
+        let why = w.why();
+        assert!(
+            why.starts_with("fallback 30.00s: no load-balancer health check"),
+            "{why}"
+        );
+        for cause in [
+            "instance targets",
+            "healthcheck-port",
+            "--health-check-agents",
+        ] {
+            assert!(why.contains(cause), "{why}");
+        }
     }
 }

@@ -32,13 +32,25 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::lifecycle::cadence::{self, HealthChecks, Quiet, QuietWindow, SourceInterval};
+use crate::lifecycle::cadence::{self, Basis, HealthChecks, Quiet, QuietWindow, SourceInterval};
 pub use crate::lifecycle::state::{
     check, now_nanos, DrainPolicy, DrainReason, DrainSettings, Failure, OpenAtEnd, Phase,
     ReadinessWhileDraining, RequestKind, Snapshot, State, Trigger, Unit, Verdict,
 };
 // tokio's clock, so tests can pause and advance it; the same as std's in a release build.
 use tokio::time::Instant;
+
+/// How many `--quiet-fallback` windows of traffic without a single health check before
+/// [`Lifecycle::warn_if_no_health_checks`] says so: 5 min at the default 30 s (tcp mode: 65 s,
+/// 11 min), some twenty health-check intervals at the defaults the fallback is sized for.
+pub const UNSEEN_WARN_AFTER: u32 = 10;
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
 
 /// Cheap, cloneable handle on the lifecycle.
 #[derive(Clone)]
@@ -62,6 +74,12 @@ struct Inner {
     requests_during_drain: AtomicU64,
     health_checks_during_drain: AtomicU64,
     requests_after_drained: AtomicU64,
+    /// Load-balancer health checks recognised on the traffic port since the start.
+    health_checks_seen: AtomicU64,
+    /// `now_nanos() + 1` when the first application request started; 0 = none yet.
+    first_traffic: AtomicU64,
+    /// Woken when the first application request starts.
+    first_traffic_seen: Notify,
     /// Set once, when the drain ends.
     open_at_end: OnceLock<OpenAtEnd>,
     /// Start times (`now_nanos()`) of the [`Lifecycle::stream`] guards alive, with counts.
@@ -96,6 +114,9 @@ impl Lifecycle {
             requests_during_drain: AtomicU64::new(0),
             health_checks_during_drain: AtomicU64::new(0),
             requests_after_drained: AtomicU64::new(0),
+            health_checks_seen: AtomicU64::new(0),
+            first_traffic: AtomicU64::new(0),
+            first_traffic_seen: Notify::new(),
             open_at_end: OnceLock::new(),
             streams: Default::default(),
             released: watch::channel(false).0,
@@ -120,7 +141,57 @@ impl Lifecycle {
                 let (_, sources) = cadence::quiet_window(&obs, d, self.0.settings.max);
                 (QuietWindow::fixed(d), sources)
             }
-            Quiet::Auto { fallback } => cadence::quiet_window(&obs, fallback, self.0.settings.max),
+            Quiet::Auto { fallback } => {
+                let (mut window, sources) =
+                    cadence::quiet_window(&obs, fallback, self.0.settings.max);
+                if let Basis::Fallback { checks_missing, .. } = &mut window.basis {
+                    *checks_missing = self.health_checks_missing();
+                }
+                (window, sources)
+            }
+        }
+    }
+
+    /// Load-balancer health checks recognised on the traffic port since the start.
+    pub fn health_checks_seen(&self) -> u64 {
+        self.0.health_checks_seen.load(Ordering::Acquire)
+    }
+
+    /// Traffic has been served and not one health check seen: whatever the cause
+    /// ([`cadence::UNSEEN_CAUSES`]), `--quiet auto` has nothing to learn from.
+    fn health_checks_missing(&self) -> bool {
+        self.health_checks_seen() == 0 && self.0.first_traffic.load(Ordering::Acquire) != 0
+    }
+
+    /// With `--quiet auto`: once traffic has been served for [`UNSEEN_WARN_AFTER`] fallback
+    /// windows without a single health check, says so once (a warning naming the likely
+    /// causes), well before a drain has to use the fallback. Runs until then; spawn it.
+    pub async fn warn_if_no_health_checks(self) {
+        let Quiet::Auto { fallback } = self.0.settings.quiet else {
+            return;
+        };
+        let after = fallback * UNSEEN_WARN_AFTER;
+        let first = loop {
+            let notified = self.0.first_traffic_seen.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.0.first_traffic.load(Ordering::Acquire) {
+                0 => notified.await,
+                t => break t - 1,
+            }
+        };
+        let served = Duration::from_nanos(now_nanos().saturating_sub(first));
+        tokio::time::sleep(after.saturating_sub(served)).await;
+        if self.health_checks_seen() == 0 && self.phase() == Phase::Serving {
+            tracing::warn!(
+                served_for = ?after,
+                quiet_fallback = ?fallback,
+                "traffic served for {after:?} without a single load-balancer health check on \
+                 the traffic port: --quiet auto cannot learn the check interval, and a drain \
+                 will wait --quiet-fallback ({fallback:?}), a guess. {}; or set a fixed \
+                 --quiet above the load balancer's health-check interval",
+                capitalised(cadence::UNSEEN_CAUSES),
+            );
         }
     }
 
@@ -337,6 +408,7 @@ impl Lifecycle {
             requests_during_drain: self.0.requests_during_drain.load(Ordering::Acquire),
             health_checks_during_drain: self.0.health_checks_during_drain.load(Ordering::Acquire),
             requests_after_drained: self.0.requests_after_drained.load(Ordering::Acquire),
+            health_checks_seen: self.health_checks_seen(),
             released: self.is_released(),
             window,
             health_check_sources,
@@ -351,8 +423,23 @@ impl Lifecycle {
         self.0.in_flight.up();
         self.0.last_request.store(now + 1, Ordering::Release);
         let phase = self.phase();
-        if kind == RequestKind::HealthCheck {
-            self.0.health_checks.record(source, now);
+        match kind {
+            RequestKind::HealthCheck => {
+                self.0.health_checks.record(source, now);
+                self.0.health_checks_seen.fetch_add(1, Ordering::AcqRel);
+            }
+            // One load per request once traffic has been seen.
+            RequestKind::Traffic if self.0.first_traffic.load(Ordering::Relaxed) == 0 => {
+                if self
+                    .0
+                    .first_traffic
+                    .compare_exchange(0, now + 1, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.0.first_traffic_seen.notify_waiters();
+                }
+            }
+            RequestKind::Traffic => {}
         }
         if phase != Phase::Serving {
             // Counted by the phase the request started in: a drain's report stops counting
@@ -577,12 +664,26 @@ impl Lifecycle {
         let connections = self.0.connections.get();
         let idle = self.idle_for(now_nanos());
         let unit = self.0.settings.unit.plural();
+        let health_checks_seen = self.health_checks_seen();
         match reason {
+            // The window was a guess: say so, in the line that is the drain's record.
+            DrainReason::Quiet if window.checks_missing() => tracing::warn!(
+                reason = "quiet",
+                drain_seconds = took.as_secs_f64(),
+                requests_during_drain,
+                health_checks_during_drain,
+                health_checks_seen,
+                quiet_window = %why,
+                "drained: no request for {idle:?}; the app may now be stopped. The quiet window \
+                 was a guess, --quiet-fallback, not learned: no load-balancer health check ever \
+                 reached the traffic port (quiet_window says why)",
+            ),
             DrainReason::Quiet => tracing::info!(
                 reason = "quiet",
                 drain_seconds = took.as_secs_f64(),
                 requests_during_drain,
                 health_checks_during_drain,
+                health_checks_seen,
                 quiet_window = %why,
                 "drained: no request for {idle:?}; the app may now be stopped",
             ),
@@ -595,6 +696,7 @@ impl Lifecycle {
                 connections,
                 oldest_open_seconds = oldest_open.map(|d| d.as_secs_f64()),
                 last_request_ago = ?idle,
+                health_checks_seen,
                 quiet_window = %why,
                 "drain cut short before traffic stopped: --drain-max ({max}) reached with \
                  {in_flight} {unit} still in flight, the last started {idle:?} ago",

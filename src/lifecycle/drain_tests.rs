@@ -265,3 +265,52 @@ async fn auto_quiet_window_is_fixed_when_the_drain_starts() {
     };
     assert_eq!(window, w);
 }
+
+fn auto(fallback: Duration) -> Lifecycle {
+    Lifecycle::new(DrainSettings {
+        min: Duration::ZERO,
+        quiet: Quiet::Auto { fallback },
+        max: S(120),
+        tunnel_grace: Duration::ZERO,
+        unit: Unit::Request,
+    })
+}
+
+/// Issue 23: `--quiet auto` says when it falls back because no health check ever came,
+/// though traffic did; not before any traffic, not once a check was seen, never with a
+/// fixed `--quiet`.
+#[test]
+fn checks_are_missing_only_when_traffic_came_and_no_check_ever_did() {
+    let lc = auto(S(30));
+    assert!(!lc.quiet_window().0.checks_missing(), "no traffic yet");
+    drop(lc.request(RequestKind::Traffic, LOCAL));
+    let (w, _) = lc.quiet_window();
+    assert!(w.checks_missing());
+    assert!(w.why().contains("healthcheck-port"), "{}", w.why());
+    assert_eq!(lc.snapshot().health_checks_seen, 0);
+    drop(lc.request(RequestKind::HealthCheck, [10, 0, 0, 1].into()));
+    let (w, _) = lc.quiet_window();
+    assert_eq!(w.kind(), "fallback");
+    assert!(!w.checks_missing(), "{}", w.why());
+    assert_eq!(lc.snapshot().health_checks_seen, 1);
+
+    let fixed = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(10), S(60)));
+    drop(fixed.request(RequestKind::Traffic, LOCAL));
+    assert!(!fixed.quiet_window().0.checks_missing());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_warning_without_checks_waits_for_traffic_then_ten_fallback_windows() {
+    let lc = auto(S(2));
+    let warn = tokio::spawn(lc.clone().warn_if_no_health_checks());
+    tokio::time::sleep(S(3600)).await;
+    assert!(!warn.is_finished(), "no traffic: nothing to say");
+    drop(lc.request(RequestKind::Traffic, LOCAL));
+    tokio::time::sleep(S(2) * UNSEEN_WARN_AFTER - Duration::from_millis(10)).await;
+    assert!(!warn.is_finished(), "before ten fallback windows");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(warn.is_finished(), "once, after ten fallback windows");
+    // Fixed: never.
+    let fixed = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(10), S(60)));
+    fixed.clone().warn_if_no_health_checks().await;
+}

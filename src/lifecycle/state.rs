@@ -251,6 +251,8 @@ pub struct Snapshot {
     pub health_checks_during_drain: u64,
     /// Application requests that started after the drain had ended.
     pub requests_after_drained: u64,
+    /// Load-balancer health checks recognised on the traffic port since the start.
+    pub health_checks_seen: u64,
     /// The app may be stopped (see [`Lifecycle::released`]).
     pub released: bool,
     /// The quiet window in force: the drain's own once draining, else what a drain

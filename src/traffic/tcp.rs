@@ -24,7 +24,10 @@
 //!   is one), which is what `--quiet auto` learns the cadence from; the connection is ended.
 //! - its first bytes are an HTTP `GET`/`HEAD` whose `User-Agent` starts with one of
 //!   `--health-check-agents` (an NLB target group with HTTP health checks): a **health
-//!   check** too, recorded the same way, and forwarded so that the app answers it.
+//!   check** too, recorded the same way, and forwarded so that the app answers it; except
+//!   while draining with `--fail-health-while-draining`, when lameduck answers it `503`
+//!   itself (the target group drains unhealthy targets: the NLB stops opening connections
+//!   sooner, and keeps the open ones).
 //!
 //! While pending, the connection holds the drain off ([`Lifecycle::pending`]) without counting as
 //! a request. The classification needs no address: with client IP preservation on, clients
@@ -75,6 +78,9 @@ pub struct Config {
     pub health_check_within: Duration,
     /// User-Agent prefixes of HTTP health checks (`--health-check-agents`).
     pub health_check_agents: Vec<String>,
+    /// While draining, answer HTTP health checks 503 instead of forwarding them
+    /// (`--fail-health-while-draining`).
+    pub fail_health_while_draining: bool,
     /// Connections served at once (`--max-connections`); beyond it new ones are closed on
     /// arrival, as in HTTP mode. Each uses two file descriptors: the client's and the app's.
     pub max_connections: usize,
@@ -345,7 +351,7 @@ async fn forward(
         activity,
         metrics,
         &to_app,
-        &cfg.health_check_agents,
+        cfg,
     );
     let down = copy(&app_rd, &mut client_wr, activity, &to_client);
     tokio::pin!(up, down);
@@ -388,7 +394,7 @@ async fn client_to_app(
     activity: &Activity,
     metrics: &Metrics,
     bytes: &IntCounter,
-    agents: &[String],
+    cfg: &Config,
 ) -> io::Result<Flow> {
     loop {
         let read = if classifier.is_pending() {
@@ -412,8 +418,19 @@ async fn client_to_app(
                 return Ok(Flow::Eof);
             }
             Ok(chunk) => {
-                if classifier.is_pending() && is_http_check(&chunk, agents) {
+                if classifier.is_pending() && is_http_check(&chunk, &cfg.health_check_agents) {
                     classifier.http_check(metrics);
+                    let phase = classifier.lifecycle.phase();
+                    if cfg.fail_health_while_draining && phase != Phase::Serving {
+                        // Not forwarded: the app would say it is healthy. The client's write
+                        // half belongs to the other direction, which has nothing to copy (an
+                        // HTTP app says nothing before a request), so the answer goes out on
+                        // the shared socket; the whole connection then ends. (A check whose
+                        // request came in two segments gets an RST after the 503: a failure
+                        // either way, which is the point.)
+                        write_all_shared(from.as_ref(), &unhealthy(&chunk, phase)).await?;
+                        return Ok(Flow::HealthCheck);
+                    }
                 }
                 classifier.traffic();
                 activity.touch();
@@ -461,6 +478,34 @@ async fn read_chunk(from: &ReadHalf<'_>) -> io::Result<Vec<u8>> {
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The answer to an HTTP health check while draining (`--fail-health-while-draining`): 503,
+/// as HTTP mode answers `--health-path`; no body to a `HEAD`.
+fn unhealthy(request: &[u8], phase: Phase) -> Vec<u8> {
+    let body = format!("{}\n", phase.as_str());
+    let mut out = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    if !request.starts_with(b"HEAD ") {
+        out.push_str(&body);
+    }
+    out.into_bytes()
+}
+
+/// Writes all of `buf` through a shared reference to the socket.
+async fn write_all_shared(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What the start of a connection held, with `--proxy-protocol` on.
@@ -567,5 +612,21 @@ mod tests {
             b"GET / HTTP/1.1\r\nUser-Agent: anything\r\n\r\n",
             &[String::new()]
         ));
+    }
+
+    #[test]
+    fn a_failed_health_check_is_a_complete_503() {
+        let get = unhealthy(b"GET /healthz HTTP/1.1\r\n\r\n", Phase::Draining);
+        assert_eq!(
+            String::from_utf8(get).unwrap(),
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             content-length: 9\r\nconnection: close\r\n\r\ndraining\n"
+        );
+        let head =
+            String::from_utf8(unhealthy(b"HEAD / HTTP/1.1\r\n\r\n", Phase::Drained)).unwrap();
+        assert!(
+            head.ends_with("content-length: 8\r\nconnection: close\r\n\r\n"),
+            "{head}"
+        );
     }
 }
