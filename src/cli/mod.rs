@@ -234,9 +234,10 @@ pub struct ProxyArgs {
     /// Record a drain in this file (written atomically as the drain starts), so that a
     /// proxy restarted in the middle of it (from Kubernetes 1.37 a native sidecar that exits
     /// while its pod terminates is restarted, without probes or preStop) resumes the drain
-    /// instead of starting ready: /readyz fails at once, the drain's clock counts from the
-    /// recorded start (keeping at least two quiet windows before drain-max), /drain answers
-    /// once traffic stops. An unreadable record counts as a drain in progress. Removed when
+    /// instead of starting ready: /readyz fails from its first answer (as
+    /// --readiness-while-draining says), the drain's clock counts from the recorded start
+    /// (keeping at least two quiet windows before drain-max), /drain answers once traffic
+    /// stops. An unreadable record counts as a drain in progress. Removed when
     /// a drain heals (exit 3). Put it on an emptyDir (injection: /var/run/lameduck/draining).
     /// Default: none.
     #[arg(long, env = "LAMEDUCK_DRAIN_RECORD", value_name = "PATH", value_parser = parse_record_path,
