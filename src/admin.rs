@@ -7,7 +7,7 @@
 //! | `/readyz` | GET, HEAD | 200 `ready` while serving and the app is reachable; otherwise 503 `starting`, `draining`, `drained`, `upstream-unreachable` or `failed` (the traffic port died) |
 //! | `/drain` | GET, POST | starts draining; blocks until released (drained and nothing in flight, or drain-max), then 200 JSON. `?wait=false`: 202 at once. With `--drain-token`, needs header `X-Lameduck-Token` (else 403) |
 //! | `/lb-health` | GET, HEAD | the load balancer's health check, where it cannot be the traffic port (an NLB's HTTP check on the admin port): while serving, what `/readyz` answers; while draining and after, 503 in http mode and with `--fail-health-while-draining`, else 200 (an NLB resets an unhealthy target's connections unless told not to) |
-//! | `/status` | GET | JSON: state, in-flight requests, open connections, seconds since the last request, drain start, requests during the drain and after it, whether released, the quiet window and why, the health checks seen (and whether they are missing), the health-check sources learned |
+//! | `/status` | GET | JSON: state, in-flight requests, open connections, seconds since the last request, drain start, requests during the drain and after it, whether released, whether this process resumed a drain (`--drain-record`), the quiet window and why, the health checks seen (and whether they are missing), the health-check sources learned |
 //! | `/metrics` | GET | Prometheus text exposition |
 //!
 //! The kubelet calls `/drain` from the app container's `preStop` hook on the pod IP and
@@ -340,6 +340,7 @@ pub fn status_json(s: &Snapshot) -> serde_json::Value {
         "health_checks_during_drain": s.health_checks_during_drain,
         "requests_after_drained": s.requests_after_drained,
         "released": s.released,
+        "drain_resumed": s.resumed,
         "quiet_window_seconds": s.window.window.as_secs_f64(),
         "quiet_window": s.window.kind(),
         "quiet_window_why": s.window.why(),

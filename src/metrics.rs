@@ -29,6 +29,8 @@
 //! | `lameduck_build_info` | gauge, always 1 | `version` |
 //! | `lameduck_mode_info` | gauge, always 1 | `mode` |
 //! | `lameduck_log_lines_dropped_total` | counter | |
+//! | `lameduck_drain_resumed_total` | counter | |
+//! | `lameduck_drain_record_errors_total` | counter | `op` |
 //! | `lameduck_tcp_connections_total` | counter | `kind`, `phase` |
 //! | `lameduck_tcp_connection_duration_seconds` | histogram | `phase` |
 //! | `lameduck_tcp_bytes_total` | counter | `direction` |
@@ -79,6 +81,9 @@ pub struct Metrics {
     pub upstream_retries: IntCounter,
     pub connections_total: IntCounter,
     pub connections_refused: IntCounter,
+    /// 1 once this process resumed a drain from `--drain-record`.
+    pub drain_resumed: IntCounter,
+    drain_record_errors: IntCounterVec,
     mode: IntGaugeVec,
     /// The `--mode tcp` families.
     pub tcp: TcpMetrics,
@@ -274,6 +279,18 @@ impl Metrics {
             "lameduck_connections_total",
             "Downstream connections accepted on the traffic port.",
         );
+        let drain_resumed = counter(
+            "lameduck_drain_resumed_total",
+            "1 when this process started in the middle of a drain an earlier one began (found in --drain-record: a restart while the pod terminates).",
+        );
+        let drain_record_errors = counter_vec(
+            "lameduck_drain_record_errors_total",
+            "Failures of the drain record (--drain-record), by op: write (the drain went on unrecorded), remove (a restart will drain again), read (a record found unreadable, taken as a drain in progress).",
+            &["op"],
+        );
+        for op in DRAIN_RECORD_OPS {
+            drain_record_errors.with_label_values(&[op]);
+        }
         let health_checks = counter_vec("lameduck_health_checks_total", "Load-balancer health checks seen on the traffic port (--health-path or --health-check-agents), by lifecycle phase.", &["phase"]);
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -306,6 +323,8 @@ impl Metrics {
             Box::new(health_checks.clone()),
             Box::new(upstream_retries.clone()),
             Box::new(connections_total.clone()),
+            Box::new(drain_resumed.clone()),
+            Box::new(drain_record_errors.clone()),
             Box::new(build_info),
             Box::new(mode.clone()),
             Box::new(LifecycleCollector::new(lifecycle)),
@@ -328,6 +347,8 @@ impl Metrics {
             upstream_retries,
             connections_total,
             connections_refused,
+            drain_resumed,
+            drain_record_errors,
             mode,
             tcp,
         }
@@ -377,6 +398,11 @@ impl Metrics {
         self.client_errors.with_label_values(&[kind]).inc();
     }
 
+    /// A drain record operation failed (`op`: one of [`DRAIN_RECORD_OPS`]).
+    pub fn drain_record_error(&self, op: &str) {
+        self.drain_record_errors.with_label_values(&[op]).inc();
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 * 1024);
@@ -386,6 +412,9 @@ impl Metrics {
         out
     }
 }
+
+/// The `op` labels of `lameduck_drain_record_errors_total`.
+pub const DRAIN_RECORD_OPS: [&str; 3] = ["write", "remove", "read"];
 
 /// The `kind` labels of `lameduck_proxy_protocol_errors_total` for a malformed header (what
 /// `traffic::proxy_protocol::Error::kind` returns; its tests check the two agree), besides

@@ -17,6 +17,11 @@
 //! Exit codes other than 0: 1 after a second signal or when the traffic port's accept loop
 //! died (readiness fails first); 3 ([`EXIT_NEVER_TERMINATED`]) when a drain requested on the
 //! admin port was released and no termination followed within drain-max.
+//!
+//! With `--drain-record`, a drain is recorded as it starts ([`record_drain`]) and a proxy
+//! that starts and finds the record resumes it before either port serves
+//! ([`resume_recorded_drain`]): a sidecar restarted while its pod terminates never answers
+//! ready. Only the exit-3 path, a drain that healed, removes the record.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +31,8 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, Admin};
 use crate::cli::{Mode, ProxyArgs};
-use crate::lifecycle::drain::{Lifecycle, State, Trigger};
+use crate::lifecycle::drain::{Lifecycle, Phase, State, Trigger};
+use crate::lifecycle::record::{self, Found, Record};
 use crate::lifecycle::signal::Terminations;
 use crate::metrics::Metrics;
 use crate::tls::{self, CertStore};
@@ -122,6 +128,19 @@ impl Bound {
         let lifecycle = Lifecycle::new(args.settings());
         let metrics = Arc::new(Metrics::new(lifecycle.clone()));
         metrics.set_mode(args.mode.as_str());
+        // Before anything serves: a restarted proxy's first /readyz already says draining.
+        let record = args.drain_record.clone().map(|path| {
+            resume_recorded_drain(&path, &lifecycle, &metrics);
+            DrainRecord {
+                writer: tokio::spawn(record_drain(
+                    lifecycle.clone(),
+                    path.clone(),
+                    metrics.clone(),
+                )),
+                path,
+                metrics: metrics.clone(),
+            }
+        });
         let upstream = Arc::new(Upstream::new(upstream_config(&args, &lifecycle)));
         upstream.spawn_reaper();
         tokio::spawn(trim_after_bursts(lifecycle.clone()));
@@ -196,6 +215,7 @@ impl Bound {
             lifecycle,
             serving,
             events,
+            record,
             stop_admin,
             admin_task,
         }
@@ -209,6 +229,8 @@ struct Running {
     serving: tokio::task::JoinHandle<Result<(), accept::AcceptError>>,
     /// `--events`: the drain's Event being posted.
     events: Option<tokio::task::JoinHandle<()>>,
+    /// `--drain-record`.
+    record: Option<DrainRecord>,
     stop_admin: tokio::sync::oneshot::Sender<()>,
     admin_task: tokio::task::JoinHandle<()>,
 }
@@ -223,6 +245,7 @@ impl Running {
             lifecycle,
             mut serving,
             events,
+            record,
             stop_admin,
             admin_task,
         } = self;
@@ -251,6 +274,10 @@ impl Running {
                      of the release: exiting 3 so the container is restarted and the pod can \
                      become ready again"
                 );
+                // The restart must start ready, not resume this drain.
+                if let Some(record) = record {
+                    record.forget().await;
+                }
                 (EXIT_NEVER_TERMINATED, now())
             }
         };
@@ -265,6 +292,129 @@ impl Running {
         }
         tracing::info!(code, "lameduck exiting");
         code
+    }
+}
+
+// === the drain record (`--drain-record`) ===
+
+/// A drain recorded in a file that outlives the process.
+struct DrainRecord {
+    path: std::path::PathBuf,
+    /// [`record_drain`], waiting for the drain to start.
+    writer: tokio::task::JoinHandle<()>,
+    metrics: Arc<Metrics>,
+}
+
+/// How long removing the record waits for its write still under way (a write to a hung
+/// disk cannot be cancelled).
+const RECORD_WRITE_WAIT: Duration = Duration::from_secs(1);
+
+impl DrainRecord {
+    /// The drain healed (exit 3): removes the record, so the restarted proxy starts ready.
+    async fn forget(self) {
+        let DrainRecord {
+            path,
+            writer,
+            metrics,
+        } = self;
+        // Written long ago (drain-max after the release), unless the disk hangs.
+        let _ = tokio::time::timeout(RECORD_WRITE_WAIT, writer).await;
+        let p = path.clone();
+        let removed = tokio::task::spawn_blocking(move || record::remove(&p)).await;
+        match removed.map_err(std::io::Error::other).and_then(|r| r) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                "drain record removed: the restarted proxy starts ready"
+            ),
+            Err(e) => {
+                metrics.drain_record_error("remove");
+                tracing::error!(
+                    path = %path.display(),
+                    error = %e,
+                    "cannot remove the drain record: the restarted proxy will drain again"
+                );
+            }
+        }
+    }
+}
+
+/// A proxy that starts and finds a drain record resumes that drain (see
+/// [`Lifecycle::resume_drain`]): its pod is terminating, or was drained by hand and will
+/// heal by exit 3. An unreadable record counts as a drain in progress, started now.
+fn resume_recorded_drain(path: &std::path::Path, lifecycle: &Lifecycle, metrics: &Metrics) {
+    let (started_at, trigger) = match record::read(path) {
+        Found::Nothing => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            if !dir.is_dir() {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the drain record's directory does not exist: a drain cannot be recorded, \
+                     and a restart in the middle of one would start ready"
+                );
+            }
+            return;
+        }
+        Found::Record(Record {
+            started_at,
+            trigger,
+        }) => (Some(started_at), trigger),
+        Found::Unreadable(why) => {
+            metrics.drain_record_error("read");
+            tracing::warn!(
+                path = %path.display(),
+                error = %why,
+                "the drain record cannot be read: taking it as a drain in progress, started now"
+            );
+            // Unknown; only reported. A pod that is terminating is what a signal means.
+            (None, Trigger::Signal)
+        }
+    };
+    if lifecycle.resume_drain(started_at, trigger).is_some() {
+        metrics.drain_resumed.inc();
+    }
+}
+
+/// Writes the drain record once the drain starts (a resumed one too: that pins an
+/// unreadable record's start). A failure is logged and counted; the drain goes on.
+async fn record_drain(lifecycle: Lifecycle, path: std::path::PathBuf, metrics: Arc<Metrics>) {
+    let entry = {
+        let mut states = lifecycle.subscribe();
+        let Ok(state) = states.wait_for(|s| s.phase() != Phase::Serving).await else {
+            return;
+        };
+        match &*state {
+            State::Draining {
+                started_at,
+                trigger,
+                ..
+            }
+            | State::Drained {
+                started_at,
+                trigger,
+                ..
+            } => Record {
+                started_at: *started_at,
+                trigger: *trigger,
+            },
+            State::Serving => return,
+        }
+    };
+    let p = path.clone();
+    let written = tokio::task::spawn_blocking(move || record::write(&p, &entry)).await;
+    match written.map_err(std::io::Error::other).and_then(|r| r) {
+        Ok(()) => tracing::debug!(path = %path.display(), "drain recorded"),
+        Err(e) => {
+            metrics.drain_record_error("write");
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot write the drain record: draining anyway, but a restart in the middle \
+                 of this drain would start ready"
+            );
+        }
     }
 }
 

@@ -148,6 +148,17 @@ fn dangerous_configuration_is_refused_with_one_line() {
             &[("LAMEDUCK_DRAIN_TOKEN", "")],
             &["LAMEDUCK_DRAIN_TOKEN", "unset it for no token"],
         ),
+        // A drain record that is no file: a drain would go unrecorded, silently.
+        (
+            &["--drain-record", ""],
+            &[],
+            &["--drain-record", "must name a file"],
+        ),
+        (
+            &[],
+            &[("LAMEDUCK_DRAIN_RECORD", "/var/run/lameduck/")],
+            &["--drain-record \"/var/run/lameduck/\"", "must name a file"],
+        ),
     ];
     for (flags, env, needles) in cases {
         let mut args = vec!["proxy"];

@@ -273,6 +273,31 @@ fn injected_sidecars_agree_with_the_proxy() {
                         "{name}: an unwired preStop is marked degraded"
                     );
                 }
+                // The drain record is on a mount of the pod's in-memory emptyDir, which a
+                // restart during termination finds again.
+                let record = proxy
+                    .drain_record
+                    .as_deref()
+                    .unwrap_or_else(|| panic!("{name}: no --drain-record"));
+                assert_eq!(record, std::path::Path::new(inject::DRAIN_RECORD), "{name}");
+                let mount = sidecar["volumeMounts"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| record.starts_with(m["mountPath"].as_str().unwrap()))
+                    .unwrap_or_else(|| panic!("{name}: --drain-record is on no mount"));
+                assert_ne!(mount["readOnly"], true, "{name}");
+                let volume = spec["volumes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v["name"] == mount["name"])
+                    .unwrap_or_else(|| panic!("{name}: no volume {}", mount["name"]));
+                assert_eq!(
+                    volume["emptyDir"],
+                    serde_json::json!({"medium": "Memory", "sizeLimit": "1Mi"}),
+                    "{name}"
+                );
                 let grace = spec["terminationGracePeriodSeconds"].as_i64().unwrap();
                 assert!(
                     grace as f64 >= proxy.drain_max.as_secs_f64() + 30.0,

@@ -231,6 +231,19 @@ pub struct ProxyArgs {
     )]
     pub drain_token: Option<String>,
 
+    /// Record a drain in this file (written atomically as the drain starts), so that a
+    /// proxy restarted in the middle of it (from Kubernetes 1.37 a native sidecar that exits
+    /// while its pod terminates is restarted, without probes or preStop) resumes the drain
+    /// instead of starting ready: /readyz fails from its first answer (as
+    /// --readiness-while-draining says), the drain's clock counts from the recorded start
+    /// (keeping at least two quiet windows before drain-max), /drain answers once traffic
+    /// stops. An unreadable record counts as a drain in progress. Removed when
+    /// a drain heals (exit 3). Put it on an emptyDir (injection: /var/run/lameduck/draining).
+    /// Default: none.
+    #[arg(long, env = "LAMEDUCK_DRAIN_RECORD", value_name = "PATH", value_parser = parse_record_path,
+          help_heading = "Drain")]
+    pub drain_record: Option<std::path::PathBuf>,
+
     /// Give up connecting to the app after this long and answer 504. The app is on loopback
     /// in the same pod: a connect that has not completed in 1s will not.
     #[arg(long, env = "LAMEDUCK_UPSTREAM_CONNECT_TIMEOUT", value_name = "DUR", default_value = "1s",
@@ -477,6 +490,7 @@ impl ProxyArgs {
         self.check_timeouts()?;
         self.check_features()?;
         self.check_addresses()?;
+        self.check_drain_record()?;
         if let Some(token) = &self.drain_token {
             check_drain_token(token).map_err(|e| {
                 ConfigError::new(
@@ -625,6 +639,26 @@ impl ProxyArgs {
             return Err(ConfigError::new(
                 &["--tcp-health-check-within"],
                 "--tcp-health-check-within must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `--drain-record` names a file. Whether its directory exists is the running proxy's
+    /// business (a failed write is logged and counted, never fatal): injection validates
+    /// these arguments where the pod's volume does not exist.
+    fn check_drain_record(&self) -> Result<(), ConfigError> {
+        let Some(path) = &self.drain_record else {
+            return Ok(());
+        };
+        let text = path.to_string_lossy();
+        if text.trim().is_empty() || text.ends_with('/') || path.file_name().is_none() {
+            return Err(ConfigError::new(
+                &["--drain-record"],
+                format!(
+                    "--drain-record {text:?} must name a file, such as \
+                     /var/run/lameduck/draining (on an emptyDir volume)"
+                ),
             ));
         }
         Ok(())

@@ -88,6 +88,25 @@ fn defaults() {
         "must outlast the ALB's idle timeout"
     );
     assert_eq!(p.upstream_protocol, Protocol::Http1);
+    assert_eq!(p.drain_record, None, "no record unless asked for");
+}
+
+/// `--drain-record` names a file; its directory is checked only by the running proxy (the
+/// injected path exists only in the pod).
+#[test]
+fn drain_record_names_a_file() {
+    let p = proxy(&["--drain-record", "/var/run/lameduck/draining"]).unwrap();
+    assert_eq!(
+        p.drain_record.as_deref(),
+        Some(std::path::Path::new("/var/run/lameduck/draining"))
+    );
+    assert!(proxy(&["--drain-record", "draining"]).is_ok(), "relative");
+    for bad in ["", " ", "/var/run/lameduck/", "/", "/var/run/.."] {
+        let e = ProxyArgs::parse_and_validate([format!("--drain-record={bad}")]).unwrap_err();
+        assert_eq!(e.flags, ["--drain-record"], "{bad:?}: {e}");
+        assert_eq!(e.message.lines().count(), 1, "{e}");
+        assert!(e.message.contains("must name a file"), "{e}");
+    }
 }
 
 #[test]
@@ -182,6 +201,7 @@ fn refusals_name_their_flags() {
         &["--upstream=127.0.0.1:9901"],
         &["--drain-token=short"],
         &["--upstream-protocol=spdy"],
+        &["--drain-record="],
     ];
     for args in cases {
         let e = ProxyArgs::parse_and_validate(args.iter().copied()).unwrap_err();

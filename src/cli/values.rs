@@ -135,6 +135,12 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s} resolved to no address"))
 }
 
+/// `--drain-record`'s file, as given: checked by [`super::ProxyArgs::validate`], so that a
+/// bad one is refused in one line naming the flag (an empty value included).
+pub fn parse_record_path(s: &str) -> Result<std::path::PathBuf, std::convert::Infallible> {
+    Ok(s.into())
+}
+
 /// An absolute request path.
 pub fn parse_path(s: &str) -> Result<String, String> {
     if s.starts_with('/') && !s.contains(char::is_whitespace) {

@@ -91,6 +91,8 @@ struct Inner {
     /// Exit step 2: drain-max is over; end what is still open.
     cut: CancellationToken,
     failure: OnceLock<Failure>,
+    /// This process resumed a drain an earlier one began ([`Lifecycle::resume_drain`]).
+    resumed: std::sync::atomic::AtomicBool,
     /// Runs once between the drain decision and its effect: tests use it to start a
     /// request at exactly that instant.
     #[cfg(test)]
@@ -123,6 +125,7 @@ impl Lifecycle {
             closing: CancellationToken::new(),
             cut: CancellationToken::new(),
             failure: OnceLock::new(),
+            resumed: Default::default(),
             #[cfg(test)]
             decide_hook: Default::default(),
         }))
@@ -252,6 +255,67 @@ impl Lifecycle {
             tokio::spawn(self.clone().run_drain_clock());
         }
         started
+    }
+
+    /// Resumes the drain an earlier process of this pod began (`--drain-record`; a sidecar
+    /// restarted while its pod terminates): draining from this process's first moment, the
+    /// drain's clock (drain-min, drain-max, a `--readiness-while-draining` duration) counted
+    /// from `started_at`, the original start, but with at least [`resumed_floor`] of
+    /// drain-max still ahead, so the restarted proxy still waits for the quiet window it
+    /// has seen itself. `started_at` unknown (an unreadable record) or in the future: from
+    /// now. Returns how much of the drain was counted as already spent, or `None` if a
+    /// drain had started already. Must be called inside the tokio runtime.
+    pub fn resume_drain(
+        &self,
+        started_at: Option<SystemTime>,
+        trigger: Trigger,
+    ) -> Option<Duration> {
+        if self.phase() != Phase::Serving {
+            return None;
+        }
+        let (window, _) = self.quiet_window();
+        let why = window.why();
+        let max = self.0.settings.max;
+        let ago = started_at
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default();
+        let spent = ago.min(max.saturating_sub(resumed_floor(window.window, max)));
+        let now = Instant::now();
+        let since = now.checked_sub(spent).unwrap_or(now);
+        let spent = now - since;
+        let started = self.0.state.send_if_modified(|s| {
+            if *s != State::Serving {
+                return false;
+            }
+            *s = State::Draining {
+                since,
+                started_at: started_at.unwrap_or_else(SystemTime::now),
+                trigger,
+                window,
+            };
+            self.0.resumed.store(true, Ordering::Release);
+            self.0.phase.store(Phase::Draining as u8, Ordering::Release);
+            true
+        });
+        if !started {
+            return None;
+        }
+        tracing::warn!(
+            trigger = ?trigger,
+            started_ago = ?ago,
+            counted = ?spent,
+            max = ?max,
+            quiet_window = %why,
+            "resuming the drain an earlier process began: readiness fails; still serving \
+             until traffic stops"
+        );
+        tokio::spawn(self.clone().run_drain_clock());
+        Some(spent)
+    }
+
+    /// Whether this process resumed a drain ([`Lifecycle::resume_drain`]).
+    pub fn is_resumed(&self) -> bool {
+        self.0.resumed.load(Ordering::Acquire)
     }
 
     /// Ends a drain at once, as if `--drain-max` had been reached (a second signal), and
@@ -410,6 +474,7 @@ impl Lifecycle {
             requests_after_drained: self.0.requests_after_drained.load(Ordering::Acquire),
             health_checks_seen: self.health_checks_seen(),
             released: self.is_released(),
+            resumed: self.is_resumed(),
             window,
             health_check_sources,
         }
@@ -704,6 +769,13 @@ impl Lifecycle {
             ),
         }
     }
+}
+
+/// The least of drain-max a resumed drain keeps ahead of it: two quiet windows (one to
+/// see the silence itself, having seen nothing before its start, and one for a request or
+/// health check that arrives during the first), never more than drain-max.
+pub fn resumed_floor(quiet: Duration, max: Duration) -> Duration {
+    quiet.saturating_mul(2).min(max)
 }
 
 /// One request in flight. Dropping it ends the request.

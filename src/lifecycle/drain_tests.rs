@@ -314,3 +314,75 @@ async fn the_warning_without_checks_waits_for_traffic_then_ten_fallback_windows(
     let fixed = Lifecycle::new(DrainSettings::fixed(Duration::ZERO, S(10), S(60)));
     fixed.clone().warn_if_no_health_checks().await;
 }
+
+/// A resumed drain (`--drain-record`) is draining from its first moment, counts drain-max
+/// from the recorded start, and still waits for a quiet window of its own.
+#[tokio::test(start_paused = true)]
+async fn a_resumed_drain_counts_from_the_recorded_start() {
+    let lc = Lifecycle::new(DrainSettings::fixed(S(5), S(10), S(60)));
+    // A request now: the quiet window is counted from here, not from the process's epoch.
+    drop(lc.request(RequestKind::Traffic, LOCAL));
+    let t0 = Instant::now();
+    // The wall clock is not paused: allow for the moment between these two lines.
+    let spent = lc
+        .resume_drain(Some(SystemTime::now() - S(30)), Trigger::Admin)
+        .unwrap();
+    assert!(spent >= S(30) && spent < S(31), "{spent:?}");
+    assert_eq!(lc.phase(), Phase::Draining);
+    assert!(lc.is_resumed() && lc.snapshot().resumed);
+    assert_eq!(lc.resume_drain(None, Trigger::Signal), None, "once");
+    assert!(!lc.start_drain(Trigger::Admin), "already draining");
+    let State::Drained {
+        reason,
+        took,
+        trigger,
+        ..
+    } = lc.drained().await
+    else {
+        unreachable!()
+    };
+    assert_eq!((reason, trigger), (DrainReason::Quiet, Trigger::Admin));
+    assert_eq!(
+        t0.elapsed(),
+        S(10),
+        "a whole quiet window after the restart"
+    );
+    assert_eq!(took, spent + S(10), "counted from the recorded start");
+}
+
+/// A record older than drain-max leaves two quiet windows, not nothing: the restarted
+/// proxy still serves while traffic arrives, then drain-max ends it.
+#[tokio::test(start_paused = true)]
+async fn an_old_record_still_leaves_two_quiet_windows() {
+    let lc = Lifecycle::new(DrainSettings::fixed(S(5), S(10), S(60)));
+    let t0 = Instant::now();
+    let spent = lc.resume_drain(Some(SystemTime::now() - S(600)), Trigger::Signal);
+    assert_eq!(spent, Some(S(40)));
+    let held = lc.request(RequestKind::Traffic, LOCAL);
+    let state = lc.released().await;
+    assert_eq!(t0.elapsed(), S(20));
+    assert!(matches!(
+        state,
+        State::Drained {
+            reason: DrainReason::Max,
+            ..
+        }
+    ));
+    drop(held);
+}
+
+/// No start known (an unreadable record), or one in the future (a clock that moved back):
+/// counted from now.
+#[tokio::test(start_paused = true)]
+async fn an_unknown_or_future_start_counts_from_now() {
+    for started_at in [None, Some(SystemTime::now() + S(3600))] {
+        let lc = Lifecycle::new(DrainSettings::fixed(S(5), S(10), S(60)));
+        assert_eq!(lc.resume_drain(started_at, Trigger::Signal), Some(S(0)));
+        let State::Draining { since, .. } = lc.state() else {
+            panic!("draining")
+        };
+        assert_eq!(since, Instant::now());
+    }
+    assert_eq!(resumed_floor(S(10), S(60)), S(20));
+    assert_eq!(resumed_floor(S(40), S(60)), S(60), "never past drain-max");
+}

@@ -255,6 +255,8 @@ pub struct Snapshot {
     pub health_checks_seen: u64,
     /// The app may be stopped (see [`Lifecycle::released`]).
     pub released: bool,
+    /// This process resumed a drain an earlier one began (`--drain-record`).
+    pub resumed: bool,
     /// The quiet window in force: the drain's own once draining, else what a drain
     /// starting now would use.
     pub window: QuietWindow,

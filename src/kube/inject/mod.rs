@@ -14,6 +14,7 @@
 //! | traffic | the app port's *name* moves to the proxy's traffic port and the app port is renamed, so a Service whose `targetPort` is that name now reaches the proxy |
 //! | drain | the app container gets `preStop: httpGet /drain` on the proxy's admin port, with the header `X-Lameduck-Token`; the sidecar gets the same token in `LAMEDUCK_DRAIN_TOKEN` |
 //! | grace | `terminationGracePeriodSeconds` raised to drain-max + 30 s, never lowered (drain-max is 300 s by default with `lameduck.io/mode: tcp`) |
+//! | state | a volume `lameduck-state` (`emptyDir`, `medium: Memory`, `sizeLimit: 1Mi`) mounted in the sidecar at `/var/run/lameduck`, and `--drain-record=/var/run/lameduck/draining`: a sidecar restarted while the pod terminates resumes its drain. A pod volume of that name is left alone (the sidecar's is `lameduck-state-2`, with a warning) |
 //! | mode | annotation `lameduck.io/mode: tcp` runs the proxy as the layer-4 forwarder (NLB); its probes stay on the admin port |
 //! | marker | annotation `lameduck.io/status: injected`; a pod carrying it is left alone |
 //!

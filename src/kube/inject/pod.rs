@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, HTTPGetAction, HTTPHeader, Lifecycle, LifecycleHandler,
-    ObjectFieldSelector, PodSpec, SecretVolumeSource, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, HTTPHeader, Lifecycle,
+    LifecycleHandler, ObjectFieldSelector, PodSpec, SecretVolumeSource, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -26,6 +27,15 @@ pub use super::container::CONTAINER_NAME;
 /// server's own).
 pub const TOKEN_ENV: &str = "LAMEDUCK_DRAIN_TOKEN";
 pub use crate::cli::TOKEN_HEADER;
+
+/// The sidecar's state volume: an in-memory `emptyDir` that lives as long as the pod, for
+/// the drain record.
+pub const STATE_VOLUME: &str = "lameduck-state";
+/// Where the state volume is mounted in the sidecar.
+pub const STATE_MOUNT: &str = "/var/run/lameduck";
+/// The sidecar's `--drain-record`, on the state volume: a sidecar restarted while its pod
+/// terminates (Kubernetes 1.37, KEP-4438) finds it and resumes the drain.
+pub const DRAIN_RECORD: &str = "/var/run/lameduck/draining";
 
 /// terminationGracePeriodSeconds ≥ drain-max + this: time for the app's own shutdown
 /// after `/drain` answers.
@@ -88,7 +98,7 @@ impl Degraded {
 /// The recipe: read the annotations, find the app's port, pick the sidecar's ports, move
 /// the app port's name to the proxy, wire the app's preStop to `/drain`, build the
 /// sidecar's arguments (checked by the proxy's own parser), then its container (resources,
-/// environment, TLS), the grace period, and the marks.
+/// environment, TLS, the state volume), the grace period, and the marks.
 pub fn inject(
     spec: &PodSpec,
     metadata: &ObjectMeta,
@@ -162,6 +172,7 @@ pub fn inject(
     if let Some(secret) = &opts.tls_secret {
         mount_tls_secret(&mut out.spec, &mut sidecar, secret);
     }
+    mount_state_volume(&mut out.spec, &mut sidecar, &mut out.warnings);
     add_sidecar(&mut out.spec, sidecar, opts.native_sidecar);
 
     raise_grace_period(&mut out.spec, proxy.drain_max, &mut out.warnings);
@@ -358,8 +369,8 @@ fn wire_pre_stop(
     Ok(())
 }
 
-/// The sidecar's `lameduck proxy` arguments: its ports, the app, then every flag the
-/// annotations set, in flag order.
+/// The sidecar's `lameduck proxy` arguments: its ports, the app, the drain record, then
+/// every flag the annotations set, in flag order.
 fn sidecar_args(opts: &Options, wiring: &Wiring) -> Vec<String> {
     let bind = opts.bind_address.unwrap_or(DEFAULT_BIND_ADDRESS);
     let mut args = vec![
@@ -375,6 +386,7 @@ fn sidecar_args(opts: &Options, wiring: &Wiring) -> Vec<String> {
     if h2c {
         args.push("--upstream-protocol=h2c".into());
     }
+    args.push(format!("--drain-record={DRAIN_RECORD}"));
     for (flag, _, value) in &opts.flags {
         args.push(format!("{flag}={value}"));
     }
@@ -435,17 +447,60 @@ fn mount_tls_secret(spec: &mut PodSpec, sidecar: &mut Container, secret: &str) {
         .map(|v| v.name.clone())
         .collect();
     let volume = pick_name(numbered("lameduck-tls".into(), "lameduck-tls"), &taken);
-    sidecar.volume_mounts = Some(vec![VolumeMount {
-        name: volume.clone(),
-        mount_path: TLS_MOUNT.into(),
-        read_only: Some(true),
-        ..Default::default()
-    }]);
+    sidecar
+        .volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(VolumeMount {
+            name: volume.clone(),
+            mount_path: TLS_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
     spec.volumes.get_or_insert_with(Vec::new).push(Volume {
         name: volume,
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.to_owned()),
             ..Default::default()
+        }),
+        ..Default::default()
+    });
+}
+
+/// The state volume ([`STATE_VOLUME`]: `emptyDir`, `medium: Memory`, `sizeLimit: 1Mi`),
+/// mounted in the sidecar at [`STATE_MOUNT`] for [`DRAIN_RECORD`]. An `emptyDir`'s
+/// directory is world-writable (0777), so the non-root sidecar with a read-only root file
+/// system writes it without an `fsGroup`. A pod volume of that name is not ours (an
+/// injected pod is never injected again): it is left alone, and the sidecar's gets the next
+/// free name, with a warning.
+fn mount_state_volume(spec: &mut PodSpec, sidecar: &mut Container, warnings: &mut Vec<String>) {
+    let taken: BTreeSet<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    let volume = numbered(STATE_VOLUME.into(), STATE_VOLUME)
+        .find(|n| !taken.contains(n.as_str()))
+        .expect("fewer than a hundred volumes share a name stem");
+    if volume != STATE_VOLUME {
+        warnings.push(format!(
+            "the pod already has a volume named {STATE_VOLUME}: left as it is; lameduck's \
+             drain record ({DRAIN_RECORD}) is on a volume named {volume} instead"
+        ));
+    }
+    sidecar
+        .volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(VolumeMount {
+            name: volume.clone(),
+            mount_path: STATE_MOUNT.into(),
+            ..Default::default()
+        });
+    spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+        name: volume,
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity("1Mi".into())),
         }),
         ..Default::default()
     });
