@@ -452,7 +452,18 @@ fn mount_tls_secret(spec: &mut PodSpec, sidecar: &mut Container, secret: &str) {
 }
 
 /// The sidecar in the pod: a native sidecar (an init container that keeps running), or a
-/// regular container.
+/// regular container. Either way it goes last in its list, on purpose (docs/design.md,
+/// *Neighbour sidecars*):
+/// - the kubelet starts init containers in order, each native sidecar once it has started
+///   (its startup probe passed), and stops native sidecars in reverse order once the app has
+///   exited (KEP-753). Last, lameduck starts after a mesh proxy is up and stops before it
+///   and before a log shipper: what carries its traffic, or ships its last log lines,
+///   outlives it.
+/// - an append is a single `add` at the end of the list in the JSON Patch (the diff is
+///   index by index): no other container moves, so no container is rewritten into another,
+///   which would carry fields the Kubernetes types here do not know onto the wrong one.
+/// - Istio moves its own init containers to the front whenever it injects (`reorderPod`),
+///   so either webhook order gives `istio-init, istio-proxy, …, lameduck`.
 fn add_sidecar(spec: &mut PodSpec, mut sidecar: Container, native: bool) {
     if native {
         sidecar.restart_policy = Some("Always".into());
