@@ -660,6 +660,7 @@ fn cli_invalid_document_exits_2_naming_it() {
 fn cli_refusal_exits_2_with_one_line_naming_the_fix() {
     for (case, fix) in [
         ("ambiguous-container", "lameduck.io/container"),
+        ("neighbour-proxy-on-data-port", "another name"),
         ("existing-prestop", "lameduck.io/replace-prestop"),
         ("service-numeric-target-port", "targetPort: http"),
         ("unknown-annotation", "lameduck.io/drain-max"),

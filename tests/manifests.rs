@@ -595,6 +595,10 @@ fn inject_goldens_validate() {
     let mut docs = Vec::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
+        // Fields no 1.33 schema has, on purpose: it shows that injection keeps them.
+        if path.ends_with("future-fields.out.yaml") {
+            continue;
+        }
         if path.to_str().unwrap().ends_with(".out.yaml") {
             for doc in documents(&std::fs::read_to_string(&path).unwrap()) {
                 // Custom kinds other than the Rollout have no schema to check.

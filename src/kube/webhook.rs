@@ -568,6 +568,70 @@ mod tests {
         assert_eq!(Subject::of(None, &json!(null)).owner, "?");
     }
 
+    /// The webhook's JSON Patch, applied to the pod as the API server sent it, keeps what
+    /// the Kubernetes types here do not know (`restartPolicyRules`, 1.34; an unknown
+    /// `fooBar`) and what they do (`lifecycle.stopSignal`, 1.33), and only appends: Istio's
+    /// init containers are not touched, lameduck comes after istio-proxy.
+    #[test]
+    fn the_patch_keeps_unknown_fields_and_appends_after_istio() {
+        let rules = json!([{"action": "Restart", "exitCodes": {"operator": "In", "values": [42]}}]);
+        let pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"generateName": "shop-", "namespace": "shop",
+                         "labels": {"lameduck.io/inject": "true"}},
+            "spec": {
+                "fooBar": 1,
+                "initContainers": [
+                    {"name": "istio-init", "image": "proxyv2", "args": ["istio-iptables"]},
+                    {"name": "istio-proxy", "image": "proxyv2", "restartPolicy": "Always",
+                     "restartPolicyRules": rules, "fooBar": 1,
+                     "ports": [{"name": "http-envoy-prom", "containerPort": 15090}]},
+                ],
+                "containers": [{
+                    "name": "app", "image": "shop", "fooBar": 1,
+                    "lifecycle": {"stopSignal": "SIGUSR1"},
+                    "restartPolicyRules": rules,
+                    "ports": [{"name": "http", "containerPort": 8080, "fooBar": 1}],
+                    "readinessProbe": {"httpGet": {"path": "/app-health/app/readyz", "port": 15020}},
+                }],
+            },
+        });
+        let a = review(&body(pod.clone(), "Pod"), &settings()).unwrap();
+        assert_eq!(a["response"]["allowed"], true, "{a}");
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(a["response"]["patch"].as_str().unwrap())
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+        for op in &patch.0 {
+            let path = op.path().to_string();
+            assert!(
+                !path.starts_with("/spec/initContainers/0")
+                    && !path.starts_with("/spec/initContainers/1"),
+                "{path}: Istio's containers are left alone"
+            );
+        }
+        let mut patched = pod.clone();
+        json_patch::patch(&mut patched, &patch).unwrap();
+        for kept in [
+            "/spec/fooBar",
+            "/spec/initContainers/0",
+            "/spec/initContainers/1",
+            "/spec/containers/0/fooBar",
+            "/spec/containers/0/restartPolicyRules",
+            "/spec/containers/0/lifecycle/stopSignal",
+            "/spec/containers/0/ports/0/fooBar",
+            "/spec/containers/0/readinessProbe",
+        ] {
+            assert_eq!(patched.pointer(kept), pod.pointer(kept), "{kept}");
+        }
+        assert_eq!(patched["spec"]["initContainers"][2]["name"], "lameduck");
+        assert_eq!(
+            patched["spec"]["containers"][0]["lifecycle"]["preStop"]["httpGet"]["path"],
+            "/drain"
+        );
+    }
+
     #[test]
     fn odd_pods_never_panic() {
         for pod in [

@@ -10,7 +10,7 @@
 //! | any other `lameduck.io/*` | refused, with a hint | `check_known` |
 //! | [`ANN_PORT`], [`ANN_CONTAINER`] | a port name or number; a container name | `Values::get`; against the pod: `ports::find_app_port` |
 //! | [`ANN_NATIVE_SIDECAR`], [`ANN_REPLACE_PRESTOP`], [`ANN_EVENTS`], [`ANN_ALLOW_DEGRADED`] | `BOOL_FORM` | `Values::boolean` |
-//! | [`ANN_DRAIN_MIN`], [`ANN_QUIET`], [`ANN_QUIET_FALLBACK`], [`ANN_DRAIN_MAX`], [`ANN_HEALTH_PATH`], [`ANN_UPSTREAM_HEALTH`], [`ANN_IDLE_TIMEOUT`] | the proxy flag's own value (`FLAG_ANNOTATIONS`) | `Values::flags`; together: [`crate::cli::ProxyArgs::validate`], named by `Options::flag_error` |
+//! | [`ANN_DRAIN_MIN`], [`ANN_QUIET`], [`ANN_QUIET_FALLBACK`], [`ANN_DRAIN_MAX`], [`ANN_HEALTH_PATH`], [`ANN_READINESS_WHILE_DRAINING`], [`ANN_UPSTREAM_HEALTH`], [`ANN_IDLE_TIMEOUT`] | the proxy flag's own value (`FLAG_ANNOTATIONS`) | `Values::flags`; together: [`crate::cli::ProxyArgs::validate`], named by `Options::flag_error` |
 //! | [`ANN_UPSTREAM_PROTOCOL`], [`ANN_MODE`] | `PROTOCOL_FORM`, `MODE_FORM` | `Values::upstream_h2c`, `Values::mode` (the proxy's `--upstream-protocol`, `--mode`) |
 //! | [`ANN_TLS`] | `TLS_FORM` | `Values::tls` |
 //! | [`ANN_BIND_ADDRESS`] | `ADDRESS_FORM` | `Values::bind_address` |
@@ -26,7 +26,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::InjectError;
 use crate::cli::{
-    parse_duration, parse_path, parse_quiet, ConfigError, Mode, ProxyArgs, SidecarArgs,
+    parse_duration, parse_path, parse_quiet, parse_readiness, ConfigError, Mode, ProxyArgs,
+    SidecarArgs,
 };
 
 // === names ===
@@ -45,6 +46,8 @@ pub const ANN_QUIET: &str = "lameduck.io/quiet";
 pub const ANN_QUIET_FALLBACK: &str = "lameduck.io/quiet-fallback";
 pub const ANN_DRAIN_MAX: &str = "lameduck.io/drain-max";
 pub const ANN_HEALTH_PATH: &str = "lameduck.io/health-path";
+/// `--readiness-while-draining`: `fail`, `keep` or a duration (serving-aware consumers).
+pub const ANN_READINESS_WHILE_DRAINING: &str = "lameduck.io/readiness-while-draining";
 pub const ANN_UPSTREAM_HEALTH: &str = "lameduck.io/upstream-health";
 pub const ANN_UPSTREAM_PROTOCOL: &str = "lameduck.io/upstream-protocol";
 pub const ANN_IDLE_TIMEOUT: &str = "lameduck.io/idle-timeout";
@@ -77,6 +80,7 @@ pub const KNOWN_ANNOTATIONS: &[&str] = &[
     ANN_QUIET_FALLBACK,
     ANN_DRAIN_MAX,
     ANN_HEALTH_PATH,
+    ANN_READINESS_WHILE_DRAINING,
     ANN_UPSTREAM_HEALTH,
     ANN_UPSTREAM_PROTOCOL,
     ANN_IDLE_TIMEOUT,
@@ -131,6 +135,8 @@ const DURATION_FORM: &str = "a duration such as 500ms, 10s or 2m, at most 24h";
 const QUIET_FORM: &str = "auto, or a duration such as 500ms, 10s or 2m, at most 24h";
 const BOOL_FORM: &str = "\"true\" or \"false\"";
 const PATH_FORM: &str = "an absolute path such as /healthz";
+const READINESS_FORM: &str =
+    "fail, keep, or a duration such as 500ms, 10s or 2m (ready that long into the drain), at most 24h";
 const PROTOCOL_FORM: &str = "http1 or h2c";
 const MODE_FORM: &str = "http (ALB) or tcp (NLB)";
 const TLS_FORM: &str = "self-signed, secret:<name of a kubernetes.io/tls Secret>, or off";
@@ -145,7 +151,7 @@ const QUANTITY_FORM: &str =
 /// The annotations whose value is a proxy flag's value as it is: `(flag, annotation, the
 /// flag's own parser, the form)`, in the order the flags are passed.
 #[allow(clippy::type_complexity)]
-const FLAG_ANNOTATIONS: [(&str, &str, fn(&str) -> bool, &str); 7] = [
+const FLAG_ANNOTATIONS: [(&str, &str, fn(&str) -> bool, &str); 8] = [
     (
         "--drain-min",
         ANN_DRAIN_MIN,
@@ -170,6 +176,12 @@ const FLAG_ANNOTATIONS: [(&str, &str, fn(&str) -> bool, &str); 7] = [
         ANN_HEALTH_PATH,
         |v| parse_path(v).is_ok(),
         PATH_FORM,
+    ),
+    (
+        "--readiness-while-draining",
+        ANN_READINESS_WHILE_DRAINING,
+        |v| parse_readiness(v).is_ok(),
+        READINESS_FORM,
     ),
     (
         "--upstream-health",

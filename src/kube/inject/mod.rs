@@ -19,8 +19,10 @@
 //! | marker | annotation `lameduck.io/status: injected`; a pod carrying it is left alone |
 //!
 //! **Never half-wired.** When the drain cannot be wired (an ambiguous app container, an
-//! existing preStop hook, an app port a Service can only reach by number, a regular sidecar
-//! in a pod that must complete), injection is refused with a message naming the fix. With
+//! existing preStop hook, an app port a Service can only reach by number, an app port
+//! another container declares too, a regular sidecar in a pod that must complete, a native
+//! sidecar behind Istio's proxy as a regular container),
+//! injection is refused with a message naming the fix. With
 //! `lameduck.io/allow-degraded: "true"` the pod is injected anyway where that still makes
 //! sense, and carries `lameduck.io/degraded` saying what is not wired.
 //!

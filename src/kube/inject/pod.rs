@@ -127,6 +127,13 @@ pub fn inject(
     check_restart_policy(spec, &opts)?;
     let (ports, mut names) = taken_ports_and_names(spec);
     let (proxy_port, admin_port) = sidecar_ports(&opts, &ports)?;
+    check_istio_proxy(
+        spec,
+        metadata,
+        opts.native_sidecar,
+        (proxy_port, admin_port),
+        &mut out.warnings,
+    )?;
     let token = match (&opts.drain_token, &settings.drain_token) {
         (Some(t), _) | (None, Some(t)) => t.clone(),
         (None, None) => derived_token(metadata, spec),
@@ -507,7 +514,18 @@ fn mount_state_volume(spec: &mut PodSpec, sidecar: &mut Container, warnings: &mu
 }
 
 /// The sidecar in the pod: a native sidecar (an init container that keeps running), or a
-/// regular container.
+/// regular container. Either way it goes last in its list, on purpose (docs/design.md,
+/// *Neighbour sidecars*):
+/// - the kubelet starts init containers in order, each native sidecar once it has started
+///   (its startup probe passed), and stops native sidecars in reverse order once the app has
+///   exited (KEP-753). Last, lameduck starts after a mesh proxy is up and stops before it
+///   and before a log shipper: what carries its traffic, or ships its last log lines,
+///   outlives it.
+/// - an append is a single `add` at the end of the list in the JSON Patch (the diff is
+///   index by index): no other container moves, so no container is rewritten into another,
+///   which would carry fields the Kubernetes types here do not know onto the wrong one.
+/// - Istio moves its own init containers to the front whenever it injects (`reorderPod`),
+///   so either webhook order gives `istio-init, istio-proxy, …, lameduck`.
 fn add_sidecar(spec: &mut PodSpec, mut sidecar: Container, native: bool) {
     if native {
         sidecar.restart_policy = Some("Always".into());
@@ -517,6 +535,57 @@ fn add_sidecar(spec: &mut PodSpec, mut sidecar: Container, native: bool) {
     } else {
         spec.containers.push(sidecar);
     }
+}
+
+/// Istio's proxy container, by the name its injector gives it, and the pod annotation
+/// that keeps inbound ports out of its interception (istio-init's iptables, or istio-cni).
+const ISTIO_PROXY: &str = "istio-proxy";
+const ISTIO_EXCLUDE_INBOUND: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+
+/// Istio's proxy as a regular container (Istio before 1.27, or
+/// `sidecar.istio.io/nativeSidecar: "false"`) receives every inbound connection, the
+/// kubelet's probes included, unless its port is excluded. It starts only after every init
+/// container: a native lameduck's startup probe would go to a proxy not yet running, and
+/// the pod would never start (refused). It is stopped as the pod starts terminating and
+/// exits its `terminationDrainDuration` (5 s by default) later (istio
+/// `pkg/envoy/agent.go`), ending the traffic lameduck drains through it (a warning). As a
+/// native sidecar it starts before lameduck and is stopped after the app has exited.
+fn check_istio_proxy(
+    spec: &PodSpec,
+    metadata: &ObjectMeta,
+    native: bool,
+    (proxy_port, admin_port): (u16, u16),
+    warnings: &mut Vec<String>,
+) -> Result<(), InjectError> {
+    if !spec.containers.iter().any(|c| c.name == ISTIO_PROXY) {
+        return Ok(());
+    }
+    let excluded: BTreeSet<u16> = annotation(metadata, ISTIO_EXCLUDE_INBOUND)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let fix = format!(
+        "inject Istio's proxy as a native sidecar (annotation sidecar.istio.io/nativeSidecar: \
+         \"true\"), or keep lameduck's ports out of its interception (annotation \
+         {ISTIO_EXCLUDE_INBOUND}: \"{proxy_port},{admin_port}\")"
+    );
+    if native && !excluded.contains(&admin_port) {
+        return Err(InjectError::Refused(format!(
+            "container {ISTIO_PROXY} is Istio's proxy as a regular container: it starts only \
+             after the init containers, but istio-init's iptables (or istio-cni's) already send \
+             the kubelet's probes to it, so lameduck (a native sidecar, an init container) would never pass its \
+             startup probe on port {admin_port} and the pod would never start; {fix}"
+        )));
+    }
+    if !excluded.contains(&proxy_port) {
+        warnings.push(format!(
+            "container {ISTIO_PROXY} is Istio's proxy as a regular container: it is stopped as \
+             the pod starts terminating and exits after its terminationDrainDuration (5s by \
+             default), ending the traffic lameduck drains through it; {fix}"
+        ));
+    }
+    Ok(())
 }
 
 /// terminationGracePeriodSeconds raised to drain-max + [`GRACE_MARGIN_SECS`], never

@@ -49,7 +49,69 @@ pub(super) fn find_app_port(
         Some(v) => annotated_port(spec, only, container, v)?,
         None => guessed_port(spec, only, container, default_container)?,
     };
-    Ok(AppPort { container, port })
+    let app = AppPort { container, port };
+    check_owned(spec, &app)?;
+    Ok(app)
+}
+
+/// The containers that run beside the app (the other regular containers, and native
+/// sidecars: init containers with `restartPolicy: Always`), with their TCP ports. A plain
+/// init container has exited before any traffic arrives.
+fn neighbours(spec: &PodSpec, app: usize) -> impl Iterator<Item = (&Container, &ContainerPort)> {
+    let regular = spec
+        .containers
+        .iter()
+        .enumerate()
+        .filter(move |(ci, _)| *ci != app)
+        .map(|(_, c)| c);
+    let sidecars = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"));
+    regular.chain(sidecars).flat_map(|c| {
+        c.ports
+            .iter()
+            .flatten()
+            .filter(|p| is_tcp(p))
+            .map(move |p| (c, p))
+    })
+}
+
+/// The app port must be the app container's alone: lameduck takes over its name and
+/// forwards to its number. Another running container that declares the same name keeps
+/// the Service's traffic (Kubernetes resolves a named targetPort to the first container
+/// declaring it, regular containers before sidecars), and one that declares the same
+/// number may be what listens there (a proxy in front of the app): refused, naming both.
+fn check_owned(spec: &PodSpec, app: &AppPort) -> Result<(), InjectError> {
+    let owner = &spec.containers[app.container];
+    let port = &owner.ports.as_ref().expect("the app port exists")[app.port];
+    let number = port.container_port;
+    for (other, p) in neighbours(spec, app.container) {
+        if port.name.is_some() && p.name == port.name {
+            let name = port.name.as_deref().unwrap_or_default();
+            return Err(InjectError::Refused(format!(
+                "container {} declares a port named {name} ({}) as well as container {} \
+                 ({number}), and a Service's targetPort {name} reaches the first container \
+                 that declares it (regular containers before sidecars): lameduck would take \
+                 over the name while {} keeps the traffic, bypassing lameduck; give one of \
+                 the two ports another name, and point the Service and annotation \
+                 {ANN_CONTAINER} (or {ANN_PORT}) at the port the load balancer must reach",
+                other.name, p.container_port, owner.name, other.name
+            )));
+        }
+        if p.container_port == number {
+            return Err(InjectError::Refused(format!(
+                "containers {} and {} both declare port {number}, but only one process can \
+                 listen on it: lameduck would forward to whichever does (a proxy in front of \
+                 the app, say), not necessarily container {}; remove the port from the \
+                 container that does not listen on it, or set annotation {ANN_CONTAINER} to \
+                 the one that does",
+                owner.name, other.name, owner.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The index of the container `lameduck.io/container` names.
@@ -361,6 +423,55 @@ mod tests {
         assert!(e.to_string().contains("already declares"), "{e}");
         let e = pick_port(ANN_PROXY_PORT, Some("0"), 9900, &taken, None).unwrap_err();
         assert!(e.to_string().contains("expected a port number"), "{e}");
+    }
+
+    /// The app port is the app container's alone: the same name or number declared by a
+    /// container running beside it (a regular container or a native sidecar) is refused;
+    /// a plain init container (exited before traffic) and a UDP port are not in the way.
+    #[test]
+    fn the_app_port_belongs_to_the_app_alone() {
+        let pod = |neighbour: serde_json::Value| -> PodSpec {
+            serde_json::from_value(serde_json::json!({
+                "initContainers": [neighbour],
+                "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}]
+            }))
+            .unwrap()
+        };
+        let find = |spec: &PodSpec| {
+            find_app_port(spec, Some("app"), None, None)
+                .map(|a| (a.container, a.port))
+                .map_err(|e| e.to_string())
+        };
+        let sidecar = |ports: serde_json::Value| serde_json::json!({"name": "envoy", "restartPolicy": "Always", "ports": ports});
+        let same_number = pod(sidecar(
+            serde_json::json!([{"name": "proxy", "containerPort": 8080}]),
+        ));
+        let e = find(&same_number).unwrap_err();
+        assert!(e.contains("app and envoy both declare port 8080"), "{e}");
+        let same_name = pod(sidecar(
+            serde_json::json!([{"name": "http", "containerPort": 8081}]),
+        ));
+        let e = find(&same_name).unwrap_err();
+        assert!(e.contains("envoy declares a port named http (8081)"), "{e}");
+        let udp = pod(sidecar(serde_json::json!([
+            {"name": "http", "containerPort": 8080, "protocol": "UDP"}
+        ])));
+        assert_eq!(find(&udp), Ok((0, 0)));
+        let init = pod(serde_json::json!({
+            "name": "migrate", "ports": [{"name": "http", "containerPort": 8080}]
+        }));
+        assert_eq!(find(&init), Ok((0, 0)));
+        // By number, without lameduck.io/container: the first of two is not taken silently.
+        let two: PodSpec = serde_json::from_value(serde_json::json!({"containers": [
+            {"name": "nginx", "ports": [{"name": "web", "containerPort": 8080}]},
+            {"name": "app", "ports": [{"name": "http", "containerPort": 8080}]}
+        ]}))
+        .unwrap();
+        let e = find_app_port(&two, None, Some("8080"), None)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nginx and app both declare port 8080"), "{e}");
     }
 
     #[test]
