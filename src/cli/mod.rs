@@ -420,11 +420,10 @@ pub struct ProxyArgs {
     /// draining_interval_seconds >= drain-max): it stops opening connections sooner than
     /// after deregistration. WITHOUT those attributes the NLB resets every open connection
     /// of an unhealthy target. TCP health checks cannot be failed without refusing clients.
-    #[arg(
-        long,
-        env = "LAMEDUCK_FAIL_HEALTH_WHILE_DRAINING",
-        help_heading = "TCP mode"
-    )]
+    /// Annotation: lameduck.io/fail-health-while-draining.
+    #[arg(long, env = "LAMEDUCK_FAIL_HEALTH_WHILE_DRAINING", value_name = "BOOL",
+          help_heading = "TCP mode", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
     pub fail_health_while_draining: bool,
 }
 
@@ -616,7 +615,8 @@ impl ProxyArgs {
             return Err(ConfigError::new(
                 &["--health-path", "--mode"],
                 "--health-path is for --mode http: in tcp mode the load balancer's \
-                        health checks must keep passing while draining",
+                        health checks keep passing while draining, unless the opt-in for target \
+                        groups that drain unhealthy targets says otherwise (docs/tcp-mode.md)",
             ));
         }
         if self.mode == Mode::Tcp && self.tls_enabled() {

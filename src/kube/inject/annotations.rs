@@ -10,6 +10,7 @@
 //! | any other `lameduck.io/*` | refused, with a hint | `check_known` |
 //! | [`ANN_PORT`], [`ANN_CONTAINER`] | a port name or number; a container name | `Values::get`; against the pod: `ports::find_app_port` |
 //! | [`ANN_NATIVE_SIDECAR`], [`ANN_REPLACE_PRESTOP`], [`ANN_EVENTS`], [`ANN_ALLOW_DEGRADED`] | `BOOL_FORM` | `Values::boolean` |
+//! | [`ANN_FAIL_HEALTH_WHILE_DRAINING`] | `BOOL_FORM` | `Values::boolean`; the proxy's `--fail-health-while-draining` (tcp mode: [`crate::cli::ProxyArgs::validate`]) |
 //! | [`ANN_DRAIN_MIN`], [`ANN_QUIET`], [`ANN_QUIET_FALLBACK`], [`ANN_DRAIN_MAX`], [`ANN_HEALTH_PATH`], [`ANN_READINESS_WHILE_DRAINING`], [`ANN_UPSTREAM_HEALTH`], [`ANN_IDLE_TIMEOUT`] | the proxy flag's own value (`FLAG_ANNOTATIONS`) | `Values::flags`; together: [`crate::cli::ProxyArgs::validate`], named by `Options::flag_error` |
 //! | [`ANN_UPSTREAM_PROTOCOL`], [`ANN_MODE`] | `PROTOCOL_FORM`, `MODE_FORM` | `Values::upstream_h2c`, `Values::mode` (the proxy's `--upstream-protocol`, `--mode`) |
 //! | [`ANN_TLS`] | `TLS_FORM` | `Values::tls` |
@@ -48,6 +49,9 @@ pub const ANN_DRAIN_MAX: &str = "lameduck.io/drain-max";
 pub const ANN_HEALTH_PATH: &str = "lameduck.io/health-path";
 /// `--readiness-while-draining`: `fail`, `keep` or a duration (serving-aware consumers).
 pub const ANN_READINESS_WHILE_DRAINING: &str = "lameduck.io/readiness-while-draining";
+/// `"true"` (tcp mode only): `--fail-health-while-draining`, for NLB target groups that
+/// drain unhealthy targets.
+pub const ANN_FAIL_HEALTH_WHILE_DRAINING: &str = "lameduck.io/fail-health-while-draining";
 pub const ANN_UPSTREAM_HEALTH: &str = "lameduck.io/upstream-health";
 pub const ANN_UPSTREAM_PROTOCOL: &str = "lameduck.io/upstream-protocol";
 pub const ANN_IDLE_TIMEOUT: &str = "lameduck.io/idle-timeout";
@@ -81,6 +85,7 @@ pub const KNOWN_ANNOTATIONS: &[&str] = &[
     ANN_DRAIN_MAX,
     ANN_HEALTH_PATH,
     ANN_READINESS_WHILE_DRAINING,
+    ANN_FAIL_HEALTH_WHILE_DRAINING,
     ANN_UPSTREAM_HEALTH,
     ANN_UPSTREAM_PROTOCOL,
     ANN_IDLE_TIMEOUT,
@@ -337,6 +342,14 @@ impl Options {
         let upstream_h2c = values.upstream_h2c()?;
         let mode = values.mode()?;
         let tls_secret = values.tls(&mut flags)?;
+        if values.boolean(ANN_FAIL_HEALTH_WHILE_DRAINING, false)? {
+            // The proxy refuses it outside tcp mode, naming this annotation.
+            flags.push((
+                "--fail-health-while-draining",
+                Some(ANN_FAIL_HEALTH_WHILE_DRAINING),
+                "true".to_owned(),
+            ));
+        }
         if mode == Mode::Tcp {
             // Last: it is the last of the proxy's flags.
             flags.push(("--mode", Some(ANN_MODE), "tcp".to_owned()));
