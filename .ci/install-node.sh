@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The node tier (tests/node.rs): a real kubelet, kube-scheduler, containerd, runc, the CNI
-# plugins and HAProxy. containerd, runc, the CNI plugins, HAProxy, iptables, iproute2 and gcc
-# (the static pause and test app) come from Debian; the kubelet and kube-scheduler are built
-# from the k8s.io/kubernetes module pinned in tests/cluster/go.mod (tests/node/build.sh),
+# The node tier (tests/node.rs): a real kubelet, kube-scheduler, kube-proxy, containerd, runc,
+# the CNI plugins and HAProxy. containerd, runc, the CNI plugins, HAProxy, iptables (kube-proxy's
+# rules, inside the node's network namespace), iproute2 and gcc (the static pause and test
+# app) come from Debian; the kubelet, kube-scheduler and kube-proxy are built from the
+# k8s.io/kubernetes module pinned in tests/cluster/go.mod (tests/node/build.sh),
 # cached under ~/.cache/lameduck/node by version: a warm run does nothing but check. The Argo
 # Rollouts controller (the canary) is built from its own Go module (tests/node/build-argo.sh).
 # Run after .ci/install-cluster.sh (it fills the Go module and build caches this reuses).

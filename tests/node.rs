@@ -1113,6 +1113,434 @@ fn canary_workaround_keeps_the_old_fleet_up() {
     report(&format!("canary-workaround took {:.1}s", run.took));
 }
 
+// === f. kube-proxy: an NLB's NodePort with externalTrafficPolicy: Local ===
+
+/// The NLB's health check of the node, on kube-proxy's health check node port: every 10 s,
+/// unhealthy after 3 failed checks (an NLB's checks are seconds apart and need several
+/// failures; 20-30 s from the first 503 to the node's removal, longer than the 5-10 s
+/// lameduck's injected readiness probe takes to fail: period 5 s, failureThreshold 2).
+const NLB_CHECK: node::NlbCheck = node::NlbCheck {
+    interval: Duration::from_secs(10),
+    timeout: Duration::from_secs(2),
+    fall: 3,
+    rise: 3,
+};
+
+/// The Service an NLB with instance targets sends to: `type: LoadBalancer` (the AWS Load
+/// Balancer Controller's class and target type; no controller runs here, so its status stays
+/// empty), `externalTrafficPolicy: Local`. The apiserver allocates its NodePort and, for this
+/// type and policy only, its `healthCheckNodePort` (a `type: NodePort` Service gets none:
+/// `needsHCNodePort`, pkg/registry/core/service/storage/storage.go).
+fn local_service() -> Json {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "annotations": {
+            "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type": "instance",
+        }},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "service.k8s.aws/nlb",
+            "externalTrafficPolicy": "Local",
+            "selector": {"app": "web"},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
+    })
+}
+
+/// The Service and `web-0` through `lameduck inject`, without the ALB stand-in's readiness
+/// gate (no ALB here); `readiness` appended to the lameduck container's args when given.
+/// `quiet-fallback: 5s`: the NLB checks kube-proxy, never lameduck, so `--quiet auto` has no
+/// interval to learn and the fallback is the quiet window (30 s by default; 5 s keeps the
+/// tier short and is still 100 times the gap between two connections of the load).
+fn local_manifest(readiness: Option<&str>) -> String {
+    let mut p = pod(
+        "web-0",
+        Variant::Native,
+        &[("lameduck.io/quiet-fallback", "5s")],
+    );
+    p["spec"]
+        .as_object_mut()
+        .expect("a pod spec")
+        .remove("readinessGates");
+    let injected = inject(&[local_service(), p]);
+    let mut list = node::documents(&injected)
+        .into_iter()
+        .next()
+        .expect("inject printed a List");
+    if let Some(flag) = readiness {
+        let mut patched = 0;
+        for item in list["items"].as_array_mut().expect("items") {
+            for key in ["initContainers", "containers"] {
+                for c in item["spec"][key].as_array_mut().into_iter().flatten() {
+                    if c["name"] == "lameduck" {
+                        c["args"]
+                            .as_array_mut()
+                            .expect("lameduck's args")
+                            .push(json!(flag));
+                        patched += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(patched, 1, "one lameduck container to patch: {injected}");
+    }
+    list.to_string()
+}
+
+struct LocalRun {
+    run: node::NlbRun,
+    deleted_at: f64,
+    /// When kube-proxy's health check node port first answered 503 after the DELETE
+    /// (polled every 100 ms).
+    hc_503_at: Option<f64>,
+    /// The NLB's first check of the node that did not answer 200, after the DELETE.
+    hc_failed_at: Option<f64>,
+    /// When the NLB marked the node unhealthy.
+    down_at: Option<f64>,
+    terminating_at: Option<f64>,
+    /// When web-0's endpoint turned `serving: false` (`None`: not before the pod went).
+    not_serving_at: Option<f64>,
+    gone_at: f64,
+    term: Termination,
+    drained: Option<node::PodLogLine>,
+}
+
+/// The NLB's targets: 0 the node, 1 the other backend.
+const NODE: usize = 0;
+const OTHER: usize = 1;
+
+/// One injected pod behind a `LoadBalancer` Service with `externalTrafficPolicy: Local` on the
+/// node, kube-proxy routing its NodePort, an NLB of the test's own sending to the node's
+/// NodePort and to a second, always healthy backend, and checking the node on the Service's
+/// `healthCheckNodePort`. `web-0` is deleted under load; the run lasts until the NLB has
+/// marked the node down and the pod is gone.
+fn nodeport_local(node: &'static Node, label: &str, readiness: Option<&str>) -> LocalRun {
+    let proxy = node.kube_proxy();
+    let ns = node.namespace(&format!("local-{label}"));
+    let slices = node::SliceWatch::start(node, &ns.name);
+    node.apply(&ns.name, &local_manifest(readiness));
+    wait_ready(node, &ns.name, 1);
+    let svc = node.get_json(&["service", "web", "-n", &ns.name]);
+    let port = |v: &Json| v.as_u64().and_then(|p| u16::try_from(p).ok());
+    let node_port = port(&svc["spec"]["ports"][0]["nodePort"]).expect("a nodePort");
+    let hc_port = port(&svc["spec"]["healthCheckNodePort"]).expect("a healthCheckNodePort");
+    let traffic = std::net::SocketAddr::from((node.node_ip, node_port));
+    let hc = std::net::SocketAddr::from((node.node_ip, hc_port));
+    let get = |addr, path| node::http_get(addr, path, Duration::from_secs(2));
+    // kube-proxy has seen the Service and the ready endpoint.
+    assert!(
+        poll(Duration::from_secs(60), || {
+            get(hc, "/").is_ok_and(|(c, _)| c == 200)
+                && get(traffic, "/").is_ok_and(|(c, _)| c == 200)
+        }),
+        "kube-proxy did not route {traffic} or report {hc} healthy: {:?} {:?}\n{}",
+        get(hc, "/"),
+        get(traffic, "/"),
+        node::tail(&proxy.log, 30)
+    );
+    // kube-proxy's answer on the health check node port, every 100 ms (apart from the NLB's
+    // checks, 10 s apart): when it turns 503.
+    let prober = node::Prober::start(hc, "/", LOAD_MAX);
+    let backend = node::Backend::start();
+    let nlb = node::Nlb::start(
+        vec![
+            node::NlbTarget {
+                name: "node".into(),
+                addr: traffic,
+                check: Some(hc),
+            },
+            node::NlbTarget {
+                name: "other".into(),
+                addr: backend.addr,
+                check: None,
+            },
+        ],
+        NLB_CHECK,
+        RATE,
+        LOAD_MAX,
+    );
+    assert!(
+        poll(Duration::from_secs(30), || nlb.healthy(NODE)),
+        "the NLB never saw the node healthy"
+    );
+    nlb.send();
+    let steady = (RATE * 3) as usize;
+    assert!(
+        poll(Duration::from_secs(60), || nlb.count() >= steady),
+        "the NLB's client stalled"
+    );
+    let deleted_at = now();
+    node.kubectl(
+        &["delete", "pod", "web-0", "-n", &ns.name, "--wait=false"],
+        None,
+    );
+    let mut gone_at = None;
+    let done = poll(Duration::from_secs(180), || {
+        if gone_at.is_none() && node.pods(&ns.name).is_empty() {
+            gone_at = Some(now());
+        }
+        gone_at.is_some() && nlb.down_at(NODE).is_some()
+    });
+    assert!(
+        done,
+        "within 180 s: node marked down {:?}, pod gone {gone_at:?}",
+        nlb.down_at(NODE)
+    );
+    let more = nlb.count() + RATE as usize;
+    assert!(
+        poll(Duration::from_secs(60), || nlb.count() >= more),
+        "the NLB's client stalled"
+    );
+    let down_at = nlb.down_at(NODE);
+    let run = nlb.finish();
+    drop(backend);
+    let changes = slices.changes();
+    drop(slices);
+    let after = |f: &dyn Fn(&node::SliceChange) -> bool| {
+        changes
+            .iter()
+            .find(|c| c.at >= deleted_at - 0.5 && c.pod == "web-0" && f(c))
+            .map(|c| c.at)
+    };
+    let terminating_at = after(&|c| c.terminating);
+    let not_serving_at = after(&|c| !c.serving);
+    let hc_503_at = prober
+        .changes()
+        .iter()
+        .find(|(at, answer)| *at >= deleted_at && *answer == Ok(503))
+        .map(|(at, _)| *at);
+    drop(prober);
+    let hc_failed_at = run
+        .checks
+        .iter()
+        .find(|c| c.target == NODE && c.at >= deleted_at && c.outcome != Ok(200))
+        .map(|c| c.at);
+    let term = Termination::of(node, &ns.name, "web-0");
+    let drained = drained_line(node, &ns.name, "web-0");
+    let out = LocalRun {
+        run,
+        deleted_at,
+        hc_503_at,
+        hc_failed_at,
+        down_at,
+        terminating_at,
+        not_serving_at,
+        gone_at: gone_at.unwrap_or(f64::NAN),
+        term,
+        drained,
+    };
+    report(&out.story(label));
+    drop(ns);
+    out
+}
+
+impl LocalRun {
+    fn to(&self, target: usize) -> Vec<Rec> {
+        self.run
+            .recs
+            .iter()
+            .filter(|(t, _)| *t == target)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// The failures by what went wrong, verbatim ("connect: Connection refused (os error
+    /// 111)", "timeout", a status).
+    fn kinds(recs: &[Rec]) -> BTreeMap<String, usize> {
+        let mut kinds = BTreeMap::new();
+        for r in recs.iter().filter(|r| !r.ok()) {
+            let k = match &r.outcome {
+                Ok(code) => code.to_string(),
+                Err(e) => e.clone(),
+            };
+            *kinds.entry(k).or_default() += 1;
+        }
+        kinds
+    }
+
+    fn rel(&self, t: Option<f64>) -> String {
+        t.map(|t| format!("{:+.2}s", t - self.deleted_at))
+            .unwrap_or_else(|| "never".into())
+    }
+
+    fn story(&self, label: &str) -> String {
+        let all: Vec<Rec> = self.run.recs.iter().map(|(_, r)| r.clone()).collect();
+        let to_node = self.to(NODE);
+        let failed_node: Vec<&Rec> = to_node.iter().filter(|r| !r.ok()).collect();
+        let window = |r: &&Rec| r.at >= self.deleted_at && self.down_at.is_none_or(|d| r.at < d);
+        format!(
+            "NLB → NodePort, externalTrafficPolicy Local, readiness {label}: {}; to the node {} \
+             ({} between the DELETE and its removal), failed {:?}; to the other target {}, \
+             failed {}; after the DELETE: endpoint terminating {}, health check node port \
+             503 {} (the NLB's first failed check {}), endpoint serving=false {}, NLB marked \
+             the node down {} ({} failed checks {:?} apart), node failures from {} to {}, \
+             lameduck drained {}, app SIGTERM {}, pod gone {}; lameduck: {}",
+            summary(&all),
+            to_node.len(),
+            to_node.iter().filter(window).count(),
+            Self::kinds(&to_node),
+            self.to(OTHER).len(),
+            failed(&self.to(OTHER)),
+            self.rel(self.terminating_at),
+            self.rel(self.hc_503_at),
+            self.rel(self.hc_failed_at),
+            self.rel(self.not_serving_at),
+            self.rel(self.down_at),
+            NLB_CHECK.fall,
+            NLB_CHECK.interval,
+            self.rel(failed_node.first().map(|r| r.at)),
+            self.rel(failed_node.last().map(|r| r.at)),
+            self.rel(self.drained.as_ref().map(|l| l.at)),
+            self.rel(self.term.at(KILL, "app")),
+            self.rel(Some(self.gone_at)),
+            self.drained
+                .as_ref()
+                .map(|l| l.text.as_str())
+                .unwrap_or("no drain line"),
+        )
+    }
+
+    /// What both settings must show: the NLB's other target lost nothing, the health check
+    /// node port failed soon after the DELETE (kube-proxy counts only ready endpoints), and
+    /// the NLB removed the node only after its checks failed; traffic reached the node in
+    /// between.
+    fn common(&self, label: &str) -> f64 {
+        assert_eq!(
+            failed(&self.to(OTHER)),
+            0,
+            "{label}: the other target failed: {}",
+            summary(&self.to(OTHER))
+        );
+        // kube-proxy counts only ready endpoints for it: 503 as soon as it sees the
+        // endpoint terminating, whatever lameduck's readiness says.
+        let hc_503 = self
+            .hc_503_at
+            .unwrap_or_else(|| panic!("{label}: the health check node port never said 503"));
+        assert!(
+            hc_503 - self.deleted_at < 3.0,
+            "{label}: the health check node port said 503 only {:.2}s after the DELETE",
+            hc_503 - self.deleted_at
+        );
+        let hc_failed = self
+            .hc_failed_at
+            .unwrap_or_else(|| panic!("{label}: no check of the NLB failed"));
+        let down = self
+            .down_at
+            .unwrap_or_else(|| panic!("{label}: the NLB never marked the node down"));
+        assert!(
+            down > hc_failed,
+            "{label}: marked down before a failed check"
+        );
+        assert!(
+            self.terminating_at.is_some(),
+            "{label}: web-0's endpoint never turned terminating"
+        );
+        let window = self
+            .to(NODE)
+            .iter()
+            .filter(|r| r.at >= self.deleted_at && r.at < down)
+            .count();
+        assert!(
+            window > 100,
+            "{label}: only {window} connections reached the node between the DELETE and \
+             its removal"
+        );
+        down
+    }
+}
+
+/// `fail` (the default): lameduck's readiness fails at the drain's start, the kubelet's
+/// probe turns the pod unready, the endpoint is no longer `serving`, and kube-proxy has no
+/// endpoint left for the node's NodePort: the new connections the NLB still sends during its
+/// detection window are refused (the Service has no endpoint at all here: REJECT; with ready
+/// endpoints on other nodes it would be DROP, timeouts).
+#[test]
+fn nodeport_local_readiness_fail_refuses_connections() {
+    let Some(node) = node::node("nodeport_local_readiness_fail_refuses_connections") else {
+        return;
+    };
+    if !node::kube_proxy_available("nodeport_local_readiness_fail_refuses_connections") {
+        return;
+    }
+    let _serial = serial();
+    let run = nodeport_local(node, "fail", None);
+    let down = run.common("fail");
+    let to_node = run.to(NODE);
+    let failures: Vec<&Rec> = to_node.iter().filter(|r| !r.ok()).collect();
+    assert!(
+        !failures.is_empty(),
+        "fail: no connection to the node failed: the test would not see the problem; {}",
+        summary(&to_node)
+    );
+    let not_serving = run
+        .not_serving_at
+        .expect("fail: web-0's endpoint turned serving=false");
+    for r in &failures {
+        // After kube-proxy lost the endpoint (the test's watch may see the change a little
+        // after kube-proxy's), before the NLB stopped sending.
+        assert!(
+            r.at > not_serving - 1.0 && r.at < down,
+            "fail: a failure at {} outside [serving=false {}, marked down {}]: {:?}",
+            run.rel(Some(r.at)),
+            run.rel(Some(not_serving)),
+            run.rel(Some(down)),
+            r.outcome
+        );
+    }
+}
+
+/// `keep`: lameduck stays ready while it drains, the terminating endpoint stays `serving`,
+/// kube-proxy keeps it as the NodePort's fallback (KEP-1669) while its health check node port
+/// already says 503: the NLB stops sending after its checks, and every connection it sent
+/// meanwhile is served. lameduck's drain ends quiet after that.
+#[test]
+fn nodeport_local_readiness_keep_loses_nothing() {
+    let Some(node) = node::node("nodeport_local_readiness_keep_loses_nothing") else {
+        return;
+    };
+    if !node::kube_proxy_available("nodeport_local_readiness_keep_loses_nothing") {
+        return;
+    }
+    let _serial = serial();
+    let run = nodeport_local(node, "keep", Some("--readiness-while-draining=keep"));
+    let down = run.common("keep");
+    let all: Vec<Rec> = run.run.recs.iter().map(|(_, r)| r.clone()).collect();
+    assert_eq!(
+        failed(&all),
+        0,
+        "keep: connections failed: {} {:?}",
+        summary(&all),
+        LocalRun::kinds(&all)
+    );
+    // The endpoint stayed serving until after the NLB had let go of the node.
+    if let Some(ns) = run.not_serving_at {
+        assert!(
+            ns > down,
+            "keep: the endpoint turned serving=false {} before the node was marked down",
+            down - ns
+        );
+    }
+    let drained = run
+        .drained
+        .as_ref()
+        .expect("keep: lameduck logged its drain's end");
+    assert!(
+        drained.text.contains("drained: no request for"),
+        "keep: the drain did not end quiet: {}",
+        drained.text
+    );
+    assert!(
+        drained.at > down,
+        "keep: lameduck drained {:.2}s before the node was marked down",
+        down - drained.at
+    );
+    let kill = run.term.must(KILL, "app");
+    assert!(
+        kill > down,
+        "keep: the app's SIGTERM came before the node was marked down"
+    );
+}
+
 // === d. nothing left behind ===
 
 /// Run by [`leaves_nothing_behind`] in a child process: brings a node up, runs a pod with
@@ -1127,22 +1555,41 @@ fn node_child_then_fail() {
         return;
     };
     let ns = node.namespace("child");
-    node.apply(
-        &ns.name,
-        &manifests(Variant::Native, &[pod("web-0", Variant::Native, &[])]),
-    );
+    // With kube-proxy (where it is built) and a Service it programs: its rules, in the
+    // node's network namespace, must go with it.
+    let proxy = node::kube_proxy_built();
+    if proxy {
+        node.kube_proxy();
+    }
+    let mut objects = vec![pod("web-0", Variant::Native, &[])];
+    if proxy {
+        objects.push(local_service());
+    }
+    node.apply(&ns.name, &manifests(Variant::Native, &objects));
     let running = poll(PATIENCE, || {
         node.pods(&ns.name)
             .iter()
             .any(|p| condition(p, "ContainersReady"))
     });
     assert!(running, "the child's pod did not run");
+    let mut proxy_rules = 0;
+    if proxy {
+        poll(PATIENCE, || {
+            proxy_rules = node
+                .iptables_rules()
+                .lines()
+                .filter(|l| l.starts_with("-A KUBE-") && l.contains("/web:http"))
+                .count();
+            proxy_rules > 0
+        });
+    }
     let holder = node.holder;
     let netns = std::fs::read_link(format!("/proc/{holder}/ns/net")).expect("the netns");
     let mntns = std::fs::read_link(format!("/proc/{holder}/ns/mnt")).expect("the mount ns");
     let _ = writeln!(
         std::io::stderr(),
-        "child-node: dir={} cgroup={} veth={} pods={} netns={} mntns={} containers={}",
+        "child-node: dir={} cgroup={} veth={} pods={} netns={} mntns={} containers={} \
+         kube_proxy={proxy} proxy_rules={proxy_rules}",
         node.dir.display(),
         node.cgroup,
         node.veth,
@@ -1246,6 +1693,12 @@ fn leaves_nothing_behind() {
         "the child ran fewer processes than a node with a pod: {line}"
     );
     let (netns, mntns) = (fields["netns"], fields["mntns"]);
+    if fields["kube_proxy"] == "true" {
+        assert!(
+            fields["proxy_rules"].parse::<usize>().unwrap_or(0) > 0,
+            "the child's kube-proxy programmed no rule for its Service: {line}"
+        );
+    }
 
     // Processes: none in its cgroups, none holding its namespaces, none naming its directory
     // (a few seconds for the last ones, re-parented, to be reaped).

@@ -43,8 +43,8 @@ pub use cluster::poll;
 use cluster::{die_with_parent, free_port, Ca};
 use serde_json::{json, Value as Json};
 
-/// The pinned Kubernetes version: `tests/node/build.sh` caches the kubelet and scheduler
-/// under `~/.cache/lameduck/node/<this>`; the control plane is tests/cluster's.
+/// The pinned Kubernetes version: `tests/node/build.sh` caches the kubelet, scheduler and
+/// kube-proxy under `~/.cache/lameduck/node/<this>`; the control plane is tests/cluster's.
 pub const NODE_KEY: &str = "k8s-v1.37.2";
 pub const NODE_NAME: &str = "lameduck-node";
 pub const APP_IMAGE: &str = "lameduck.test/app:1";
@@ -103,6 +103,13 @@ fn cache_dir(var: &str, sub: &str) -> PathBuf {
     })
 }
 
+/// Where tests/node/build.sh put the kubelet, kube-scheduler and kube-proxy.
+fn node_bin() -> PathBuf {
+    std::env::var_os("LAMEDUCK_NODE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir("LAMEDUCK_NODE_CACHE", "node").join(NODE_KEY))
+}
+
 const CNI_DIR: &str = "/usr/lib/cni";
 
 /// Everything the tier needs, or the first thing missing.
@@ -128,9 +135,7 @@ fn tools() -> Result<Tools, String> {
             ));
         }
     }
-    let node_bin = std::env::var_os("LAMEDUCK_NODE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir("LAMEDUCK_NODE_CACHE", "node").join(NODE_KEY));
+    let node_bin = node_bin();
     for b in ["kubelet", "kube-scheduler"] {
         if !node_bin.join(b).is_file() {
             return Err(format!(
@@ -1317,6 +1322,169 @@ impl Node {
     }
 }
 
+// === kube-proxy ===
+
+/// kube-proxy's health and metrics ports, inside the node's network namespace (its own port
+/// space: only the kubelet listens there, on 10250).
+const KUBE_PROXY_HEALTHZ_PORT: u16 = 10256;
+const KUBE_PROXY_METRICS_PORT: u16 = 10249;
+
+/// Why kube-proxy cannot run, if it cannot.
+fn kube_proxy_missing() -> Option<String> {
+    if !node_bin().join("kube-proxy").is_file() {
+        Some(format!(
+            "kube-proxy not in {} (run .ci/install-node.sh)",
+            node_bin().display()
+        ))
+    } else if which("iptables").is_none() || which("iptables-save").is_none() {
+        Some("iptables not found (run .ci/install-node.sh)".to_string())
+    } else {
+        None
+    }
+}
+
+/// Whether kube-proxy is built and iptables is installed (a `SKIPPED:` line if not).
+pub fn kube_proxy_available(test: &str) -> bool {
+    match kube_proxy_missing() {
+        None => true,
+        Some(why) => {
+            skip(test, &why);
+            false
+        }
+    }
+}
+
+/// Whether kube-proxy can run, without a `SKIPPED:` line.
+pub fn kube_proxy_built() -> bool {
+    kube_proxy_missing().is_none()
+}
+
+/// The node's kube-proxy, as [`Node::kube_proxy`] started it.
+#[derive(Clone, Debug)]
+pub struct KubeProxy {
+    pub pid: i32,
+    pub log: PathBuf,
+    /// Its `/healthz` (on the node's address; the service health check node ports answer 503
+    /// while it is unhealthy).
+    pub healthz: SocketAddr,
+}
+
+impl Node {
+    /// The real kube-proxy (v1.37.2, the kubelet's build), started once, in the node's
+    /// network and mount namespaces and its daemons' cgroup as the kubelet is: iptables mode
+    /// (the `iptables` of the node's file system, nf_tables backend here), its rules in the
+    /// node's network namespace, which goes with the holder at tear-down. Its configuration
+    /// keeps it off every machine-wide tunable: conntrack `maxPerCore: 0`/`min: 0` (it leaves
+    /// `nf_conntrack_max` and the `hashsize` module parameter alone), the TCP conntrack
+    /// timeouts `0s` (not set), `localhostNodePorts: false` (no `route_localnet`),
+    /// `oomScoreAdj: 0`. As a guard, files holding the current values are bind-mounted over
+    /// `nf_conntrack_max` and `hashsize` in the node's private mount namespace first. NodePorts
+    /// and health check node ports on the node's address only.
+    pub fn kube_proxy(&'static self) -> KubeProxy {
+        static STARTED: OnceLock<KubeProxy> = OnceLock::new();
+        STARTED
+            .get_or_init(|| {
+                let dir = self.dir.join("kube-proxy");
+                std::fs::create_dir_all(&dir).expect("mkdir");
+                let ns = |script: &str| {
+                    run(Command::new("nsenter")
+                        .args(["-t", &self.holder.to_string(), "-m", "-n", "--"])
+                        .args(["sh", "-c", script]))
+                };
+                for path in [
+                    "/proc/sys/net/netfilter/nf_conntrack_max",
+                    "/sys/module/nf_conntrack/parameters/hashsize",
+                ] {
+                    if !Path::new(path).exists() {
+                        continue;
+                    }
+                    let have = std::fs::read_to_string(path).unwrap_or_default();
+                    let fake = write(
+                        &dir.join("guard")
+                            .join(path.trim_start_matches('/').replace('/', ".")),
+                        have.trim(),
+                    );
+                    ns(&format!("mount --bind {} {path}", fake.display()));
+                }
+                let healthz = SocketAddr::from((self.node_ip, KUBE_PROXY_HEALTHZ_PORT));
+                let config = write(
+                    &dir.join("config.json"),
+                    json!({
+                        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                        "kind": "KubeProxyConfiguration",
+                        "clientConnection": {"kubeconfig": self.kubeconfig},
+                        "hostnameOverride": NODE_NAME,
+                        "mode": "iptables",
+                        "clusterCIDR": self.pod_cidr,
+                        "detectLocalMode": "ClusterCIDR",
+                        "nodePortAddresses": [format!("{}/32", self.node_ip)],
+                        "healthzBindAddress": healthz.to_string(),
+                        "metricsBindAddress": format!("127.0.0.1:{KUBE_PROXY_METRICS_PORT}"),
+                        "bindAddressHardFail": true,
+                        "oomScoreAdj": 0,
+                        "conntrack": {
+                            "maxPerCore": 0, "min": 0,
+                            "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s",
+                        },
+                        "iptables": {"localhostNodePorts": false, "masqueradeAll": false},
+                        // "Reporting endpoints for healthcheck" is V(3).
+                        "logging": {"verbosity": 3, "flushFrequency": "100ms"},
+                        "enableProfiling": false,
+                    })
+                    .to_string(),
+                );
+                let mut cmd = in_cgroup(&self.cgroup, "nsenter");
+                cmd.args(["-t", &self.holder.to_string(), "-m", "-n", "--"]);
+                cmd.arg(node_bin().join("kube-proxy"));
+                cmd.arg(format!("--config={}", config.display()));
+                let log = dir.join("kube-proxy.log");
+                let pid = spawn(cmd, &log);
+                let up = poll(STARTUP, || {
+                    exited(pid)
+                        || http_get(healthz, "/healthz", Duration::from_secs(2))
+                            .is_ok_and(|(code, _)| code == 200)
+                });
+                assert!(
+                    up && !exited(pid),
+                    "kube-proxy did not become healthy:\n{}",
+                    tail(&log, 40)
+                );
+                KubeProxy { pid, log, healthz }
+            })
+            .clone()
+    }
+}
+
+impl Node {
+    /// `iptables-save` inside the node's network namespace (kube-proxy's rules live there).
+    pub fn iptables_rules(&self) -> String {
+        run(Command::new("nsenter")
+            .args(["-t", &self.holder.to_string(), "-m", "-n", "--"])
+            .arg("iptables-save"))
+    }
+}
+
+/// A blocking `GET path` on a new connection with `Connection: close`: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
+    let code = status_of(&buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    Ok((code, body.to_string()))
+}
+
 // === the real webhook ===
 
 /// `lameduck webhook` (this build) on 127.0.0.1 with a certificate from the test CA,
@@ -1329,7 +1497,7 @@ pub struct Webhook {
     pid: i32,
 }
 
-fn documents(yaml: &str) -> Vec<Json> {
+pub fn documents(yaml: &str) -> Vec<Json> {
     use serde::Deserialize as _;
     yaml_serde::Deserializer::from_str(yaml)
         .map(|d| Json::deserialize(d).expect("YAML document"))
@@ -2504,4 +2672,497 @@ pub fn summary(recs: &[Rec]) -> String {
         failed.len(),
         kinds
     )
+}
+
+// === a Network Load Balancer with instance targets ===
+
+/// One target of [`Nlb`]: where its connections go, and the HTTP health check (`GET /`)
+/// that decides whether it gets any; `None`: always healthy.
+#[derive(Clone, Debug)]
+pub struct NlbTarget {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub check: Option<SocketAddr>,
+}
+
+/// An NLB target group's health check: every `interval`, unhealthy after `fall` failed
+/// checks in a row (anything but 200-399, or no answer within `timeout`), healthy again
+/// after `rise` passing ones.
+#[derive(Clone, Copy, Debug)]
+pub struct NlbCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+}
+
+/// One health check: when it was sent, to which target, what came back.
+#[derive(Clone, Debug)]
+pub struct CheckRec {
+    pub at: f64,
+    pub target: usize,
+    pub outcome: Result<u16, String>,
+}
+
+/// What [`Nlb::finish`] returns: every connection (with its target), every health check, and
+/// every change of a target's health (time, target, healthy).
+pub struct NlbRun {
+    pub recs: Vec<(usize, Rec)>,
+    pub checks: Vec<CheckRec>,
+    pub changes: Vec<(f64, usize, bool)>,
+}
+
+#[derive(Default)]
+struct NlbState {
+    healthy: Vec<bool>,
+    recs: Vec<(usize, Rec)>,
+    checks: Vec<CheckRec>,
+    changes: Vec<(f64, usize, bool)>,
+}
+
+/// A Network Load Balancer in front of instance targets (layer 4: each client connection goes
+/// to one healthy target as it is, nothing retried), modelled as the test's own: a health
+/// checker per target and an open-loop client that sends `rate` new connections per second
+/// (one `GET /` each, `Connection: close`), round-robin over the targets healthy at that
+/// moment. A target with a check is healthy from its first passing check (registered long
+/// before the test). Everything is recorded; bounded by `max`.
+pub struct Nlb {
+    state: Arc<Mutex<NlbState>>,
+    sending: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Nlb {
+    pub fn start(targets: Vec<NlbTarget>, check: NlbCheck, rate: u32, max: Duration) -> Nlb {
+        let state = Arc::new(Mutex::new(NlbState {
+            healthy: targets.iter().map(|t| t.check.is_none()).collect(),
+            ..Default::default()
+        }));
+        let sending = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, go, halt) = (state.clone(), sending.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("nlb".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(nlb_run(targets, check, rate, max, st, go, halt));
+            })
+            .expect("spawn the NLB thread");
+        Nlb {
+            state,
+            sending,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn healthy(&self, target: usize) -> bool {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.healthy.get(target).copied().unwrap_or(false)
+    }
+
+    /// Starts the client's connections.
+    pub fn send(&self) {
+        self.sending.store(true, Ordering::Relaxed);
+    }
+
+    /// Connections sent so far.
+    pub fn count(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recs
+            .len()
+    }
+
+    /// When `target` last turned unhealthy, if it did.
+    pub fn down_at(&self, target: usize) -> Option<f64> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.changes
+            .iter()
+            .rev()
+            .find(|(_, t, up)| *t == target && !up)
+            .map(|(at, _, _)| *at)
+    }
+
+    /// Stops everything (connections in flight finish, each bounded by its timeouts).
+    pub fn finish(mut self) -> NlbRun {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recs = std::mem::take(&mut s.recs);
+        recs.sort_by(|a, b| a.1.at.total_cmp(&b.1.at));
+        NlbRun {
+            recs,
+            checks: std::mem::take(&mut s.checks),
+            changes: std::mem::take(&mut s.changes),
+        }
+    }
+}
+
+impl Drop for Nlb {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn nlb_check(addr: SocketAddr, timeout: Duration) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tokio::time::timeout(timeout, async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: ELB-HealthChecker/2.0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        status_of(&buf)
+    })
+    .await
+    .map_err(|_| "timeout".to_string())?
+}
+
+async fn nlb_run(
+    targets: Vec<NlbTarget>,
+    check: NlbCheck,
+    rate: u32,
+    max: Duration,
+    state: Arc<Mutex<NlbState>>,
+    sending: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) {
+    let end = tokio::time::Instant::now() + max;
+    // The health checker: one round every interval, each target's check in parallel.
+    let checker = {
+        let (targets, state, stop) = (targets.clone(), state.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut passes = vec![0u32; targets.len()];
+            let mut fails = vec![0u32; targets.len()];
+            let mut seen = vec![false; targets.len()];
+            let mut tick = tokio::time::interval(check.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < end {
+                tick.tick().await;
+                let mut round = tokio::task::JoinSet::new();
+                for (i, t) in targets.iter().enumerate() {
+                    if let Some(addr) = t.check {
+                        round.spawn(async move {
+                            let at = now();
+                            (i, at, nlb_check(addr, check.timeout).await)
+                        });
+                    }
+                }
+                while let Some(Ok((i, at, outcome))) = round.join_next().await {
+                    let pass = matches!(outcome, Ok(200..=399));
+                    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                    s.checks.push(CheckRec {
+                        at,
+                        target: i,
+                        outcome,
+                    });
+                    if pass {
+                        passes[i] += 1;
+                        fails[i] = 0;
+                    } else {
+                        fails[i] += 1;
+                        passes[i] = 0;
+                    }
+                    let healthy = s.healthy[i];
+                    let turn = if !seen[i] {
+                        pass
+                    } else if healthy {
+                        fails[i] >= check.fall
+                    } else {
+                        passes[i] >= check.rise
+                    };
+                    seen[i] = true;
+                    if turn {
+                        let t = now();
+                        s.healthy[i] = !healthy;
+                        s.changes.push((t, i, !healthy));
+                    }
+                }
+            }
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut next = 0usize;
+    let mut tasks = tokio::task::JoinSet::new();
+    while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < end {
+        tick.tick().await;
+        while tasks.try_join_next().is_some() {}
+        if !sending.load(Ordering::Relaxed) {
+            continue;
+        }
+        let healthy: Vec<usize> = {
+            let s = state.lock().unwrap_or_else(|e| e.into_inner());
+            (0..targets.len()).filter(|&i| s.healthy[i]).collect()
+        };
+        // No healthy target: an NLB fails open, to all of them.
+        let pool: Vec<usize> = if healthy.is_empty() {
+            (0..targets.len()).collect()
+        } else {
+            healthy
+        };
+        let i = pool[next % pool.len()];
+        next += 1;
+        let (addr, state) = (targets[i].addr, state.clone());
+        tasks.spawn(async move {
+            let at = now();
+            let outcome = one_new(addr).await;
+            state.lock().unwrap_or_else(|e| e.into_inner()).recs.push((
+                i,
+                Rec {
+                    at,
+                    client: Client::New,
+                    outcome,
+                },
+            ));
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let _ = checker.await;
+}
+
+/// A plain HTTP server of the test's own on 127.0.0.1 (the load balancer's other target):
+/// `200 ok` to every request, `Connection: close`. Stops on drop.
+pub struct Backend {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Backend {
+    pub fn start() -> Backend {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("an address");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("backend".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                rt.block_on(async move {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+                    while !halt.load(Ordering::Relaxed) {
+                        let Ok(Ok((mut s, _))) =
+                            tokio::time::timeout(Duration::from_millis(100), listener.accept())
+                                .await
+                        else {
+                            continue;
+                        };
+                        tokio::spawn(async move {
+                            let mut buf = Vec::new();
+                            let mut chunk = [0u8; 1024];
+                            // Until the end of the request head, bounded in time and size.
+                            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 65536 {
+                                    match s.read(&mut chunk).await {
+                                        Ok(0) | Err(_) => break,
+                                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                    }
+                                }
+                            })
+                            .await;
+                            let _ = s
+                                .write_all(
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+                                )
+                                .await;
+                            let _ = s.shutdown().await;
+                        });
+                    }
+                });
+            })
+            .expect("spawn the backend thread");
+        Backend {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A pod's endpoint conditions as an EndpointSlice changed them, when the watch saw it.
+#[derive(Clone, Debug)]
+pub struct SliceChange {
+    pub at: f64,
+    pub pod: String,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// Watches a namespace's EndpointSlices (`kubectl get -w`) and records every change of a
+/// pod's endpoint conditions. Stops on drop.
+pub struct SliceWatch {
+    pid: i32,
+    seen: Arc<Mutex<Vec<SliceChange>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SliceWatch {
+    pub fn start(node: &Node, namespace: &str) -> SliceWatch {
+        let mut cmd = Command::new(&node.kubectl);
+        cmd.arg(format!("--kubeconfig={}", node.kubeconfig.display()))
+            .args(["get", "endpointslices", "-n", namespace, "-w"])
+            .args(["--output-watch-events", "-o", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        die_with_parent(&mut cmd);
+        #[allow(clippy::zombie_processes, reason = "reaped by `stop` in `Drop`")]
+        let mut child = cmd.spawn().expect("start kubectl get -w");
+        let pid = child.id() as i32;
+        teardown_state().pids.push(pid);
+        let stdout = child.stdout.take().expect("piped stdout");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = seen.clone();
+        let thread = std::thread::Builder::new()
+            .name("slice-watch".into())
+            .spawn(move || {
+                let mut last: BTreeMap<String, (bool, bool, bool)> = BTreeMap::new();
+                let events = serde_json::Deserializer::from_reader(BufReader::new(stdout))
+                    .into_iter::<Json>();
+                for ev in events.map_while(Result::ok) {
+                    let t = now();
+                    for e in ev["object"]["endpoints"].as_array().into_iter().flatten() {
+                        let Some(pod) = e["targetRef"]["name"].as_str() else {
+                            continue;
+                        };
+                        let c = &e["conditions"];
+                        let state = (
+                            c["ready"] == true,
+                            c["serving"] == true,
+                            c["terminating"] == true,
+                        );
+                        if last.get(pod) != Some(&state) {
+                            last.insert(pod.to_string(), state);
+                            out.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(SliceChange {
+                                    at: t,
+                                    pod: pod.to_string(),
+                                    ready: state.0,
+                                    serving: state.1,
+                                    terminating: state.2,
+                                });
+                        }
+                    }
+                }
+            })
+            .expect("spawn the slice-watch thread");
+        SliceWatch {
+            pid,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every change, in order.
+    pub fn changes(&self) -> Vec<SliceChange> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for SliceWatch {
+    fn drop(&mut self) {
+        stop(self.pid);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An answer (a status, or what went wrong) and when it was first seen.
+type Answer = (f64, Result<u16, String>);
+
+/// Polls `GET path` on `addr` every 100 ms (apart from any load balancer: to time when an
+/// answer changes) and records each change of the answer. Bounded by `max`; stops on drop.
+pub struct Prober {
+    stop: Arc<AtomicBool>,
+    changes: Arc<Mutex<Vec<Answer>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Prober {
+    pub fn start(addr: SocketAddr, path: &str, max: Duration) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let (halt, out, path) = (stop.clone(), changes.clone(), path.to_string());
+        let thread = std::thread::Builder::new()
+            .name("prober".into())
+            .spawn(move || {
+                let end = Instant::now() + max;
+                let mut last: Option<Result<u16, String>> = None;
+                while !halt.load(Ordering::Relaxed) && Instant::now() < end {
+                    let at = now();
+                    let answer =
+                        http_get(addr, &path, Duration::from_secs(1)).map(|(code, _)| code);
+                    if last.as_ref() != Some(&answer) {
+                        last = Some(answer.clone());
+                        out.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((at, answer));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .expect("spawn the prober thread");
+        Prober {
+            stop,
+            changes,
+            thread: Some(thread),
+        }
+    }
+
+    /// The answers, each with the time it was first seen.
+    pub fn changes(&self) -> Vec<Answer> {
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
