@@ -230,6 +230,8 @@ impl Termination {
             "Running preStop hook",
             "PreStop hook completed",
             "PreStop hook not completed in grace period",
+            "HTTP lifecycle hook for Container in Pod failed",
+            "PreStop hook failed",
             "Killing container with a grace period",
             "Container exited normally",
         ];
@@ -822,6 +824,250 @@ fn grace_period_bounds_a_drain_that_never_ends() {
         summary(&before),
         t.story().join("\n")
     ));
+}
+
+// === d'. the native sidecar killed mid-drain ===
+
+/// What `web-0`'s sidecar said through its admin port on the pod IP: (status, body).
+fn admin_get(ip: &str, path: &str) -> Result<(u16, String), String> {
+    let addr = format!("{ip}:9901").parse().expect("admin address");
+    node::http_get(addr, path, Duration::from_secs(2))
+}
+
+/// The lameduck container of a pod as the API shows it: (containerID, restartCount).
+fn sidecar_status(pod: &Json) -> Option<(String, u64)> {
+    pod["status"]["initContainerStatuses"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == "lameduck")
+        .map(|c| {
+            (
+                c["containerID"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .trim_start_matches("containerd://")
+                    .to_string(),
+                c["restartCount"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+/// The PID of a running container's init process, as containerd knows it.
+fn task_pid(node: &Node, id: &str) -> Option<i32> {
+    let out = Command::new("ctr")
+        .arg(format!(
+            "--address={}",
+            node.dir.join("containerd/containerd.sock").display()
+        ))
+        .args(["-n", "k8s.io", "tasks", "ls"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some(id) && l.contains("RUNNING"))
+            .then(|| f.next()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// One pod injected as a native sidecar behind a load balancer that deregisters 12 s late,
+/// deleted under load; once its lameduck drains, the lameduck process is SIGKILLed (as an
+/// OOM kill would be). The kubelet v1.37.2 does not restart it: the pod is terminating, so
+/// its worker runs `SyncTerminatingPod` (kill only), never `SyncPod`, which is where a
+/// restartable init container is restarted. The app's running preStop (`GET /drain`) fails
+/// with the connection, the kubelet signals the app at once, and requests fail until the
+/// load balancer's health checks take the target down.
+#[test]
+fn native_sidecar_killed_mid_drain_is_not_restarted() {
+    let Some(node) = node::node("native_sidecar_killed_mid_drain_is_not_restarted") else {
+        return;
+    };
+    let _serial = serial();
+    let lag = Lag {
+        register: LAG.register,
+        deregister: Some(Duration::from_secs(12)),
+    };
+    let ns = node.namespace("killed");
+    let lb = Lb::start(node, &ns.name, lag);
+    let objects = vec![
+        service(),
+        pod("web-0", Variant::Native, &[]),
+        pod("web-1", Variant::Native, &[]),
+    ];
+    node.apply(&ns.name, &manifests(Variant::Native, &objects));
+    wait_ready(node, &ns.name, 2);
+    let web0 = node.get_json(&["pod", "web-0", "-n", &ns.name]);
+    let ip = web0["status"]["podIP"].as_str().expect("podIP").to_string();
+    let (first_id, _) = sidecar_status(&web0).expect("web-0's lameduck status");
+    let load = Load::start(lb.addr, RATE, KEEPALIVE_RATE, LOAD_MAX);
+    run_for(&load, (RATE * 3) as usize);
+    let deleted_at = now();
+    node.kubectl(
+        &["delete", "pod", "web-0", "-n", &ns.name, "--wait=false"],
+        None,
+    );
+    // Until lameduck says it drains (its admin port on the pod IP, as the preStop reaches it).
+    let draining = poll(Duration::from_secs(30), || {
+        admin_get(&ip, "/status").is_ok_and(|(_, b)| b.contains("\"state\":\"draining\""))
+    });
+    assert!(draining, "web-0's lameduck never said it was draining");
+    let draining_at = now();
+    // A second of traffic through the draining sidecar, then the kill.
+    run_for(&load, RATE as usize);
+    let pid = task_pid(node, &first_id).expect("lameduck's PID from containerd");
+    let killed_at = now();
+    let out = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .output()
+        .expect("run kill");
+    assert!(out.status.success(), "kill -KILL {pid} failed");
+
+    // Until the pod is gone, watching for a second lameduck (a new container ID or a
+    // restart count) and asking its admin port, as a restarted one would answer.
+    let mut restarted: Option<(String, u64)> = None;
+    let mut answers = Vec::new();
+    let gone = poll(Duration::from_secs(60), || {
+        let pods = node.pods(&ns.name);
+        let Some(p) = pods.iter().find(|p| p["metadata"]["name"] == "web-0") else {
+            return true;
+        };
+        if let Some((id, n)) = sidecar_status(p) {
+            if n > 0 || (!id.is_empty() && id != first_id) {
+                restarted = Some((id, n));
+            }
+        }
+        if let Ok(a) = admin_get(&ip, "/status") {
+            answers.push(a);
+        }
+        false
+    });
+    assert!(gone, "web-0 was not gone within 60 s");
+    let events = node.kubectl(&["get", "events", "-n", &ns.name], None);
+    let dereg = poll(Duration::from_secs(60), || {
+        lb.targets()
+            .get("web-0")
+            .is_some_and(|t| t.deregistered_at.is_some())
+    });
+    assert!(dereg, "web-0 was not deregistered");
+    run_for(&load, RATE as usize);
+    let recs = load.stop();
+    let target = lb.targets().get("web-0").cloned().unwrap_or_default();
+    let mut term = Termination { lines: Vec::new() };
+    poll(Duration::from_secs(10), || {
+        term.lines = node.kubelet_lines(&ns.name, "web-0");
+        term.lines.iter().any(|l| l.is(KILL, "lameduck"))
+    });
+    let ld_logs = node.logs.of(&ns.name, "web-0", "lameduck");
+    drop(lb);
+    drop(ns);
+
+    let t = &term;
+    let rel = |at: f64| format!("{:+.2}s", at - deleted_at);
+    let failures: Vec<&Rec> = recs.iter().filter(|r| !r.ok()).collect();
+    let pre = t.must(PRESTOP, "app");
+    let pre_failed = t.must("PreStop hook failed", "app");
+    let done = t.must(PRESTOP_DONE, "app");
+    let kill_app = t.must(KILL, "app");
+    let app_exited = t.must(EXITED, "app");
+    let kill_ld = t
+        .lines
+        .iter()
+        .filter(|l| l.is(KILL, "lameduck"))
+        .map(|l| l.at)
+        .next_back()
+        .unwrap_or(f64::NAN);
+    report(&format!(
+        "native sidecar SIGKILLed mid-drain: {}; lameduck draining {}, SIGKILL {}, preStop \
+         started {}, \"PreStop hook failed\" {}, app SIGTERM {}, app exited {}, lameduck \
+         \"Killing container\" {}, pod gone {}, deregistered {}; failed from {} to {}; \
+         restarted: {restarted:?}; admin answers after the kill: {}",
+        summary(&recs),
+        rel(draining_at),
+        rel(killed_at),
+        rel(pre),
+        rel(pre_failed),
+        rel(kill_app),
+        rel(app_exited),
+        rel(kill_ld),
+        target.deleted_at.map_or("never".into(), rel),
+        target.deregistered_at.map_or("never".into(), rel),
+        failures.first().map_or("-".into(), |r| rel(r.at)),
+        failures.last().map_or("-".into(), |r| rel(r.at)),
+        answers.len(),
+    ));
+    report(&format!("killed: kubelet lines:\n{}", t.story().join("\n")));
+    report(&format!(
+        "killed: lameduck's log:\n{}",
+        ld_logs
+            .iter()
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
+
+    // Not restarted: no second container, no second process's log, nothing on its port.
+    assert!(
+        restarted.is_none(),
+        "the kubelet restarted the killed sidecar: {restarted:?}"
+    );
+    assert!(
+        answers.is_empty(),
+        "something answered on the admin port after the kill: {answers:?}"
+    );
+    let starts = ld_logs
+        .iter()
+        .filter(|l| l.text.contains("lameduck proxy serving"))
+        .count();
+    assert_eq!(starts, 1, "lameduck started {starts} times");
+    assert!(
+        !ld_logs.iter().any(|l| l
+            .text
+            .contains("resuming the drain an earlier process began")),
+        "a lameduck resumed the drain"
+    );
+    assert!(
+        !t.lines
+            .iter()
+            .any(|l| l.at > deleted_at && l.text.contains("\"Type\":\"ContainerStarted\"")),
+        "the kubelet started a container after the DELETE:\n{}",
+        t.text()
+    );
+    // The app's preStop failed with the connection, right after the kill; the kubelet
+    // counts it as done and signals the app at once, long before deregistration.
+    assert!(
+        pre < killed_at && killed_at <= pre_failed + 0.05 && pre_failed - killed_at < 3.0,
+        "\"PreStop hook failed\" not just after the kill:\n{}",
+        t.story().join("\n")
+    );
+    assert!(
+        pre_failed <= done && done <= kill_app && kill_app - pre_failed < 0.5,
+        "the app not signalled at the failed preStop:\n{}",
+        t.story().join("\n")
+    );
+    assert!(
+        app_exited <= kill_ld,
+        "the sidecar's kill came before the app exited:\n{}",
+        t.story().join("\n")
+    );
+    assert!(
+        kill_app < target.deregistered_at.unwrap_or(f64::NAN) - 5.0,
+        "the app's SIGTERM was not well before deregistration"
+    );
+    assert!(
+        events.contains("FailedPreStopHook"),
+        "no FailedPreStopHook event:\n{events}"
+    );
+    // Requests fail, only from the kill on (the draining sidecar served everything before).
+    assert!(
+        !failures.is_empty(),
+        "no request failed: the test would not see the problem; {}",
+        summary(&recs)
+    );
+    assert!(
+        failures.iter().all(|r| r.at >= killed_at - 0.2),
+        "requests failed before the kill: {}",
+        summary(&recs)
+    );
 }
 
 // === e. the seed's canary with the real Argo Rollouts controller ===
