@@ -20,7 +20,7 @@
 //!
 //! With `--drain-record`, a drain is recorded as it starts ([`record_drain`]) and a proxy
 //! that starts and finds the record resumes it before either port serves
-//! ([`resume_recorded_drain`]): a sidecar restarted while its pod terminates never answers
+//! ([`resume_recorded_drain`]): a sidecar restarted in the middle of a drain never answers
 //! ready. Only the exit-3 path, a drain that healed, removes the record.
 
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
-//! Crash-safe draining (issue 23, item 4): from Kubernetes 1.37 (KEP-4438) a native sidecar
-//! that exits while its pod terminates is restarted, without its probes and without its
-//! preStop. With `--drain-record`, the restarted proxy finds the record of the drain its
+//! Crash-safe draining (issue 23, item 4): a sidecar that dies in the middle of a drain and
+//! is restarted (outside termination; during it only on a kubelet that restarts native
+//! sidecars then, KEP-4438, which v1.37.2 does not). With `--drain-record`, the restarted proxy finds the record of the drain its
 //! predecessor began and resumes it: never ready, still serving, `/drain` answering once
 //! traffic stops. Each test runs the real binary on 127.0.0.1 and kills it with SIGKILL,
 //! as a crash would.

@@ -232,8 +232,8 @@ pub struct ProxyArgs {
     pub drain_token: Option<String>,
 
     /// Record a drain in this file (written atomically as the drain starts), so that a
-    /// proxy restarted in the middle of it (from Kubernetes 1.37 a native sidecar that exits
-    /// while its pod terminates is restarted, without probes or preStop) resumes the drain
+    /// proxy restarted in the middle of it (a crash during a drain asked on the admin port;
+    /// during termination, on a kubelet that restarts native sidecars then) resumes the drain
     /// instead of starting ready: /readyz fails from its first answer (as
     /// --readiness-while-draining says), the drain's clock counts from the recorded start
     /// (keeping at least two quiet windows before drain-max), /drain answers once traffic

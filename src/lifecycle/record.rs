@@ -1,8 +1,10 @@
 //! The drain record (`--drain-record`): one line in a file that says a drain has begun, so a
 //! proxy restarted while its pod terminates resumes that drain instead of starting ready.
 //!
-//! From Kubernetes 1.37 (KEP-4438) a native sidecar that exits while its pod terminates is
-//! restarted, without its probes and without its preStop hook. The new process knows
+//! A sidecar that dies in the middle of a drain is restarted by the kubelet when its pod is
+//! not terminating (a drain asked on the admin port), or on a kubelet that restarts native
+//! sidecars during termination (KEP-4438; v1.37.2 does not, docs/node-tier.md). The new
+//! process knows
 //! nothing of the drain the old one was in, unless it finds this record: written as the
 //! drain starts, kept through a crash (an `emptyDir` lives as long as the pod), removed only
 //! when a drain heals (exit 3: no termination followed).

@@ -33,8 +33,8 @@ pub use crate::cli::TOKEN_HEADER;
 pub const STATE_VOLUME: &str = "lameduck-state";
 /// Where the state volume is mounted in the sidecar.
 pub const STATE_MOUNT: &str = "/var/run/lameduck";
-/// The sidecar's `--drain-record`, on the state volume: a sidecar restarted while its pod
-/// terminates (Kubernetes 1.37, KEP-4438) finds it and resumes the drain.
+/// The sidecar's `--drain-record`, on the state volume: a sidecar restarted in the middle of
+/// a drain finds it and resumes the drain.
 pub const DRAIN_RECORD: &str = "/var/run/lameduck/draining";
 
 /// terminationGracePeriodSeconds ≥ drain-max + this: time for the app's own shutdown
