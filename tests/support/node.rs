@@ -1980,22 +1980,8 @@ backend be
             &["endpointslices", "pods"]
         };
         for &kind in kinds {
-            let mut cmd = Command::new(&node.kubectl);
-            cmd.arg(format!("--kubeconfig={}", node.kubeconfig.display()))
-                .args(["get", kind, "-n", namespace, "-w", "--output-watch-events"])
-                .args(["-o", "json"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null());
-            die_with_parent(&mut cmd);
-            // Spawned here (a test thread) and reaped by `Drop`: its pipe is read by the
-            // watch thread below.
-            #[allow(clippy::zombie_processes, reason = "reaped by `stop` in `Drop`")]
-            let mut child = cmd.spawn().expect("start kubectl get -w");
-            let pid = child.id() as i32;
-            teardown_state().pids.push(pid);
+            let (pid, stdout) = kubectl_watch(node, kind, namespace);
             watchers.push(pid);
-            let stdout = child.stdout.take().expect("piped stdout");
             let st = state.clone();
             let kind = kind.to_string();
             threads.push(
@@ -3026,6 +3012,27 @@ pub struct SliceChange {
     pub terminating: bool,
 }
 
+/// `kubectl get KIND -n NAMESPACE -w --output-watch-events -o json`, dying with this
+/// process and registered for the tier's teardown; its pid (for `stop`) and its stdout, a
+/// stream of watch events for a thread to read.
+fn kubectl_watch(node: &Node, kind: &str, namespace: &str) -> (i32, std::process::ChildStdout) {
+    let mut cmd = Command::new(&node.kubectl);
+    cmd.arg(format!("--kubeconfig={}", node.kubeconfig.display()))
+        .args(["get", kind, "-n", namespace, "-w", "--output-watch-events"])
+        .args(["-o", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    // Reaped by `stop` (the caller's `Drop`, or the teardown): its pipe is read by the
+    // caller's watch thread.
+    #[allow(clippy::zombie_processes, reason = "reaped by `stop` in `Drop`")]
+    let mut child = cmd.spawn().expect("start kubectl get -w");
+    let pid = child.id() as i32;
+    teardown_state().pids.push(pid);
+    (pid, child.stdout.take().expect("piped stdout"))
+}
+
 /// Watches a namespace's EndpointSlices (`kubectl get -w`) and records every change of a
 /// pod's endpoint conditions. Stops on drop.
 pub struct SliceWatch {
@@ -3036,19 +3043,7 @@ pub struct SliceWatch {
 
 impl SliceWatch {
     pub fn start(node: &Node, namespace: &str) -> SliceWatch {
-        let mut cmd = Command::new(&node.kubectl);
-        cmd.arg(format!("--kubeconfig={}", node.kubeconfig.display()))
-            .args(["get", "endpointslices", "-n", namespace, "-w"])
-            .args(["--output-watch-events", "-o", "json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        die_with_parent(&mut cmd);
-        #[allow(clippy::zombie_processes, reason = "reaped by `stop` in `Drop`")]
-        let mut child = cmd.spawn().expect("start kubectl get -w");
-        let pid = child.id() as i32;
-        teardown_state().pids.push(pid);
-        let stdout = child.stdout.take().expect("piped stdout");
+        let (pid, stdout) = kubectl_watch(node, "endpointslices", namespace);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let out = seen.clone();
         let thread = std::thread::Builder::new()
